@@ -1,0 +1,109 @@
+//! The admin endpoint: `/livez`, `/readyz` and Prometheus `/metrics` over plain HTTP/1.1.
+//!
+//! Deliberately small: one request per connection, GET only, bounded in size, time and concurrency.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Admin connections served at once.
+pub const MAX_ADMIN_CONNS: usize = 64;
+/// Time allowed to send a request and read the response.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head read.
+const MAX_REQUEST: usize = 4096;
+
+/// Answers whether the process is ready for traffic.
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Readiness, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNS));
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(error) => {
+                    warn!(%error, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(ADMIN_TIMEOUT, answer(stream, &registry, &ready)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => debug!(%error, %peer, "admin request failed"),
+                Err(_) => debug!(%peer, "admin request timed out"),
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, registry: &Registry, ready: &Readiness) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(512);
+    let path = loop {
+        if buf.len() >= MAX_REQUEST || stream.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) if req.method == Some("GET") => {
+                break req.path.unwrap_or("/").split('?').next().unwrap_or("/").to_owned();
+            }
+            Ok(httparse::Status::Complete(_)) => {
+                return respond(&mut stream, 405, "text/plain", b"GET only\n").await;
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(_) => return respond(&mut stream, 400, "text/plain", b"bad request\n").await,
+        }
+    };
+    match path.as_str() {
+        "/livez" => respond(&mut stream, 200, "text/plain", b"ok\n").await,
+        "/readyz" if ready() => respond(&mut stream, 200, "text/plain", b"ready\n").await,
+        "/readyz" => respond(&mut stream, 503, "text/plain", b"not ready\n").await,
+        "/metrics" => {
+            let mut text = String::new();
+            if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+                return respond(&mut stream, 500, "text/plain", b"encode metrics\n").await;
+            }
+            respond(&mut stream, 200, "application/openmetrics-text; version=1.0.0; charset=utf-8", text.as_bytes())
+                .await
+        }
+        _ => respond(&mut stream, 404, "text/plain", b"not found\n").await,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> std::io::Result<()> {
+    let phrase = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.shutdown().await
+}

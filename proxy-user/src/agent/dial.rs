@@ -1,0 +1,142 @@
+//! One stream on the node side: policy, resolve, connect, reply, relay.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tracing::debug;
+
+use super::Agent;
+use super::policy::Policy;
+use crate::codec;
+use crate::datapath::copy::End;
+use crate::metrics::{add, inc};
+use crate::protocol::{DialStatus, Message};
+
+/// A failed dial: the status for the server and a detail.
+struct DialFailure {
+    status: DialStatus,
+    message: String,
+}
+
+fn failure(status: DialStatus, message: impl Into<String>) -> DialFailure {
+    DialFailure { status, message: message.into() }
+}
+
+/// The addresses `host` stands for: an address literal, the node's own addresses for its own names, or
+/// what DNS answers.
+async fn resolve(agent: &Agent, host: &str, port: u16) -> Result<Vec<IpAddr>, DialFailure> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![ip]);
+    }
+    let identity = &agent.config.identity;
+    let own_name = host == identity.node_name || identity.hostnames.iter().any(|h| h == host);
+    if own_name && !identity.addresses.is_empty() {
+        return Ok(identity.addresses.clone());
+    }
+    let found: Vec<IpAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| failure(DialStatus::Unresolved, format!("resolve {host}: {e}")))?
+        .map(|a| a.ip())
+        .collect();
+    if found.is_empty() {
+        return Err(failure(DialStatus::Unresolved, format!("{host} has no addresses")));
+    }
+    Ok(found)
+}
+
+/// Keeps the addresses the policy allows; none allowed is a denial.
+fn allowed(policy: &Policy, addrs: Vec<IpAddr>, port: u16) -> Result<Vec<IpAddr>, DialFailure> {
+    let mut denial = None;
+    let ok: Vec<IpAddr> = addrs
+        .into_iter()
+        .filter(|ip| match policy.check(*ip, port) {
+            Ok(()) => true,
+            Err(d) => {
+                denial.get_or_insert((*ip, d));
+                false
+            }
+        })
+        .collect();
+    match (ok.is_empty(), denial) {
+        (true, Some((ip, d))) => Err(failure(DialStatus::Denied, format!("{ip}:{port} denied: {}", d.describe()))),
+        _ => Ok(ok),
+    }
+}
+
+async fn connect(addrs: &[IpAddr], port: u16) -> Result<TcpStream, DialFailure> {
+    let mut last = None;
+    for ip in addrs {
+        match TcpStream::connect(SocketAddr::new(*ip, port)).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some((SocketAddr::new(*ip, port), e)),
+        }
+    }
+    let (addr, e) = last.expect("at least one address was tried");
+    let status = if e.kind() == io::ErrorKind::ConnectionRefused { DialStatus::Refused } else { DialStatus::Failed };
+    Err(failure(status, format!("connect {addr}: {e}")))
+}
+
+async fn open(agent: &Agent, host: &str, port: u16, timeout: Duration) -> Result<TcpStream, DialFailure> {
+    if agent.draining.load(Ordering::Relaxed) {
+        return Err(failure(DialStatus::Draining, "agent is draining"));
+    }
+    let attempt = async {
+        let addrs = allowed(&agent.config.policy, resolve(agent, host, port).await?, port)?;
+        connect(&addrs, port).await
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(failure(DialStatus::Timeout, format!("no connection to {host}:{port} within {timeout:?}"))))
+}
+
+/// Serves one `Dial` that arrived on `conn`.
+pub(super) async fn serve(
+    agent: &Agent,
+    mut conn: TlsStream<TcpStream>,
+    stream_id: u64,
+    host: &str,
+    port: u16,
+    timeout_ms: u32,
+) {
+    let timeout = Duration::from_millis(timeout_ms.into()).min(agent.config.dial_timeout);
+    let started = Instant::now();
+    let opened = open(agent, host, port, timeout).await;
+    agent.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
+    let (status, message, target) = match opened {
+        Ok(t) => (DialStatus::Ok, String::new(), Some(t)),
+        Err(f) => {
+            debug!(status = f.status.as_str(), message = %f.message, "dial failed");
+            (f.status, f.message, None)
+        }
+    };
+    inc(&agent.metrics.streams, "result", status.as_str());
+    if let Err(error) = codec::write_message(&mut conn, &Message::DialReply { stream_id, status, message }).await {
+        debug!(%error, "server left before the dial reply");
+        return;
+    }
+    let Some(mut target) = target else { return };
+    agent.metrics.streams_open.inc();
+    let result = agent.datapath.splice(&agent.metrics, &mut conn, &mut target).await;
+    agent.metrics.streams_open.dec();
+    let (up, down) = match &result {
+        Ok(m) => (m.a_to_b, m.b_to_a),
+        Err(e) => e.moved,
+    };
+    add(&agent.metrics.bytes, "direction", "up", up);
+    add(&agent.metrics.bytes, "direction", "down", down);
+    match result {
+        Ok(_) => debug!(up, down, "stream closed"),
+        Err(e) => {
+            let side = if e.end == End::A { "downstream (server)" } else { "upstream (target)" };
+            debug!(error = %e.source, side, up, down, "stream aborted");
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The pool of data connections parked at the server. Each one waits for a single `Dial`; when it is
+//! taken, a replacement is dialed at once, so the pool refills ahead of demand and no TLS handshake
+//! (resumed, thanks to the shared client session cache) sits on a request's path.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, info_span, warn};
+
+use super::Agent;
+use crate::codec::{self, CodecError};
+use crate::metrics::inc;
+use crate::protocol::{Message, PROTOCOL_VERSION};
+
+/// Pause after a data connection failed before it is replaced (keeps a broken server from being
+/// hammered; the control channel's own backoff handles outages).
+const FAILED_CONN_PAUSE: Duration = Duration::from_millis(500);
+
+#[derive(Default)]
+struct Counts {
+    idle: AtomicUsize,
+    dialing: AtomicUsize,
+    wake: Notify,
+}
+
+/// Keeps `pool_size` data connections parked for `session_id` until `stop` is cancelled.
+pub(super) async fn run(agent: Arc<Agent>, session_id: u64, stop: CancellationToken) {
+    let counts = Arc::new(Counts::default());
+    loop {
+        while counts.idle.load(Ordering::Acquire) + counts.dialing.load(Ordering::Acquire) < agent.config.pool_size {
+            counts.dialing.fetch_add(1, Ordering::AcqRel);
+            tokio::spawn(data_conn(agent.clone(), counts.clone(), session_id, stop.clone()));
+        }
+        tokio::select! {
+            () = counts.wake.notified() => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn pause_then_wake(counts: &Counts, stop: &CancellationToken) {
+    let pause = FAILED_CONN_PAUSE.mul_f64(0.5 + fastrand::f64());
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(pause) => counts.wake.notify_one(),
+    }
+}
+
+/// One data connection: dial, park, wait for a dial, hand over to the stream.
+async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: u64, stop: CancellationToken) {
+    let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id };
+    let connected = tokio::select! {
+        () = stop.cancelled() => {
+            counts.dialing.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        c = agent.connect(&hello) => c,
+    };
+    counts.dialing.fetch_sub(1, Ordering::AcqRel);
+    let mut conn = match connected {
+        Ok(conn) => conn,
+        Err(error) => {
+            inc(&agent.metrics.server_conn_failures, "kind", "data");
+            debug!(%error, "data connection failed");
+            return pause_then_wake(&counts, &stop).await;
+        }
+    };
+    counts.idle.fetch_add(1, Ordering::AcqRel);
+    agent.metrics.pool_idle.inc();
+    // Reading is not cancel-safe, but a cancelled read drops the connection anyway.
+    let first = tokio::select! {
+        () = stop.cancelled() => None,
+        m = codec::read_message(&mut conn) => Some(m),
+    };
+    counts.idle.fetch_sub(1, Ordering::AcqRel);
+    agent.metrics.pool_idle.dec();
+    counts.wake.notify_one();
+    match first {
+        None => {}
+        Some(Ok(Message::Dial { stream_id, host, port, timeout_ms })) => {
+            let span = info_span!("stream", id = stream_id, dest = %format_args!("{host}:{port}"));
+            let a = agent.clone();
+            agent.streams.spawn(
+                async move { super::dial::serve(&a, conn, stream_id, &host, port, timeout_ms).await }.instrument(span),
+            );
+        }
+        Some(Ok(Message::Reject { reason })) => {
+            warn!(%reason, "server refused a data connection");
+            pause_then_wake(&counts, &stop).await;
+        }
+        Some(Ok(other)) => {
+            warn!(kind = other.kind(), "unexpected frame on an idle data connection");
+            pause_then_wake(&counts, &stop).await;
+        }
+        Some(Err(CodecError::Closed)) => {
+            debug!("server closed an idle data connection");
+            pause_then_wake(&counts, &stop).await;
+        }
+        Some(Err(error)) => {
+            debug!(%error, "idle data connection failed");
+            pause_then_wake(&counts, &stop).await;
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! spoke-agent: see `spoke-agent --help`.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use spoke::config::{AgentArgs, AgentConfig};
+use spoke::transport::tls;
+use spoke::{EXIT_CONFIG, EXIT_FAILURE};
+use tokio::net::TcpListener;
+
+fn main() -> ExitCode {
+    let args = AgentArgs::parse();
+    spoke::telemetry::init_logging(args.log_format);
+    let check_only = args.check_config;
+    let config = match AgentConfig::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("spoke-agent: configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = tls::client_config(&config.tls) {
+        eprintln!("spoke-agent: configuration: TLS: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if check_only {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("spoke-agent: start runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn serve(config: AgentConfig) -> anyhow::Result<()> {
+    let admin = match config.admin_bind {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind admin {addr}"))?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string());
+    println!("spoke-agent started admin={admin_addr}");
+    let shutdown = spoke::shutdown::on_signals().context("install signal handlers")?;
+    spoke::run_agent(config, admin, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! spoke-server: see `spoke-server --help`.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use spoke::config::{ServerArgs, ServerConfig};
+use spoke::server::Listeners;
+use spoke::transport::tls::{self, Versions};
+use spoke::{EXIT_CONFIG, EXIT_FAILURE};
+use tokio::net::{TcpListener, UnixListener};
+
+/// Binds the Unix socket at `path` with mode 0600, replacing a stale socket file (never another kind of file).
+fn bind_uds(path: &Path) -> anyhow::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
+        }
+        Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspect {}", path.display())),
+    }
+    // Created with the process umask, then narrowed before anyone is accepted.
+    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
+    let uds = config.uds_name.as_deref().map(bind_uds).transpose()?;
+    let frontend_tcp = match &config.frontend {
+        Some((addr, _)) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind frontend {addr}"))?),
+        None => None,
+    };
+    let agent = TcpListener::bind(config.agent_bind).await.with_context(|| format!("bind agent listener {}", config.agent_bind))?;
+    let admin = match config.admin_bind {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind admin {addr}"))?),
+        None => None,
+    };
+    Ok(Listeners { uds, frontend_tcp, agent, admin })
+}
+
+/// Checks that every TLS file loads, so that `--check-config` and start-up catch bad certificates.
+fn check_tls(config: &ServerConfig) -> anyhow::Result<()> {
+    tls::server_config(&config.agent_tls, Versions::Tls13).context("agent listener TLS")?;
+    if let Some((_, files)) = &config.frontend {
+        tls::server_config(files, Versions::Tls12And13).context("frontend TLS")?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = ServerArgs::parse();
+    spoke::telemetry::init_logging(args.log_format);
+    let check_only = args.check_config;
+    let config = match ServerConfig::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("spoke-server: configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = check_tls(&config) {
+        eprintln!("spoke-server: configuration: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if check_only {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("spoke-server: start runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    let listeners = bind(&config).await?;
+    let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string());
+    // One line on stdout with every bound address, for scripts and tests (ports may have been 0).
+    println!(
+        "spoke-server started agent={} frontend={} admin={} uds={}",
+        listeners.agent.local_addr().context("agent listener address")?,
+        addr(&listeners.frontend_tcp),
+        addr(&listeners.admin),
+        config.uds_name.as_ref().map_or("off".into(), |p| p.display().to_string()),
+    );
+    let uds_path = config.uds_name.clone();
+    let shutdown = spoke::shutdown::on_signals().context("install signal handlers")?;
+    spoke::run_server(listeners, config, shutdown).await?;
+    if let Some(path) = uds_path {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! Prometheus metrics: one set per component, each registered under its own prefix.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// One label: `[(name, value)]`.
+pub type Label = [(&'static str, &'static str); 1];
+/// Counters split by one label.
+pub type Counters = Family<Label, Counter>;
+
+/// Buckets of dial-latency histograms: 100 µs to about 13 s.
+fn dial_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Metrics of `spoke-server` (prefix `spoke_server_`).
+#[derive(Debug)]
+pub struct ServerMetrics {
+    /// Streams being relayed now.
+    pub streams_open: Gauge,
+    /// CONNECT requests by `result` (ok, or the reason they failed).
+    pub streams: Counters,
+    /// Stream payload bytes by `direction` (up: apiserver → node, down: node → apiserver).
+    pub bytes: Counters,
+    /// Time from a routed request to the agent's dial reply.
+    pub dial_duration: Histogram,
+    /// Dials waiting for a data connection or a reply.
+    pub pending_dials: Gauge,
+    /// Agents with a live control channel.
+    pub agents_connected: Gauge,
+    /// Data connections parked by agents, ready for a dial.
+    pub data_conns_idle: Gauge,
+    /// Agent connections refused or failed before they were established, by `reason`.
+    pub agent_conn_failures: Counters,
+}
+
+impl ServerMetrics {
+    /// Creates the metrics and registers them in `registry` under `spoke_server_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            streams_open: Gauge::default(),
+            streams: Counters::default(),
+            bytes: Counters::default(),
+            dial_duration: dial_buckets(),
+            pending_dials: Gauge::default(),
+            agents_connected: Gauge::default(),
+            data_conns_idle: Gauge::default(),
+            agent_conn_failures: Counters::default(),
+        };
+        let r = registry.sub_registry_with_prefix("spoke_server");
+        r.register("streams_open", "Streams being relayed now", m.streams_open.clone());
+        r.register("streams", "CONNECT requests by result", m.streams.clone());
+        r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
+        r.register("dial_duration_seconds", "Time from routing to the agent's dial reply", m.dial_duration.clone());
+        r.register("pending_dials", "Dials waiting for a data connection or reply", m.pending_dials.clone());
+        r.register("agents_connected", "Agents with a live control channel", m.agents_connected.clone());
+        r.register("data_conns_idle", "Idle data connections parked by agents", m.data_conns_idle.clone());
+        r.register("agent_conn_failures", "Agent connections that failed before use, by reason", m.agent_conn_failures.clone());
+        m
+    }
+}
+
+/// Metrics of `spoke-agent` (prefix `spoke_agent_`).
+#[derive(Debug)]
+pub struct AgentMetrics {
+    /// Streams being relayed now.
+    pub streams_open: Gauge,
+    /// Dials by `result` (ok, denied, refused, timeout, ...).
+    pub streams: Counters,
+    /// Streams by the datapath `tier` that carried them.
+    pub streams_by_datapath: Counters,
+    /// Stream payload bytes by `direction` (up: server → target, down: target → server).
+    pub bytes: Counters,
+    /// Time to connect to a target.
+    pub dial_duration: Histogram,
+    /// Idle data connections parked at the server.
+    pub pool_idle: Gauge,
+    /// 1 while the control channel is up.
+    pub control_connected: Gauge,
+    /// Failed connections to the server, by `kind` (control, data).
+    pub server_conn_failures: Counters,
+}
+
+impl AgentMetrics {
+    /// Creates the metrics and registers them in `registry` under `spoke_agent_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            streams_open: Gauge::default(),
+            streams: Counters::default(),
+            streams_by_datapath: Counters::default(),
+            bytes: Counters::default(),
+            dial_duration: dial_buckets(),
+            pool_idle: Gauge::default(),
+            control_connected: Gauge::default(),
+            server_conn_failures: Counters::default(),
+        };
+        let r = registry.sub_registry_with_prefix("spoke_agent");
+        r.register("streams_open", "Streams being relayed now", m.streams_open.clone());
+        r.register("streams", "Dials by result", m.streams.clone());
+        r.register("datapath_streams", "Streams by datapath tier", m.streams_by_datapath.clone());
+        r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
+        r.register("dial_duration_seconds", "Time to connect to a target", m.dial_duration.clone());
+        r.register("pool_idle", "Idle data connections parked at the server", m.pool_idle.clone());
+        r.register("control_connected", "1 while the control channel is up", m.control_connected.clone());
+        r.register("server_conn_failures", "Failed connections to the server, by kind", m.server_conn_failures.clone());
+        m
+    }
+}
+
+/// Adds one to the counter of `family` labelled `name=value`.
+pub fn inc(family: &Counters, name: &'static str, value: &'static str) {
+    family.get_or_create(&[(name, value)]).inc();
+}
+
+/// Adds `n` to the counter of `family` labelled `name=value`.
+pub fn add(family: &Counters, name: &'static str, value: &'static str, n: u64) {
+    family.get_or_create(&[(name, value)]).inc_by(n);
+}

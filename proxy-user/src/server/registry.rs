@@ -1,0 +1,345 @@
+//! The connected agents, their parked data connections, and routing of a destination to an agent.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use ipnet::IpNet;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Strategy;
+use crate::protocol::Identity;
+
+/// A data connection parked by an agent.
+pub type DataConn = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// One connected agent: its identity, its pool of data connections and its stream slots.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// What the agent announced.
+    pub identity: Identity,
+    /// Its control session; data connections must quote it.
+    pub session_id: u64,
+    /// Set when the agent asked to drain: no new streams go to it.
+    pub draining: AtomicBool,
+    /// Stream slots (the per-agent stream limit).
+    pub stream_slots: Arc<Semaphore>,
+    /// Cancelled when the control session ends; pending takes give up.
+    pub gone: CancellationToken,
+    idle: Mutex<VecDeque<DataConn>>,
+    idle_added: Notify,
+    idle_gauge: Gauge,
+    max_idle: usize,
+}
+
+/// Why a data connection was not parked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ParkError {
+    /// The agent already parked its maximum.
+    Full,
+    /// The session is over or draining.
+    Closed,
+}
+
+impl AgentHandle {
+    /// A new handle; `idle_gauge` counts parked connections across all agents.
+    #[must_use]
+    pub fn new(identity: Identity, session_id: u64, max_streams: usize, max_idle: usize, idle_gauge: Gauge) -> Self {
+        Self {
+            identity,
+            session_id,
+            draining: AtomicBool::new(false),
+            stream_slots: Arc::new(Semaphore::new(max_streams)),
+            gone: CancellationToken::new(),
+            idle: Mutex::new(VecDeque::new()),
+            idle_added: Notify::new(),
+            idle_gauge,
+            max_idle,
+        }
+    }
+
+    /// Streams open through this agent (the load used to spread requests).
+    fn load(&self, max_streams: usize) -> usize {
+        max_streams.saturating_sub(self.stream_slots.available_permits())
+    }
+
+    fn usable(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && !self.gone.is_cancelled()
+    }
+
+    /// Parks a data connection until a dial takes it.
+    pub fn park(&self, conn: DataConn) -> Result<(), ParkError> {
+        if !self.usable() {
+            return Err(ParkError::Closed);
+        }
+        let mut idle = self.idle.lock().expect("idle lock poisoned");
+        if idle.len() >= self.max_idle {
+            return Err(ParkError::Full);
+        }
+        idle.push_back(conn);
+        self.idle_gauge.inc();
+        drop(idle);
+        self.idle_added.notify_one();
+        Ok(())
+    }
+
+    /// Takes a parked data connection, waiting for one until `deadline`; `None` on timeout or when the
+    /// agent went away.
+    pub async fn take(&self, deadline: Instant) -> Option<DataConn> {
+        loop {
+            let added = self.idle_added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            if let Some(conn) = self.idle.lock().expect("idle lock poisoned").pop_front() {
+                self.idle_gauge.dec();
+                return Some(conn);
+            }
+            if self.gone.is_cancelled() {
+                return None;
+            }
+            tokio::select! {
+                () = added => {}
+                () = self.gone.cancelled() => return None,
+                () = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
+    /// Closes every parked connection (the agent is draining or gone).
+    pub fn drop_idle(&self) {
+        let drained: Vec<DataConn> = self.idle.lock().expect("idle lock poisoned").drain(..).collect();
+        self.idle_gauge.dec_by(i64::try_from(drained.len()).unwrap_or(i64::MAX));
+    }
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    by_id: HashMap<String, Arc<AgentHandle>>,
+    by_session: HashMap<u64, Arc<AgentHandle>>,
+    by_host: HashMap<String, Vec<Arc<AgentHandle>>>,
+    cidrs: Vec<(IpNet, Arc<AgentHandle>)>,
+    default_routes: Vec<Arc<AgentHandle>>,
+}
+
+/// Normalizes a destination host for exact matching: canonical address text, or a lower-case name.
+fn host_key(host: &str) -> String {
+    let trimmed = host.trim_start_matches('[').trim_end_matches(']');
+    trimmed.parse::<IpAddr>().map_or_else(|_| trimmed.to_ascii_lowercase(), |ip| ip.to_string())
+}
+
+impl Index {
+    fn keys(id: &Identity) -> impl Iterator<Item = String> + '_ {
+        std::iter::once(id.node_name.clone())
+            .chain(id.hostnames.iter().cloned())
+            .chain(id.addresses.iter().map(ToString::to_string))
+            .map(|k| host_key(&k))
+    }
+
+    fn insert(&mut self, agent: &Arc<AgentHandle>) {
+        self.by_id.insert(agent.identity.agent_id.clone(), agent.clone());
+        self.by_session.insert(agent.session_id, agent.clone());
+        for key in Self::keys(&agent.identity) {
+            let list = self.by_host.entry(key).or_default();
+            if !list.iter().any(|a| Arc::ptr_eq(a, agent)) {
+                list.push(agent.clone());
+            }
+        }
+        self.cidrs.extend(agent.identity.cidrs.iter().map(|n| (*n, agent.clone())));
+        if agent.identity.default_route {
+            self.default_routes.push(agent.clone());
+        }
+    }
+
+    fn remove(&mut self, agent: &Arc<AgentHandle>) {
+        self.by_id.remove(&agent.identity.agent_id);
+        self.by_session.remove(&agent.session_id);
+        for key in Self::keys(&agent.identity) {
+            if let Some(list) = self.by_host.get_mut(&key) {
+                list.retain(|a| !Arc::ptr_eq(a, agent));
+                if list.is_empty() {
+                    self.by_host.remove(&key);
+                }
+            }
+        }
+        self.cidrs.retain(|(_, a)| !Arc::ptr_eq(a, agent));
+        self.default_routes.retain(|a| !Arc::ptr_eq(a, agent));
+    }
+}
+
+/// All connected agents, indexed for every routing strategy.
+#[derive(Debug)]
+pub struct AgentRegistry {
+    index: RwLock<Index>,
+    strategies: Vec<Strategy>,
+    max_streams: usize,
+}
+
+impl AgentRegistry {
+    /// An empty registry routing with `strategies` in order.
+    #[must_use]
+    pub fn new(strategies: Vec<Strategy>, max_streams: usize) -> Self {
+        Self { index: RwLock::new(Index::default()), strategies, max_streams }
+    }
+
+    /// Number of registered agents.
+    pub fn len(&self) -> usize {
+        self.index.read().expect("registry lock poisoned").by_id.len()
+    }
+
+    /// Whether an agent with this id is registered.
+    pub fn contains(&self, agent_id: &str) -> bool {
+        self.index.read().expect("registry lock poisoned").by_id.contains_key(agent_id)
+    }
+
+    /// Whether no agent is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Registers `agent`; an earlier session of the same agent id is replaced and returned.
+    pub fn register(&self, agent: &Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
+        let mut index = self.index.write().expect("registry lock poisoned");
+        let old = index.by_id.get(&agent.identity.agent_id).cloned();
+        if let Some(old) = &old {
+            index.remove(old);
+        }
+        index.insert(agent);
+        old
+    }
+
+    /// Removes `agent` if it is still the registered session of its id.
+    pub fn unregister(&self, agent: &Arc<AgentHandle>) {
+        let mut index = self.index.write().expect("registry lock poisoned");
+        if index.by_id.get(&agent.identity.agent_id).is_some_and(|a| Arc::ptr_eq(a, agent)) {
+            index.remove(agent);
+        }
+    }
+
+    /// The agent of a live control session.
+    pub fn session(&self, session_id: u64) -> Option<Arc<AgentHandle>> {
+        self.index.read().expect("registry lock poisoned").by_session.get(&session_id).cloned()
+    }
+
+    /// Picks the agent for `host`: the first strategy with a usable candidate wins; among its equal
+    /// candidates, the less loaded of two random picks.
+    pub fn route(&self, host: &str) -> Option<Arc<AgentHandle>> {
+        let index = self.index.read().expect("registry lock poisoned");
+        let key = host_key(host);
+        let ip = key.parse::<IpAddr>().ok();
+        for strategy in &self.strategies {
+            let candidates: Vec<&Arc<AgentHandle>> = match strategy {
+                Strategy::DestHost => index.by_host.get(&key).map(|l| l.iter().collect()).unwrap_or_default(),
+                Strategy::Cidr => {
+                    let Some(ip) = ip else { continue };
+                    let matching = index.cidrs.iter().filter(|(n, a)| n.contains(&ip) && a.usable());
+                    let longest = matching.clone().map(|(n, _)| n.prefix_len()).max();
+                    matching.filter(|(n, _)| Some(n.prefix_len()) == longest).map(|(_, a)| a).collect()
+                }
+                Strategy::DefaultRoute => index.default_routes.iter().collect(),
+                Strategy::Default => index.by_id.values().collect(),
+            };
+            let usable: Vec<&Arc<AgentHandle>> = candidates.into_iter().filter(|a| a.usable()).collect();
+            if let Some(pick) = self.pick(&usable) {
+                return Some(pick.clone());
+            }
+        }
+        None
+    }
+
+    fn pick<'a>(&self, candidates: &[&'a Arc<AgentHandle>]) -> Option<&'a Arc<AgentHandle>> {
+        match candidates.len() {
+            0 => None,
+            1 => Some(candidates[0]),
+            n => {
+                let a = candidates[fastrand::usize(..n)];
+                let b = candidates[fastrand::usize(..n)];
+                Some(if b.load(self.max_streams) < a.load(self.max_streams) { b } else { a })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, hosts: &[&str], addrs: &[&str], cidrs: &[&str], default_route: bool) -> Arc<AgentHandle> {
+        Arc::new(AgentHandle::new(
+            Identity {
+                agent_id: id.into(),
+                node_name: id.into(),
+                hostnames: hosts.iter().map(|h| (*h).to_owned()).collect(),
+                addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+                cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+                default_route,
+            },
+            fastrand::u64(..),
+            16,
+            4,
+            Gauge::default(),
+        ))
+    }
+
+    fn routed(r: &AgentRegistry, host: &str) -> Option<String> {
+        r.route(host).map(|a| a.identity.agent_id.clone())
+    }
+
+    #[test]
+    fn strategies_in_order() {
+        let r = AgentRegistry::new(vec![Strategy::DestHost, Strategy::Cidr, Strategy::DefaultRoute], 16);
+        r.register(&agent("node-a", &["a.example"], &["10.0.0.1", "fd00::1"], &["10.244.0.0/16"], false));
+        r.register(&agent("node-b", &[], &["10.0.0.2"], &["10.244.1.0/24"], false));
+        r.register(&agent("edge", &[], &[], &[], true));
+        assert_eq!(routed(&r, "10.0.0.1").as_deref(), Some("node-a"));
+        assert_eq!(routed(&r, "[fd00:0:0::1]").as_deref(), Some("node-a"));
+        assert_eq!(routed(&r, "A.Example").as_deref(), Some("node-a"));
+        assert_eq!(routed(&r, "node-b").as_deref(), Some("node-b"));
+        // longest prefix wins
+        assert_eq!(routed(&r, "10.244.1.7").as_deref(), Some("node-b"));
+        assert_eq!(routed(&r, "10.244.9.7").as_deref(), Some("node-a"));
+        assert_eq!(routed(&r, "192.0.2.1").as_deref(), Some("edge"));
+        assert_eq!(routed(&r, "unknown.example").as_deref(), Some("edge"));
+        let strict = AgentRegistry::new(vec![Strategy::DestHost], 16);
+        strict.register(&agent("node-a", &[], &["10.0.0.1"], &[], false));
+        assert_eq!(routed(&strict, "10.0.0.9"), None);
+    }
+
+    #[test]
+    fn draining_and_replaced_agents_are_skipped() {
+        let r = AgentRegistry::new(vec![Strategy::DestHost, Strategy::Default], 16);
+        let a = agent("node-a", &[], &["10.0.0.1"], &[], false);
+        let b = agent("node-b", &[], &["10.0.0.2"], &[], false);
+        r.register(&a);
+        r.register(&b);
+        a.draining.store(true, Ordering::Relaxed);
+        assert_eq!(routed(&r, "10.0.0.1").as_deref(), Some("node-b"), "falls through to default");
+        let a2 = agent("node-a", &[], &["10.0.0.1"], &[], false);
+        let old = r.register(&a2).expect("replaces the earlier session");
+        assert!(Arc::ptr_eq(&old, &a));
+        assert_eq!(routed(&r, "10.0.0.1").as_deref(), Some("node-a"));
+        r.unregister(&a); // stale session: no effect
+        assert_eq!(r.len(), 2);
+        assert!(r.session(a2.session_id).is_some());
+        r.unregister(&a2);
+        assert_eq!(r.len(), 1);
+        assert!(r.session(a2.session_id).is_none());
+    }
+
+    #[test]
+    fn equal_candidates_share_the_load() {
+        let r = AgentRegistry::new(vec![Strategy::Cidr], 16);
+        let a = agent("a", &[], &[], &["10.96.0.0/12"], false);
+        let b = agent("b", &[], &[], &["10.96.0.0/12"], false);
+        r.register(&a);
+        r.register(&b);
+        // Load agent a fully: every pick of two that sees b prefers it.
+        let _held = a.stream_slots.clone().try_acquire_many_owned(10).unwrap();
+        let to_b = (0..200).filter(|_| routed(&r, "10.96.0.10").as_deref() == Some("b")).count();
+        assert!(to_b > 120, "the less loaded agent gets most picks: {to_b}/200");
+    }
+}

@@ -1,0 +1,199 @@
+//! One CONNECT request: read it, route it, have the agent dial, reply, relay.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::{debug, info_span, warn, Instrument as _};
+
+use super::Server;
+use super::registry::{AgentHandle, DataConn};
+use crate::codec::{self, CodecError};
+use crate::datapath::copy::{self, End};
+use crate::frontend::{self, ConnectRequest, ESTABLISHED};
+use crate::metrics::{add, inc};
+use crate::protocol::{DialStatus, Message};
+use crate::transport::Stream;
+
+/// Data connections tried for one request before giving up (a parked connection may have died).
+pub const MAX_DIAL_ATTEMPTS: usize = 3;
+/// Time the agent gets beyond the dial timeout to send its reply.
+pub const REPLY_MARGIN: Duration = Duration::from_secs(1);
+
+/// Why a request got no stream; each maps to an HTTP status and a metric label.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("no agent serves {0}")]
+    NoAgent(String),
+    #[error("too many dials pending; try again")]
+    Overloaded,
+    #[error("agent {0} is at its stream limit")]
+    AgentBusy(String),
+    #[error("agent {0} offered no data connection within the dial timeout")]
+    NoDataConn(String),
+    #[error("agent {agent}: {status}: {message}", status = status.as_str())]
+    Agent { agent: String, status: DialStatus, message: String },
+    #[error("agent {agent} did not reply within the dial timeout")]
+    ReplyTimeout { agent: String },
+    #[error("agent {agent} connection failed: {source}")]
+    AgentConn { agent: String, source: CodecError },
+}
+
+impl DialError {
+    fn status(&self) -> u16 {
+        match self {
+            Self::NoAgent(_) | Self::Overloaded | Self::AgentBusy(_) => 503,
+            Self::NoDataConn(_) | Self::ReplyTimeout { .. } => 504,
+            Self::AgentConn { .. } => 502,
+            Self::Agent { status, .. } => match status {
+                DialStatus::Denied => 403,
+                DialStatus::Timeout => 504,
+                DialStatus::Draining => 503,
+                DialStatus::Ok | DialStatus::Refused | DialStatus::Failed | DialStatus::Unresolved => 502,
+            },
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::NoAgent(_) => "no_agent",
+            Self::Overloaded => "overloaded",
+            Self::AgentBusy(_) => "agent_busy",
+            Self::NoDataConn(_) => "no_data_conn",
+            Self::ReplyTimeout { .. } => "timeout",
+            Self::AgentConn { .. } => "agent_error",
+            Self::Agent { status, .. } => status.as_str(),
+        }
+    }
+}
+
+/// Serves one frontend connection to its end.
+pub(super) async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
+    let limits = &server.config.limits;
+    let req = match tokio::time::timeout(limits.header_timeout, frontend::read_connect(&mut client)).await {
+        Ok(Ok(req)) => req,
+        Ok(Err(e)) => {
+            debug!(error = %e, "bad request");
+            inc(&server.metrics.streams, "result", e.reason());
+            if let Some(status) = e.status() {
+                let _ = frontend::write_error(&mut client, status, &e.to_string()).await;
+            }
+            return;
+        }
+        Err(_) => {
+            debug!("request head timed out");
+            inc(&server.metrics.streams, "result", "header_timeout");
+            let _ = frontend::write_error(&mut client, 408, "request head not received in time").await;
+            return;
+        }
+    };
+    let stream_id = server.next_stream_id.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("stream", id = stream_id, dest = %req);
+    async move {
+        let started = Instant::now();
+        let (mut data, agent, _slot) = match open(server, &req, stream_id).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                debug!(error = %e, "dial failed");
+                inc(&server.metrics.streams, "result", e.reason());
+                let _ = frontend::write_error(&mut client, e.status(), &e.to_string()).await;
+                return;
+            }
+        };
+        server.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
+        if let Err(error) = client.write_all(ESTABLISHED).await.and(client.flush().await) {
+            debug!(%error, "client left before the stream opened");
+            inc(&server.metrics.streams, "result", "client_closed");
+            data.abort();
+            return;
+        }
+        inc(&server.metrics.streams, "result", "ok");
+        server.metrics.streams_open.inc();
+        debug!(agent = %agent.identity.agent_id, "stream open");
+        let result = copy::relay(&mut client, &mut data, &req.early_data).await;
+        server.metrics.streams_open.dec();
+        let (up, down) = match &result {
+            Ok(m) => (m.a_to_b, m.b_to_a),
+            Err(e) => e.moved,
+        };
+        add(&server.metrics.bytes, "direction", "up", up);
+        add(&server.metrics.bytes, "direction", "down", down);
+        match result {
+            Ok(_) => debug!(up, down, "stream closed"),
+            Err(e) => {
+                let side = if e.end == End::A { "downstream (client)" } else { "upstream (agent)" };
+                debug!(error = %e.source, side, up, down, "stream aborted");
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Routes `req`, has an agent dial it, and returns the data connection ready for raw bytes, with the
+/// agent and the stream slot held for the stream's life.
+async fn open(
+    server: &Server,
+    req: &ConnectRequest,
+    stream_id: u64,
+) -> Result<(DataConn, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
+    let _pending = server.pending_dials.try_acquire().map_err(|_| DialError::Overloaded)?;
+    server.metrics.pending_dials.inc();
+    let result = dial(server, req, stream_id).await;
+    server.metrics.pending_dials.dec();
+    result
+}
+
+async fn dial(
+    server: &Server,
+    req: &ConnectRequest,
+    stream_id: u64,
+) -> Result<(DataConn, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
+    let limits = &server.config.limits;
+    let deadline = Instant::now() + limits.dial_timeout;
+    let timeout_ms = u32::try_from(limits.dial_timeout.as_millis()).unwrap_or(u32::MAX);
+    let dial = Message::Dial { stream_id, host: req.host.clone(), port: req.port, timeout_ms };
+    let mut last_error = None;
+    for _ in 0..MAX_DIAL_ATTEMPTS {
+        let agent = server.agents.route(&req.host).ok_or_else(|| DialError::NoAgent(req.to_string()))?;
+        let agent_id = || agent.identity.agent_id.clone();
+        let slot = agent.stream_slots.clone().try_acquire_owned().map_err(|_| DialError::AgentBusy(agent_id()))?;
+        let mut conn = agent.take(deadline).await.ok_or_else(|| DialError::NoDataConn(agent_id()))?;
+        let exchange = async {
+            codec::write_message(&mut conn, &dial).await?;
+            codec::read_message(&mut conn).await
+        };
+        match tokio::time::timeout_at(deadline + REPLY_MARGIN, exchange).await {
+            Err(_) => {
+                conn.abort();
+                return Err(DialError::ReplyTimeout { agent: agent_id() });
+            }
+            Ok(Ok(Message::DialReply { stream_id: id, status: DialStatus::Ok, .. })) if id == stream_id => {
+                return Ok((conn, agent, slot));
+            }
+            Ok(Ok(Message::DialReply { stream_id: id, status: DialStatus::Draining, message })) if id == stream_id => {
+                // The agent started draining while this connection was parked: try another route.
+                agent.draining.store(true, Ordering::Relaxed);
+                agent.drop_idle();
+                last_error = Some(DialError::Agent { agent: agent_id(), status: DialStatus::Draining, message });
+            }
+            Ok(Ok(Message::DialReply { stream_id: id, status, message })) if id == stream_id => {
+                return Err(DialError::Agent { agent: agent_id(), status, message });
+            }
+            Ok(Ok(other)) => {
+                warn!(agent = %agent_id(), kind = other.kind(), "unexpected frame on a data connection");
+                conn.abort();
+                last_error = Some(DialError::AgentConn { agent: agent_id(), source: CodecError::Invalid("reply") });
+            }
+            // A parked connection that died: nothing reached the destination yet, so retrying is safe.
+            Ok(Err(source)) => {
+                debug!(agent = %agent_id(), error = %source, "data connection failed; trying another");
+                last_error = Some(DialError::AgentConn { agent: agent_id(), source });
+            }
+        }
+    }
+    Err(last_error.expect("the loop ran at least once"))
+}

@@ -1,0 +1,60 @@
+//! Byte streams Spoke accepts and dials: TCP, Unix sockets, and TLS over TCP, behind [`Stream`].
+
+pub mod tls;
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+
+/// Idle time before TCP keepalive probes start on long-lived agent connections.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Interval between TCP keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered keepalive probes before the kernel drops the connection.
+pub const KEEPALIVE_RETRIES: u32 = 3;
+
+/// A connected byte stream that a relay can carry.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ends the connection as a failure: the peer sees a reset rather than a clean end of stream, so a
+    /// truncated stream never looks complete. Where the transport has no reset (Unix sockets), the
+    /// connection is simply closed when dropped.
+    fn abort(&self);
+}
+
+impl Stream for TcpStream {
+    fn abort(&self) {
+        // SO_LINGER 0: close() then sends RST and discards unsent data. Cannot block: the linger time is 0.
+        if let Err(error) = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO)) {
+            tracing::debug!(%error, "set SO_LINGER for abort");
+        }
+    }
+}
+
+impl Stream for UnixStream {
+    fn abort(&self) {}
+}
+
+impl<S: Stream> Stream for tokio_rustls::server::TlsStream<S> {
+    fn abort(&self) {
+        self.get_ref().0.abort();
+    }
+}
+
+impl<S: Stream> Stream for tokio_rustls::client::TlsStream<S> {
+    fn abort(&self) {
+        self.get_ref().0.abort();
+    }
+}
+
+/// Settings for long-lived TCP connections between agent and server: no Nagle delay (frames are small
+/// and latency-sensitive) and keepalive so a vanished peer is noticed.
+pub fn tune_tunnel_socket(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}

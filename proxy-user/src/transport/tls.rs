@@ -1,0 +1,128 @@
+//! rustls configurations built from PEM files: mutual TLS everywhere Spoke speaks TLS.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("read {kind} from {path}: {source}")]
+    Pem {
+        /// What the file should hold.
+        kind: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The file holds no certificate.
+    #[error("no certificate in {0}")]
+    NoCertificate(PathBuf),
+    /// rustls refused the certificates or key.
+    #[error("{context}: {source}")]
+    Rustls {
+        /// Which configuration.
+        context: &'static str,
+        /// What rustls said.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The client-certificate verifier could not be built (e.g. an unusable CA).
+    #[error("client certificate verifier from {path}: {source}")]
+    Verifier {
+        /// The CA bundle.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+}
+
+/// Result of this module.
+pub type Result<T, E = TlsError> = std::result::Result<T, E>;
+
+/// Paths of one side's TLS material: its certificate chain, its key, and the CA that signs its peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM CA bundle that peers' certificates must chain to.
+    pub ca: PathBuf,
+    /// PEM certificate chain presented to peers.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|source| TlsError::Pem { kind: "certificates", path: path.into(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.into()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem { kind: "private key", path: path.into(), source })
+}
+
+fn read_roots(path: &Path) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots.add(cert).map_err(|source| TlsError::Rustls { context: "add CA certificate", source })?;
+    }
+    Ok(roots)
+}
+
+/// Which TLS versions a listener accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Versions {
+    /// TLS 1.3 only (Spoke's own agents).
+    Tls13,
+    /// TLS 1.2 and 1.3 (kube-apiserver and other HTTP-CONNECT clients).
+    Tls12And13,
+}
+
+/// A server configuration that requires a client certificate chaining to `files.ca`, and issues TLS 1.3
+/// session tickets so that clients resume instead of repeating the full handshake.
+pub fn server_config(files: &TlsFiles, versions: Versions) -> Result<Arc<rustls::ServerConfig>> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(read_roots(&files.ca)?), provider())
+        .build()
+        .map_err(|source| TlsError::Verifier { path: files.ca.clone(), source })?;
+    let protocols: &[&rustls::SupportedProtocolVersion] = match versions {
+        Versions::Tls13 => &[&rustls::version::TLS13],
+        Versions::Tls12And13 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(protocols)
+        .map_err(|source| TlsError::Rustls { context: "server protocol versions", source })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(read_certs(&files.cert)?, read_key(&files.key)?)
+        .map_err(|source| TlsError::Rustls { context: "server certificate", source })?;
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|source| TlsError::Rustls { context: "session ticketer", source })?;
+    Ok(Arc::new(config))
+}
+
+/// A TLS 1.3 client configuration presenting `files.cert`, trusting only `files.ca`. One instance is
+/// shared by every connection to a server so its session cache makes refills resume.
+pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls { context: "client protocol versions", source })?
+        .with_root_certificates(read_roots(&files.ca)?)
+        .with_client_auth_cert(read_certs(&files.cert)?, read_key(&files.key)?)
+        .map_err(|source| TlsError::Rustls { context: "client certificate", source })?;
+    Ok(Arc::new(config))
+}
