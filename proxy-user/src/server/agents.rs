@@ -129,10 +129,6 @@ async fn control(server: Arc<Server>, mut conn: DataConn, version: u16, identity
         session_id,
         heartbeat_ms,
     };
-    if let Err(error) = codec::write_message(&mut conn, &ack).await {
-        warn!(%error, "agent left during hello");
-        return;
-    }
     let agent = Arc::new(AgentHandle::new(
         identity,
         session_id,
@@ -140,10 +136,16 @@ async fn control(server: Arc<Server>, mut conn: DataConn, version: u16, identity
         limits.max_idle_per_agent,
         server.metrics.data_conns_idle.clone(),
     ));
+    // Registered before the ack, so that data connections quoting the session find it.
     if let Some(old) = server.agents.register(&agent) {
         info!(agent = %agent.identity.agent_id, "agent reconnected: replacing its earlier session");
         old.gone.cancel();
         old.drop_idle();
+    }
+    if let Err(error) = codec::write_message(&mut conn, &ack).await {
+        warn!(%error, "agent left during hello");
+        server.agents.unregister(&agent);
+        return;
     }
     server.metrics.agents_connected.set(i64::try_from(server.agents.len()).unwrap_or(i64::MAX));
     let span = info_span!("agent", id = %agent.identity.agent_id, session = session_id);
@@ -187,6 +189,7 @@ async fn session(server: &Server, conn: DataConn, agent: &AgentHandle) -> Result
             r = tokio::time::timeout(silence, rx.recv()) => match r {
                 Err(_) => break Err(CodecError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no heartbeat"))),
                 Ok(None) => break Err(CodecError::Closed),
+                Ok(Some(Err(CodecError::Closed))) if agent.draining.load(Ordering::Relaxed) => break Ok("agent drained"),
                 Ok(Some(Err(e))) => break Err(e),
                 Ok(Some(Ok(m))) => m,
             },

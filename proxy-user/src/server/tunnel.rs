@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, info_span, warn, Instrument as _};
@@ -22,6 +22,23 @@ use crate::transport::Stream;
 pub const MAX_DIAL_ATTEMPTS: usize = 3;
 /// Time the agent gets beyond the dial timeout to send its reply.
 pub const REPLY_MARGIN: Duration = Duration::from_secs(1);
+
+/// After an error reply, how long unread request bytes are drained so the reply is not lost to a reset.
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most unread request bytes drained after an error reply.
+pub const LINGER_MAX_BYTES: u64 = 64 * 1024;
+
+/// Writes an error reply, closes our side, and drains what the client still sends for a moment
+/// ("lingering close"): closing a socket with unread input resets it, which can destroy the reply
+/// before the client reads it.
+async fn refuse<S: Stream>(client: &mut S, status: u16, reason: &str) {
+    if frontend::write_error(client, status, reason).await.is_err() || client.shutdown().await.is_err() {
+        return;
+    }
+    let mut rest = (&mut *client).take(LINGER_MAX_BYTES);
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(LINGER_TIMEOUT, tokio::io::copy(&mut rest, &mut sink)).await;
+}
 
 /// Why a request got no stream; each maps to an HTTP status and a metric label.
 #[derive(Debug, thiserror::Error)]
@@ -79,14 +96,14 @@ pub(super) async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
             debug!(error = %e, "bad request");
             inc(&server.metrics.streams, "result", e.reason());
             if let Some(status) = e.status() {
-                let _ = frontend::write_error(&mut client, status, &e.to_string()).await;
+                refuse(&mut client, status, &e.to_string()).await;
             }
             return;
         }
         Err(_) => {
             debug!("request head timed out");
             inc(&server.metrics.streams, "result", "header_timeout");
-            let _ = frontend::write_error(&mut client, 408, "request head not received in time").await;
+            refuse(&mut client, 408, "request head not received in time").await;
             return;
         }
     };
@@ -99,7 +116,7 @@ pub(super) async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
             Err(e) => {
                 debug!(error = %e, "dial failed");
                 inc(&server.metrics.streams, "result", e.reason());
-                let _ = frontend::write_error(&mut client, e.status(), &e.to_string()).await;
+                refuse(&mut client, e.status(), &e.to_string()).await;
                 return;
             }
         };

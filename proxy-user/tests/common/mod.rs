@@ -1,0 +1,497 @@
+//! Fixtures for end-to-end tests: real `spoke-server` and `spoke-agent` processes on 127.0.0.1, backends,
+//! and an HTTP CONNECT client that speaks exactly like kube-apiserver.
+#![allow(dead_code, reason = "each test binary uses a different subset of the fixtures")]
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spoke::devcerts::{self, DevCerts};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::process::{Child, Command};
+
+/// Longest wait for anything a test awaits (a process start, readiness, a reconnect).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Development certificates in a temporary directory.
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+    pub files: DevCerts,
+}
+
+pub fn certs() -> Arc<Certs> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let files = devcerts::generate(dir.path(), &[]).expect("generate dev certs");
+    Arc::new(Certs { dir, files })
+}
+
+/// A child process whose stderr goes to a file, printed if the test fails.
+pub struct Proc {
+    pub child: Child,
+    log: PathBuf,
+    name: &'static str,
+}
+
+impl Proc {
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("process still running");
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("run kill");
+        assert!(status.success());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = writeln!(std::io::stderr(), "----- {} log -----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// Spawns `bin` with `args`, waits for its "started" line on stdout, returns it split in key=value pairs.
+async fn spawn(name: &'static str, bin: &str, args: &[String], log_dir: &Path) -> (Proc, Vec<(String, String)>) {
+    let log = log_dir.join(format!("{name}-{}.log", fastrand::u32(..)));
+    let log_file = std::fs::File::create(&log).expect("create log file");
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", std::env::var("SPOKE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await;
+    let proc = Proc { child, log, name };
+    let line = match line {
+        Ok(Ok(Some(line))) => line,
+        other => panic!("{name} did not start: {other:?}\n{}", proc.log()),
+    };
+    // Keep draining stdout so the child never blocks on it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pairs = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    (proc, pairs)
+}
+
+fn get(pairs: &[(String, String)], key: &str) -> String {
+    pairs.iter().find(|(k, _)| k == key).map_or_else(|| panic!("no {key} in {pairs:?}"), |(_, v)| v.clone())
+}
+
+pub struct ServerBuilder {
+    certs: Arc<Certs>,
+    agent_port: u16,
+    tcp_frontend: bool,
+    args: Vec<String>,
+}
+
+pub fn server(certs: &Arc<Certs>) -> ServerBuilder {
+    ServerBuilder { certs: certs.clone(), agent_port: 0, tcp_frontend: false, args: Vec::new() }
+}
+
+pub struct Server {
+    pub proc: Proc,
+    pub agent_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub frontend_addr: Option<SocketAddr>,
+    pub uds: PathBuf,
+    pub certs: Arc<Certs>,
+}
+
+impl ServerBuilder {
+    /// Binds the agent listener to this port (to restart a server where agents expect it).
+    pub fn agent_port(mut self, port: u16) -> Self {
+        self.agent_port = port;
+        self
+    }
+
+    pub fn tcp_frontend(mut self) -> Self {
+        self.tcp_frontend = true;
+        self
+    }
+
+    /// Sets `--name value`, replacing the fixture's default for that flag.
+    pub fn flag(mut self, name: &str, value: &str) -> Self {
+        self.args.push(name.to_owned());
+        self.args.push(value.to_owned());
+        self
+    }
+
+    pub async fn run(self) -> Server {
+        let f = &self.certs.files;
+        let uds = self.certs.dir.path().join(format!("spoke-{}.sock", fastrand::u32(..)));
+        let p = |p: &Path| p.display().to_string();
+        let mut args: Vec<String> = vec![
+            "--uds-name".into(),
+            p(&uds),
+            "--agent-bind".into(),
+            format!("127.0.0.1:{}", self.agent_port),
+            "--admin-bind".into(),
+            "127.0.0.1:0".into(),
+            "--cluster-ca-cert".into(),
+            p(&f.cluster_ca),
+            "--cluster-cert".into(),
+            p(&f.cluster_cert),
+            "--cluster-key".into(),
+            p(&f.cluster_key),
+            "--heartbeat-interval".into(),
+            "500ms".into(),
+            "--graceful-shutdown-timeout".into(),
+            "5s".into(),
+        ];
+        if self.tcp_frontend {
+            args.extend([
+                "--frontend-bind".into(),
+                "127.0.0.1:0".into(),
+                "--server-ca-cert".into(),
+                p(&f.frontend_ca),
+                "--server-cert".into(),
+                p(&f.frontend_cert),
+                "--server-key".into(),
+                p(&f.frontend_key),
+            ]);
+        }
+        override_flags(&mut args, &self.args);
+        let (proc, pairs) = spawn("spoke-server", env!("CARGO_BIN_EXE_spoke-server"), &args, self.certs.dir.path()).await;
+        let frontend = get(&pairs, "frontend");
+        Server {
+            proc,
+            agent_addr: get(&pairs, "agent").parse().expect("agent address"),
+            admin_addr: get(&pairs, "admin").parse().expect("admin address"),
+            frontend_addr: (frontend != "off").then(|| frontend.parse().expect("frontend address")),
+            uds,
+            certs: self.certs,
+        }
+    }
+}
+
+/// Applies `--flag value` pairs to `args`: replaces the value of a flag already there, else appends.
+fn override_flags(args: &mut Vec<String>, overrides: &[String]) {
+    for pair in overrides.chunks(2) {
+        match args.iter().position(|a| *a == pair[0]) {
+            Some(i) => args[i + 1].clone_from(&pair[1]),
+            None => args.extend_from_slice(pair),
+        }
+    }
+}
+
+pub struct AgentBuilder {
+    certs: Arc<Certs>,
+    server: SocketAddr,
+    id: String,
+    identifiers: String,
+    args: Vec<String>,
+}
+
+/// An agent for node `id` (address 127.0.0.1 unless `identifiers` says otherwise), allowed to dial
+/// loopback addresses.
+pub fn agent(server: &Server) -> AgentBuilder {
+    AgentBuilder {
+        certs: server.certs.clone(),
+        server: server.agent_addr,
+        id: "node-a".into(),
+        identifiers: "ipv4=127.0.0.1&default-route=true".into(),
+        args: Vec::new(),
+    }
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub admin_addr: SocketAddr,
+}
+
+impl AgentBuilder {
+    pub fn id(mut self, id: &str) -> Self {
+        id.clone_into(&mut self.id);
+        self
+    }
+
+    pub fn identifiers(mut self, ids: &str) -> Self {
+        ids.clone_into(&mut self.identifiers);
+        self
+    }
+
+    /// Replaces the default `--allow 127.0.0.0/8`.
+    pub fn allow(self, rule: &str) -> Self {
+        self.flag("--allow", rule)
+    }
+
+    /// Sets `--name value`, replacing the fixture's default for that flag.
+    pub fn flag(mut self, name: &str, value: &str) -> Self {
+        self.args.push(name.to_owned());
+        self.args.push(value.to_owned());
+        self
+    }
+
+    pub fn cert(self, cert: &Path, key: &Path) -> Self {
+        self.flag("--agent-cert", &cert.display().to_string()).flag("--agent-key", &key.display().to_string())
+    }
+
+    /// Starts the agent without waiting for it to connect.
+    pub async fn spawn(self) -> Agent {
+        let f = &self.certs.files;
+        let p = |p: &Path| p.display().to_string();
+        let mut args: Vec<String> = vec![
+            "--proxy-server-host".into(),
+            self.server.ip().to_string(),
+            "--proxy-server-port".into(),
+            self.server.port().to_string(),
+            "--ca-cert".into(),
+            p(&f.cluster_ca),
+            "--agent-cert".into(),
+            p(&f.agent_cert),
+            "--agent-key".into(),
+            p(&f.agent_key),
+            "--node-name".into(),
+            self.id.clone(),
+            "--agent-identifiers".into(),
+            self.identifiers.clone(),
+            "--admin-bind".into(),
+            "127.0.0.1:0".into(),
+            "--reconnect-max".into(),
+            "1s".into(),
+            "--allow".into(),
+            "127.0.0.0/8".into(),
+            "--graceful-shutdown-timeout".into(),
+            "5s".into(),
+        ];
+        override_flags(&mut args, &self.args);
+        let (proc, pairs) = spawn("spoke-agent", env!("CARGO_BIN_EXE_spoke-agent"), &args, self.certs.dir.path()).await;
+        Agent { proc, admin_addr: get(&pairs, "admin").parse().expect("admin address") }
+    }
+
+    /// Starts the agent and waits until it is connected with a parked data connection.
+    pub async fn run(self) -> Agent {
+        let agent = self.spawn().await;
+        agent.ready().await;
+        agent
+    }
+}
+
+impl Agent {
+    pub async fn ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while admin_get(self.admin_addr, "/readyz").await.0 != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "agent not ready in time\n{}", self.proc.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// GET `path` from an admin endpoint: (status, body). Status 0 when unreachable.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr).await else { return (0, String::new()) };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut text = String::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut text)).await;
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Value of the integer metric sample whose line starts with `prefix` (name and labels), or 0.
+pub async fn metric(addr: SocketAddr, prefix: &str) -> u64 {
+    let (_, body) = admin_get(addr, "/metrics").await;
+    body.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends kube-apiserver's exact CONNECT and reads the response head byte by byte (never past it).
+/// Returns the status and the whole head.
+pub async fn connect_on<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, dest: &str) -> (u16, String) {
+    let req = format!("CONNECT {dest} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send CONNECT");
+    read_head(s).await
+}
+
+pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, s.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            other => panic!("response head incomplete ({other:?}): {:?}", String::from_utf8_lossy(&head)),
+        }
+    }
+    let head = String::from_utf8(head).expect("ASCII head");
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    (status, head)
+}
+
+/// Opens a tunnel through the server's Unix socket; panics unless the answer is 200.
+pub async fn tunnel(server: &Server, dest: SocketAddr) -> UnixStream {
+    let mut s = UnixStream::connect(&server.uds).await.expect("connect to the Unix socket");
+    let (status, head) = connect_on(&mut s, &dest.to_string()).await;
+    assert_eq!(status, 200, "CONNECT {dest}: {head}");
+    assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
+    s
+}
+
+/// CONNECT status for `dest` through the Unix socket, with the error body when there is one.
+pub async fn connect_status(server: &Server, dest: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(&server.uds).await.expect("connect to the Unix socket");
+    let (status, head) = connect_on(&mut s, dest).await;
+    let mut body = String::new();
+    if status != 200 {
+        let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut body)).await;
+    }
+    (status, format!("{head}{body}"))
+}
+
+/// An echo backend: every connection gets its bytes back, and a FIN after the client's FIN.
+pub async fn echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("address")
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so both ends can produce and check a stream
+/// without holding it: any lost, duplicated or reordered byte changes what follows.
+pub struct Pattern {
+    state: u64,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed | 1 }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            let v = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `len` pattern bytes (seed `seed`) to `w`, then shuts down the write side.
+pub async fn send_pattern<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, len: u64) {
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(buf.len() as u64)).expect("fits");
+        p.fill(&mut buf[..n]);
+        w.write_all(&buf[..n]).await.expect("write pattern");
+        left -= n as u64;
+    }
+    w.shutdown().await.expect("shutdown after pattern");
+}
+
+/// Reads to EOF from `r`, checking every byte against the pattern; returns the byte count.
+pub async fn check_pattern<R: AsyncRead + Unpin>(r: &mut R, seed: u64) -> u64 {
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut want = vec![0u8; 256 * 1024];
+    let mut carry = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.expect("read pattern");
+        if n == 0 {
+            break;
+        }
+        // Compare whole 8-byte words of the pattern; a remainder waits for the next read. `buf` holds
+        // 256 KiB (a multiple of 8) and `carry` at most 7 bytes before, so `whole` fits in `want`.
+        carry.extend_from_slice(&buf[..n]);
+        let whole = carry.len() - carry.len() % 8;
+        p.fill(&mut want[..whole]);
+        assert!(carry[..whole] == want[..whole], "stream corrupted after byte {total}");
+        carry.drain(..whole);
+        total += whole as u64;
+    }
+    if !carry.is_empty() {
+        let mut tail = vec![0u8; carry.len()];
+        p.fill(&mut tail);
+        assert_eq!(carry, tail, "stream tail corrupted");
+        total += carry.len() as u64;
+    }
+    total
+}
+
+/// A TLS connector for the TCP frontend presenting `cert`/`key` (none: no client certificate), trusting `ca`.
+pub fn frontend_connector(ca: &Path, client: Option<(&Path, &Path)>) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
+        roots.add(cert.expect("CA cert")).expect("add CA");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert).expect("read cert").map(|c| c.expect("cert")).collect(),
+                PrivateKeyDer::from_pem_file(key).expect("read key"),
+            )
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Opens a tunnel through the server's mTLS TCP frontend with the development client certificate.
+pub async fn tls_tunnel(server: &Server, dest: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let f = &server.certs.files;
+    let connector = frontend_connector(&f.frontend_ca, Some((&f.client_cert, &f.client_key)));
+    let tcp = TcpStream::connect(server.frontend_addr.expect("server has a TCP frontend")).await.expect("connect frontend");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("server name");
+    let mut s = connector.connect(name, tcp).await.expect("TLS handshake with the frontend");
+    let (status, head) = connect_on(&mut s, &dest.to_string()).await;
+    assert_eq!(status, 200, "CONNECT {dest}: {head}");
+    s
+}

@@ -1,0 +1,134 @@
+//! Processes dying, restarting and shutting down; certificates that must be refused.
+
+mod common;
+
+use common::{agent, certs, connect_status, echo, eventually, metric, server, tunnel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn round_trip(srv: &common::Server, echo: std::net::SocketAddr) {
+    let mut s = tunnel(srv, echo).await;
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_is_replaced_by_its_restart() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let echo = echo().await;
+    let mut first = agent(&srv).run().await;
+    round_trip(&srv, echo).await;
+    first.proc.kill().await;
+    // The server notices the lost control channel and stops routing to the dead agent.
+    eventually("dead agent removed", || async {
+        metric(srv.admin_addr, "spoke_server_agents_connected").await == 0
+    })
+    .await;
+    assert_eq!(connect_status(&srv, &echo.to_string()).await.0, 503);
+    let _second = agent(&srv).run().await;
+    round_trip(&srv, echo).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_come_back_after_a_server_restart() {
+    let certs = certs();
+    let mut srv = server(&certs).run().await;
+    let port = srv.agent_addr.port();
+    let echo = echo().await;
+    let agent = agent(&srv).run().await;
+    round_trip(&srv, echo).await;
+    srv.proc.kill().await;
+    drop(srv);
+    let srv = server(&certs).agent_port(port).run().await;
+    // The agent reconnects on its own (backoff capped at 1 s in the fixture).
+    eventually("agent reconnected", || async { metric(srv.admin_addr, "spoke_server_data_conns_idle").await > 0 }).await;
+    agent.ready().await;
+    round_trip(&srv, echo).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_agent_without_cutting_open_streams() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let echo = echo().await;
+    let agent = agent(&srv).run().await;
+    let mut open = tunnel(&srv, echo).await;
+    open.write_all(b"before").await.unwrap();
+    agent.proc.terminate();
+    // New streams are refused once the agent drains...
+    eventually("agent drained", || async { connect_status(&srv, &echo.to_string()).await.0 == 503 }).await;
+    // ...while the open one still carries bytes both ways.
+    open.write_all(b" after").await.unwrap();
+    open.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    open.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"before after");
+    let mut agent = agent;
+    let status = tokio::time::timeout(common::WAIT, agent.proc.child.wait()).await.expect("agent exits").unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_with_a_certificate_from_another_ca_is_refused() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let other = common::certs();
+    let rogue = agent(&srv).cert(&other.files.agent_cert, &other.files.agent_key).spawn().await;
+    eventually("handshake refused", || async {
+        metric(srv.admin_addr, "spoke_server_agent_conn_failures_total{reason=\"tls_handshake\"}").await >= 1
+    })
+    .await;
+    assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 0);
+    assert_eq!(common::admin_get(rogue.admin_addr, "/readyz").await.0, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontend_requires_a_client_certificate_from_its_ca() {
+    let certs = certs();
+    let srv = server(&certs).tcp_frontend().run().await;
+    let _agent = agent(&srv).run().await;
+    let echo = echo().await;
+    let f = &certs.files;
+    let name = || rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let addr = srv.frontend_addr.unwrap();
+
+    // The right client certificate works.
+    let mut ok = common::tls_tunnel(&srv, echo).await;
+    ok.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    ok.read_exact(&mut b).await.unwrap();
+
+    // No client certificate, and one from another CA: refused during or right after the handshake.
+    let other = common::certs();
+    let cases = [
+        ("no certificate", common::frontend_connector(&f.frontend_ca, None)),
+        (
+            "wrong CA",
+            common::frontend_connector(&f.frontend_ca, Some((&other.files.client_cert, &other.files.client_key))),
+        ),
+    ];
+    for (what, connector) in cases {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let refused = match connector.connect(name(), tcp).await {
+            Err(_) => true,
+            // TLS 1.3: the server's verdict on the client certificate arrives after the client's handshake.
+            Ok(mut s) => {
+                let _ = s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await;
+                let mut buf = [0u8; 64];
+                !matches!(tokio::time::timeout(common::WAIT, s.read(&mut buf)).await, Ok(Ok(n)) if n > 0)
+            }
+        };
+        assert!(refused, "{what}: the frontend must refuse the client");
+    }
+    // A client that does not trust the server's CA refuses it.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let distrusting = common::frontend_connector(&other.files.frontend_ca, Some((&f.client_cert, &f.client_key)));
+    assert!(distrusting.connect(name(), tcp).await.is_err());
+    eventually("failed handshakes counted", || async {
+        metric(srv.admin_addr, "spoke_server_streams_total{result=\"tls_handshake\"}").await >= 3
+    })
+    .await;
+}

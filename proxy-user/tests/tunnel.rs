@@ -1,0 +1,214 @@
+//! End to end through real spoke-server and spoke-agent processes on 127.0.0.1: data integrity,
+//! concurrency, half-close, abort, and isolation between streams.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{agent, certs, check_pattern, echo, send_pattern, server, tunnel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const GIB: u64 = 1 << 30;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_each_way_arrives_intact() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let _agent = agent(&srv).run().await;
+    // The backend checks what the client sends and sends its own pattern back, both at once.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let backend = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let (got, ()) = tokio::join!(check_pattern(&mut r, 1), send_pattern(&mut w, 2, GIB));
+        got
+    });
+    let client = tunnel(&srv, backend_addr).await;
+    let (mut r, mut w) = tokio::io::split(client);
+    let (got, ()) = tokio::join!(check_pattern(&mut r, 2), send_pattern(&mut w, 1, GIB));
+    assert_eq!(got, GIB, "node → apiserver bytes");
+    assert_eq!(backend.await.unwrap(), GIB, "apiserver → node bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_streams_all_verified() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let _agent = agent(&srv).run().await;
+    let echo = echo().await;
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let uds = srv.uds.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = tokio::net::UnixStream::connect(&uds).await.unwrap();
+            let (status, head) = common::connect_on(&mut s, &echo.to_string()).await;
+            assert_eq!(status, 200, "stream {i}: {head}");
+            let len = 64 * 1024 + i * 13;
+            let (mut r, mut w) = s.into_split();
+            let (got, ()) = tokio::join!(check_pattern(&mut r, i), send_pattern(&mut w, i, len));
+            assert_eq!(got, len, "stream {i}");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("stream task");
+    }
+    assert_eq!(common::metric(srv.admin_addr, "spoke_server_streams_total{result=\"ok\"}").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_client_side() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let _agent = agent(&srv).run().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        // Reads the whole request to EOF first, then answers: the answer must still get through.
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        let mut reply = b"got ".to_vec();
+        reply.extend_from_slice(&req);
+        reply.resize(3 << 20, b'r');
+        s.write_all(&reply).await.unwrap();
+        s.shutdown().await.unwrap();
+        reply
+    });
+    let mut client = tunnel(&srv, addr).await;
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, backend.await.unwrap());
+    assert!(got.starts_with(b"got request"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_backend_side() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let _agent = agent(&srv).run().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        // Speaks first and closes its side, then keeps reading.
+        s.write_all(b"banner").await.unwrap();
+        s.shutdown().await.unwrap();
+        check_pattern(&mut s, 7).await
+    });
+    let mut client = tunnel(&srv, addr).await;
+    let mut banner = Vec::new();
+    client.read_to_end(&mut banner).await.unwrap();
+    assert_eq!(banner, b"banner");
+    // The client → backend direction still flows after the backend's FIN.
+    send_pattern(&mut client, 7, 8 << 20).await;
+    assert_eq!(backend.await.unwrap(), 8 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_reset_reaches_the_client_as_an_abort() {
+    let certs = certs();
+    let srv = server(&certs).tcp_frontend().run().await;
+    let _agent = agent(&srv).run().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        // Wait for the client's first byte: the tunnel is open end to end.
+        let mut go = [0u8; 2];
+        s.read_exact(&mut go).await.unwrap();
+        s.write_all(b"partial").await.unwrap();
+        // SO_LINGER 0 then close: the kernel sends RST.
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    });
+    // Through the TCP frontend: the client's socket can carry the reset (a Unix socket cannot).
+    let mut client = common::tls_tunnel(&srv, addr).await;
+    client.write_all(b"go").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(common::WAIT, async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the reset must end the client's stream");
+    assert!(end.is_err(), "an aborted stream must not end cleanly");
+    assert!(b"partial".starts_with(&got), "only bytes sent before the reset: {got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_does_not_block_another_stream() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let _agent = agent(&srv).run().await;
+    // Stream 1: a backend that accepts and never reads.
+    let stalled = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stalled_addr = stalled.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let (s, _) = stalled.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_hours(1)).await;
+        drop(s);
+    });
+    let mut blocked = tunnel(&srv, stalled_addr).await;
+    let (written_tx, mut written_rx) = tokio::sync::watch::channel(0u64);
+    let pusher = tokio::spawn(async move {
+        let chunk = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        while blocked.write_all(&chunk).await.is_ok() {
+            total += chunk.len() as u64;
+            let _ = written_tx.send(total);
+        }
+    });
+    // Wait until the pusher is stuck: every buffer on the path is full.
+    let mut last = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), written_rx.changed()).await {
+            Ok(Ok(())) => last = *written_rx.borrow(),
+            Ok(Err(_)) => panic!("pusher ended"),
+            Err(_) => break,
+        }
+    }
+    assert!(last > 0, "the stalled stream took some bytes before blocking");
+    // Stream 2 through the same agent: 1,000 round trips all complete.
+    let echo = echo().await;
+    let mut s = tunnel(&srv, echo).await;
+    let mut buf = [0u8; 64];
+    let rounds = tokio::time::timeout(common::WAIT, async {
+        for i in 0..1000u32 {
+            let msg = [u8::try_from(i % 251).unwrap(); 64];
+            s.write_all(&msg).await.unwrap();
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, msg);
+        }
+    })
+    .await;
+    assert!(rounds.is_ok(), "round trips stalled behind the blocked stream");
+    assert!(!pusher.is_finished(), "the stalled stream is still blocked, not failed");
+    pusher.abort();
+    hold.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_data_after_the_connect_head_is_forwarded() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let _agent = agent(&srv).run().await;
+    let echo = echo().await;
+    let mut s = tokio::net::UnixStream::connect(&srv.uds).await.unwrap();
+    // Request head and first payload bytes in one write.
+    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nhello").as_bytes()).await.unwrap();
+    let (status, _) = common::read_head(&mut s).await;
+    assert_eq!(status, 200);
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+}
