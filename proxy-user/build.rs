@@ -12,5 +12,7 @@ fn main() -> anyhow::Result<()> {
         [aya_build::Package { name: "proxy-ebpf", root_dir: root, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
-    .context("build the eBPF programs (run `cargo xtask test` or `cargo xtask run` once to install the toolchain)")
+    .context(
+        "build the eBPF programs (run `cargo xtask test` or `cargo xtask run` once to install the toolchain)",
+    )
 }

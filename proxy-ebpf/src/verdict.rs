@@ -44,6 +44,10 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
             (*peer).failed += 1;
         }
     }
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "sk_action values are 0 or 1")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "sk_action values are 0 or 1"
+    )]
     Ok(action as u32)
 }

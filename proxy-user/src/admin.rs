@@ -24,7 +24,12 @@ const MAX_REQUEST: usize = 4096;
 pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Readiness, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNS));
     loop {
         let permit = tokio::select! {
@@ -83,14 +88,24 @@ async fn answer(mut stream: TcpStream, registry: &Registry, ready: &Readiness) -
             if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
                 return respond(&mut stream, 500, "text/plain", b"encode metrics\n").await;
             }
-            respond(&mut stream, 200, "application/openmetrics-text; version=1.0.0; charset=utf-8", text.as_bytes())
-                .await
+            respond(
+                &mut stream,
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text.as_bytes(),
+            )
+            .await
         }
         _ => respond(&mut stream, 404, "text/plain", b"not found\n").await,
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     let phrase = match status {
         200 => "OK",
         400 => "Bad Request",

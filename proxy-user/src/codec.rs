@@ -9,9 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::{
-    Identity, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_STRING_LEN, Message, kind,
-};
+use crate::protocol::{Identity, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_STRING_LEN, Message, kind};
 
 /// Why a frame could not be read, written or understood.
 #[derive(Debug, thiserror::Error)]
@@ -362,7 +360,8 @@ mod tests {
 
     #[tokio::test]
     async fn read_message_stops_at_the_frame_end() {
-        let mut wire = frame(&Message::Dial { stream_id: 3, host: "10.0.0.1".into(), port: 80, timeout_ms: 1 });
+        let mut wire =
+            frame(&Message::Dial { stream_id: 3, host: "10.0.0.1".into(), port: 80, timeout_ms: 1 });
         wire.extend_from_slice(b"raw stream bytes");
         let mut reader = &wire[..];
         let msg = read_message(&mut reader).await.expect("reads");

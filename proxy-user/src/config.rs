@@ -108,7 +108,12 @@ pub struct ServerArgs {
     #[arg(long, env = "SPOKE_SERVER_ADMIN_BIND", default_value = "127.0.0.1:8095")]
     pub admin_bind: String,
     /// Routing strategies, tried in order: destHost, cidr, defaultRoute, default.
-    #[arg(long, env = "SPOKE_SERVER_PROXY_STRATEGIES", default_value = "destHost,cidr,defaultRoute", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SPOKE_SERVER_PROXY_STRATEGIES",
+        default_value = "destHost,cidr,defaultRoute",
+        value_delimiter = ','
+    )]
     pub proxy_strategies: Vec<Strategy>,
     /// Identifier of this server replica, told to agents.
     #[arg(long, env = "SPOKE_SERVER_SERVER_ID", default_value = "spoke-server-0")]
@@ -227,8 +232,12 @@ impl TryFrom<ServerArgs> for ServerConfig {
         let frontend = match (a.frontend_bind, a.server_ca_cert, a.server_cert, a.server_key) {
             (None, None, None, None) => None,
             (Some(addr), Some(ca), Some(cert), Some(key)) => Some((addr, TlsFiles { ca, cert, key })),
-            (Some(_), ..) => return err("--frontend-bind needs --server-ca-cert, --server-cert and --server-key (mTLS)"),
-            (None, ..) => return err("--server-ca-cert/--server-cert/--server-key given without --frontend-bind"),
+            (Some(_), ..) => {
+                return err("--frontend-bind needs --server-ca-cert, --server-cert and --server-key (mTLS)");
+            }
+            (None, ..) => {
+                return err("--server-ca-cert/--server-cert/--server-key given without --frontend-bind");
+            }
         };
         if a.proxy_strategies.is_empty() {
             return err("--proxy-strategies is empty");
@@ -383,8 +392,9 @@ pub const MAX_POOL_SIZE: usize = 256;
 
 fn parse_identifiers(s: &str, identity: &mut Identity) -> Result<(), ConfigError> {
     for pair in s.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) =
-            pair.split_once('=').ok_or_else(|| ConfigError(format!("--agent-identifiers: {pair:?} is not key=value")))?;
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| ConfigError(format!("--agent-identifiers: {pair:?} is not key=value")))?;
         let bad = |what: &str| ConfigError(format!("--agent-identifiers: {key}={value:?} is not {what}"));
         match key {
             "host" => {
@@ -397,14 +407,21 @@ fn parse_identifiers(s: &str, identity: &mut Identity) -> Result<(), ConfigError
             "ipv6" => identity.addresses.push(IpAddr::V6(value.parse().map_err(|_| bad("an IPv6 address"))?)),
             "cidr" => identity.cidrs.push(value.parse::<IpNet>().map_err(|_| bad("a CIDR"))?.trunc()),
             "default-route" => identity.default_route = value.parse().map_err(|_| bad("true or false"))?,
-            _ => return err(format!("--agent-identifiers: unknown key {key:?} (host, ipv4, ipv6, cidr, default-route)")),
+            _ => {
+                return err(format!(
+                    "--agent-identifiers: unknown key {key:?} (host, ipv4, ipv6, cidr, default-route)"
+                ));
+            }
         }
     }
     Ok(())
 }
 
 fn machine_hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 impl TryFrom<AgentArgs> for AgentConfig {
@@ -430,7 +447,10 @@ impl TryFrom<AgentArgs> for AgentConfig {
         parse_identifiers(&a.agent_identifiers, &mut identity)?;
         let pod_cidrs = identity.cidrs.clone();
         identity.cidrs.extend(a.service_cidr.iter().map(IpNet::trunc));
-        if identity.hostnames.len() > MAX_LIST_LEN || identity.addresses.len() > MAX_LIST_LEN || identity.cidrs.len() > MAX_LIST_LEN {
+        if identity.hostnames.len() > MAX_LIST_LEN
+            || identity.addresses.len() > MAX_LIST_LEN
+            || identity.cidrs.len() > MAX_LIST_LEN
+        {
             return err(format!("--agent-identifiers: at most {MAX_LIST_LEN} of each kind"));
         }
         if a.proxy_server_host.is_empty() {
@@ -474,15 +494,32 @@ mod tests {
     use super::*;
 
     fn server(extra: &[&str]) -> Result<ServerConfig, String> {
-        let base = ["spoke-server", "--cluster-ca-cert", "ca.pem", "--cluster-cert", "c.pem", "--cluster-key", "k.pem"];
+        let base = [
+            "spoke-server",
+            "--cluster-ca-cert",
+            "ca.pem",
+            "--cluster-cert",
+            "c.pem",
+            "--cluster-key",
+            "k.pem",
+        ];
         let args = ServerArgs::try_parse_from(base.iter().chain(extra)).map_err(|e| e.to_string())?;
         ServerConfig::try_from(args).map_err(|e| e.to_string())
     }
 
     fn agent(extra: &[&str]) -> Result<AgentConfig, String> {
         let base = [
-            "spoke-agent", "--proxy-server-host", "cp.example", "--ca-cert", "ca.pem", "--agent-cert", "a.pem",
-            "--agent-key", "k.pem", "--node-name", "Node-A",
+            "spoke-agent",
+            "--proxy-server-host",
+            "cp.example",
+            "--ca-cert",
+            "ca.pem",
+            "--agent-cert",
+            "a.pem",
+            "--agent-key",
+            "k.pem",
+            "--node-name",
+            "Node-A",
         ];
         let args = AgentArgs::try_parse_from(base.iter().chain(extra)).map_err(|e| e.to_string())?;
         AgentConfig::try_from(args).map_err(|e| e.to_string())
@@ -507,18 +544,37 @@ mod tests {
         assert_eq!(ok.limits.dial_timeout, Duration::from_secs(5));
         assert!(server(&["--frontend-bind", "127.0.0.1:8090"]).unwrap_err().contains("mTLS"));
         let tcp = server(&[
-            "--frontend-bind", "127.0.0.1:8090", "--server-ca-cert", "a", "--server-cert", "b", "--server-key", "c",
+            "--frontend-bind",
+            "127.0.0.1:8090",
+            "--server-ca-cert",
+            "a",
+            "--server-cert",
+            "b",
+            "--server-key",
+            "c",
         ])
         .unwrap();
         assert!(tcp.frontend.is_some());
-        assert!(server(&["--uds-name", "s", "--server-cert", "b"]).unwrap_err().contains("without --frontend-bind"));
+        assert!(
+            server(&["--uds-name", "s", "--server-cert", "b"])
+                .unwrap_err()
+                .contains("without --frontend-bind")
+        );
     }
 
     #[test]
     fn server_rejects_bad_values() {
-        assert!(server(&["--uds-name", "s", "--proxy-strategies", "destHost,nearest"]).unwrap_err().contains("nearest"));
+        assert!(
+            server(&["--uds-name", "s", "--proxy-strategies", "destHost,nearest"])
+                .unwrap_err()
+                .contains("nearest")
+        );
         assert!(server(&["--uds-name", "s", "--max-pending-dials", "0"]).unwrap_err().contains("at least 1"));
-        assert!(server(&["--uds-name", "s", "--backend-dial-timeout", "0s"]).unwrap_err().contains("longer than 0"));
+        assert!(
+            server(&["--uds-name", "s", "--backend-dial-timeout", "0s"])
+                .unwrap_err()
+                .contains("longer than 0")
+        );
         assert!(server(&["--uds-name", "s", "--admin-bind", "nowhere"]).unwrap_err().contains("admin-bind"));
         assert_eq!(server(&["--uds-name", "s", "--admin-bind", "off"]).unwrap().admin_bind, None);
     }
@@ -552,6 +608,8 @@ mod tests {
         assert!(agent(&["--agent-identifiers", "cidr"]).unwrap_err().contains("key=value"));
         assert!(agent(&["--pool-size", "0"]).unwrap_err().contains("--pool-size"));
         assert!(agent(&["--allow", "10.0.0.0/8@0-5"]).is_err());
-        assert!(agent(&["--reconnect-min", "1m", "--reconnect-max", "1s"]).unwrap_err().contains("reconnect"));
+        assert!(
+            agent(&["--reconnect-min", "1m", "--reconnect-max", "1s"]).unwrap_err().contains("reconnect")
+        );
     }
 }

@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
 
 /// Why the certificates could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +54,8 @@ fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, rcgen::Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     CertifiedIssuer::self_signed(params, KeyPair::generate()?)
 }
 
@@ -90,11 +94,14 @@ pub fn generate(dir: &Path, server_names: &[String]) -> Result<DevCerts, DevCert
     names.extend(server_names.iter().cloned());
 
     let cluster_ca = ca("spoke development cluster CA")?;
-    let (cluster_cert, cluster_key) = leaf(&cluster_ca, "spoke-server", &names, ExtendedKeyUsagePurpose::ServerAuth)?;
+    let (cluster_cert, cluster_key) =
+        leaf(&cluster_ca, "spoke-server", &names, ExtendedKeyUsagePurpose::ServerAuth)?;
     let (agent_cert, agent_key) = leaf(&cluster_ca, "spoke-agent", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
     let frontend_ca = ca("spoke development frontend CA")?;
-    let (frontend_cert, frontend_key) = leaf(&frontend_ca, "spoke-server", &names, ExtendedKeyUsagePurpose::ServerAuth)?;
-    let (client_cert, client_key) = leaf(&frontend_ca, "kube-apiserver", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+    let (frontend_cert, frontend_key) =
+        leaf(&frontend_ca, "spoke-server", &names, ExtendedKeyUsagePurpose::ServerAuth)?;
+    let (client_cert, client_key) =
+        leaf(&frontend_ca, "kube-apiserver", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
 
     Ok(DevCerts {
         cluster_ca: write("cluster-ca.pem", &cluster_ca.pem())?,

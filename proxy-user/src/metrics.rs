@@ -54,11 +54,19 @@ impl ServerMetrics {
         r.register("streams_open", "Streams being relayed now", m.streams_open.clone());
         r.register("streams", "CONNECT requests by result", m.streams.clone());
         r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
-        r.register("dial_duration_seconds", "Time from routing to the agent's dial reply", m.dial_duration.clone());
+        r.register(
+            "dial_duration_seconds",
+            "Time from routing to the agent's dial reply",
+            m.dial_duration.clone(),
+        );
         r.register("pending_dials", "Dials waiting for a data connection or reply", m.pending_dials.clone());
         r.register("agents_connected", "Agents with a live control channel", m.agents_connected.clone());
         r.register("data_conns_idle", "Idle data connections parked by agents", m.data_conns_idle.clone());
-        r.register("agent_conn_failures", "Agent connections that failed before use, by reason", m.agent_conn_failures.clone());
+        r.register(
+            "agent_conn_failures",
+            "Agent connections that failed before use, by reason",
+            m.agent_conn_failures.clone(),
+        );
         m
     }
 }
@@ -105,7 +113,11 @@ impl AgentMetrics {
         r.register("dial_duration_seconds", "Time to connect to a target", m.dial_duration.clone());
         r.register("pool_idle", "Idle data connections parked at the server", m.pool_idle.clone());
         r.register("control_connected", "1 while the control channel is up", m.control_connected.clone());
-        r.register("server_conn_failures", "Failed connections to the server, by kind", m.server_conn_failures.clone());
+        r.register(
+            "server_conn_failures",
+            "Failed connections to the server, by kind",
+            m.server_conn_failures.clone(),
+        );
         m
     }
 }

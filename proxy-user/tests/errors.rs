@@ -128,14 +128,34 @@ async fn unix_socket_is_private_and_stale_files_are_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_64() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_spoke-server"))
-        .args(["--cluster-ca-cert", "/nonexistent", "--cluster-cert", "/x", "--cluster-key", "/y", "--uds-name", "/tmp/x.sock"])
+        .args([
+            "--cluster-ca-cert",
+            "/nonexistent",
+            "--cluster-cert",
+            "/x",
+            "--cluster-key",
+            "/y",
+            "--uds-name",
+            "/tmp/x.sock",
+        ])
         .output()
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_spoke-agent"))
-        .args(["--proxy-server-host", "x", "--ca-cert", "a", "--agent-cert", "b", "--agent-key", "c", "--pool-size", "0"])
+        .args([
+            "--proxy-server-host",
+            "x",
+            "--ca-cert",
+            "a",
+            "--agent-cert",
+            "b",
+            "--agent-key",
+            "c",
+            "--pool-size",
+            "0",
+        ])
         .output()
         .await
         .unwrap();

@@ -44,7 +44,10 @@ async fn agents_come_back_after_a_server_restart() {
     drop(srv);
     let srv = server(&certs).agent_port(port).run().await;
     // The agent reconnects on its own (backoff capped at 1 s in the fixture).
-    eventually("agent reconnected", || async { metric(srv.admin_addr, "spoke_server_data_conns_idle").await > 0 }).await;
+    eventually("agent reconnected", || async {
+        metric(srv.admin_addr, "spoke_server_data_conns_idle").await > 0
+    })
+    .await;
     agent.ready().await;
     round_trip(&srv, echo).await;
 }
@@ -67,7 +70,8 @@ async fn sigterm_drains_the_agent_without_cutting_open_streams() {
     open.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"before after");
     let mut agent = agent;
-    let status = tokio::time::timeout(common::WAIT, agent.proc.child.wait()).await.expect("agent exits").unwrap();
+    let status =
+        tokio::time::timeout(common::WAIT, agent.proc.child.wait()).await.expect("agent exits").unwrap();
     assert!(status.success(), "{status:?}");
 }
 
@@ -107,7 +111,10 @@ async fn frontend_requires_a_client_certificate_from_its_ca() {
         ("no certificate", common::frontend_connector(&f.frontend_ca, None)),
         (
             "wrong CA",
-            common::frontend_connector(&f.frontend_ca, Some((&other.files.client_cert, &other.files.client_key))),
+            common::frontend_connector(
+                &f.frontend_ca,
+                Some((&other.files.client_cert, &other.files.client_key)),
+            ),
         ),
     ];
     for (what, connector) in cases {
@@ -116,7 +123,9 @@ async fn frontend_requires_a_client_certificate_from_its_ca() {
             Err(_) => true,
             // TLS 1.3: the server's verdict on the client certificate arrives after the client's handshake.
             Ok(mut s) => {
-                let _ = s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await;
+                let _ = s
+                    .write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+                    .await;
                 let mut buf = [0u8; 64];
                 !matches!(tokio::time::timeout(common::WAIT, s.read(&mut buf)).await, Ok(Ok(n)) if n > 0)
             }
@@ -125,7 +134,8 @@ async fn frontend_requires_a_client_certificate_from_its_ca() {
     }
     // A client that does not trust the server's CA refuses it.
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let distrusting = common::frontend_connector(&other.files.frontend_ca, Some((&f.client_cert, &f.client_key)));
+    let distrusting =
+        common::frontend_connector(&other.files.frontend_ca, Some((&f.client_cert, &f.client_key)));
     assert!(distrusting.connect(name(), tcp).await.is_err());
     eventually("failed handshakes counted", || async {
         metric(srv.admin_addr, "spoke_server_streams_total{result=\"tls_handshake\"}").await >= 3

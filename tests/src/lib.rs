@@ -1,1 +1,105 @@
-//! Helpers shared by the privileged tests.
+//! Helpers of the privileged tests: who may run them, and network namespaces that clean up after
+//! themselves.
+#![forbid(unsafe_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Whether this process runs as root (effective uid 0).
+#[must_use]
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .map(|e| e == "0")
+        })
+        .unwrap_or(false)
+}
+
+/// Whether a privileged test can run here. Outside CI a test without root is skipped with a note on
+/// stderr; under `CI=true` (CI runs as root) it fails instead, so nothing is silently skipped there.
+#[must_use]
+pub fn privileged(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} needs root, and CI must run it");
+    eprintln!("skipping {what}: needs root (CAP_BPF, CAP_NET_ADMIN); run `sudo cargo xtask test`");
+    false
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (package iproute2)");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Distinguishes namespaces, links and subnets of tests running at once.
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace linked to the caller's by a veth pair: `host_addr` on this side, `ns_addr`
+/// inside, in a /30 of the benchmarking range 198.18.0.0/15, which stays inside this machine. Deleted
+/// (with the veth pair) on drop.
+pub struct Netns {
+    /// Namespace name (for `ip netns exec`).
+    pub name: String,
+    /// Address of the veth end in the caller's namespace.
+    pub host_addr: std::net::Ipv4Addr,
+    /// Address of the veth end inside the namespace.
+    pub ns_addr: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    /// Creates the namespace, the veth pair and their addresses, and brings every link up.
+    #[must_use]
+    pub fn new() -> Self {
+        let n = (std::process::id() % 64) * 64 + NEXT.fetch_add(1, Ordering::Relaxed) % 64;
+        let name = format!("spoke-test-{}-{n}", std::process::id());
+        let (third, fourth) =
+            (u8::try_from(n / 64).expect("< 64"), u8::try_from((n % 64) * 4).expect("< 256"));
+        let host_addr = std::net::Ipv4Addr::new(198, 18, third, fourth + 1);
+        let ns_addr = std::net::Ipv4Addr::new(198, 18, third, fourth + 2);
+        let (host_if, ns_if) = (format!("spk{n}h"), format!("spk{n}n"));
+        ip(&["netns", "add", &name]);
+        let ns = Self { name, host_addr, ns_addr };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &ns.name]);
+        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&["-n", &ns.name, "addr", "add", &format!("{ns_addr}/30"), "dev", &ns_if]);
+        ip(&["-n", &ns.name, "link", "set", &ns_if, "up"]);
+        ns
+    }
+
+    /// Binds a TCP listener inside the namespace (a socket stays in the namespace it was made in, so
+    /// the caller can serve it from anywhere).
+    #[must_use]
+    pub fn bind(&self, addr: SocketAddr) -> TcpListener {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).expect("open the namespace");
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+                TcpListener::bind(addr).expect("bind inside the namespace")
+            })
+            .join()
+            .expect("bind thread")
+        })
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth end, which deletes the pair.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}

@@ -1,1 +1,98 @@
-fn main() {}
+//! Spoke's developer commands: `cargo xtask run`, `cargo xtask test`, `cargo xtask bootstrap`.
+//!
+//! xtask installs tools and runs things; it never builds the eBPF object itself (proxy-user's build.rs
+//! does, through aya-build).
+#![forbid(unsafe_code)]
+
+mod bootstrap;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Set up, run and test Spoke")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install what builds and tests need (nightly rust-src, bpf-linker, Debian packages).
+    Bootstrap,
+    /// Run server, agent and a demo backend locally with development certificates, until Ctrl-C.
+    Run {
+        /// Datapath of the agent (auto, copy).
+        #[arg(long, default_value = "auto")]
+        datapath: String,
+    },
+    /// Run every check and test: formatting, clippy, unit, end-to-end and privileged tests.
+    Test {
+        /// Only run tests whose name contains this filter (skips formatting and clippy).
+        filter: Option<String>,
+    },
+}
+
+/// The workspace root.
+pub(crate) fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// The cargo target directory.
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// A command run from the workspace root.
+pub(crate) fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args).current_dir(root());
+    c
+}
+
+/// Runs `c` to completion, failing unless it succeeds.
+pub(crate) fn run(mut c: Command) -> anyhow::Result<()> {
+    let shown = format!("{c:?}");
+    eprintln!("[xtask] {shown}");
+    let status = c.status().with_context(|| format!("start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the binaries (dev profile) and returns the directory holding them.
+pub(crate) fn build_binaries() -> anyhow::Result<PathBuf> {
+    run(cmd("cargo", &["build", "--package", "proxy-user", "--bins"]))?;
+    Ok(target_dir().join("debug"))
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    bootstrap::all()?;
+    let bins = build_binaries()?;
+    if filter.is_none() {
+        run(cmd("cargo", &["fmt", "--all", "--", "--check"]))?;
+        run(cmd("cargo", &["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    let mut t = cmd("cargo", &["test"]);
+    if let Some(f) = filter {
+        t.args(["--", f]);
+    }
+    t.env("SPOKE_SERVER_BIN", bins.join("spoke-server")).env("SPOKE_AGENT_BIN", bins.join("spoke-agent"));
+    run(t)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Bootstrap => bootstrap::all(),
+        Cmd::Run { datapath } => {
+            bootstrap::all()?;
+            demo::run(&datapath)
+        }
+        Cmd::Test { filter } => test(filter.as_deref()),
+    }
+}

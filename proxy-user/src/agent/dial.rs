@@ -63,7 +63,9 @@ fn allowed(policy: &Policy, addrs: Vec<IpAddr>, port: u16) -> Result<Vec<IpAddr>
         })
         .collect();
     match (ok.is_empty(), denial) {
-        (true, Some((ip, d))) => Err(failure(DialStatus::Denied, format!("{ip}:{port} denied: {}", d.describe()))),
+        (true, Some((ip, d))) => {
+            Err(failure(DialStatus::Denied, format!("{ip}:{port} denied: {}", d.describe())))
+        }
         _ => Ok(ok),
     }
 }
@@ -80,7 +82,8 @@ async fn connect(addrs: &[IpAddr], port: u16) -> Result<TcpStream, DialFailure> 
         }
     }
     let (addr, e) = last.expect("at least one address was tried");
-    let status = if e.kind() == io::ErrorKind::ConnectionRefused { DialStatus::Refused } else { DialStatus::Failed };
+    let status =
+        if e.kind() == io::ErrorKind::ConnectionRefused { DialStatus::Refused } else { DialStatus::Failed };
     Err(failure(status, format!("connect {addr}: {e}")))
 }
 
@@ -92,9 +95,9 @@ async fn open(agent: &Agent, host: &str, port: u16, timeout: Duration) -> Result
         let addrs = allowed(&agent.config.policy, resolve(agent, host, port).await?, port)?;
         connect(&addrs, port).await
     };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or_else(|_| Err(failure(DialStatus::Timeout, format!("no connection to {host}:{port} within {timeout:?}"))))
+    tokio::time::timeout(timeout, attempt).await.unwrap_or_else(|_| {
+        Err(failure(DialStatus::Timeout, format!("no connection to {host}:{port} within {timeout:?}")))
+    })
 }
 
 /// Serves one `Dial` that arrived on `conn`.
@@ -118,7 +121,9 @@ pub(super) async fn serve(
         }
     };
     inc(&agent.metrics.streams, "result", status.as_str());
-    if let Err(error) = codec::write_message(&mut conn, &Message::DialReply { stream_id, status, message }).await {
+    if let Err(error) =
+        codec::write_message(&mut conn, &Message::DialReply { stream_id, status, message }).await
+    {
         debug!(%error, "server left before the dial reply");
         return;
     }

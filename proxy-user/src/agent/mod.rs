@@ -107,7 +107,9 @@ impl Agent {
             codec::write_message(&mut conn, first).await?;
             Ok(conn)
         };
-        tokio::time::timeout(self.config.connect_timeout, setup).await.map_err(|_| ConnectError::Timeout(addr.clone()))?
+        tokio::time::timeout(self.config.connect_timeout, setup)
+            .await
+            .map_err(|_| ConnectError::Timeout(addr.clone()))?
     }
 }
 
@@ -147,9 +149,13 @@ enum SessionEnd {
 }
 
 /// Runs the agent until `shutdown` is cancelled, then drains open streams for the grace period.
-pub async fn run_agent(config: AgentConfig, admin: Option<TcpListener>, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let server_name =
-        ServerName::try_from(config.tls_server_name.clone()).map_err(|_| AgentError::ServerName(config.tls_server_name.clone()))?;
+pub async fn run_agent(
+    config: AgentConfig,
+    admin: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let server_name = ServerName::try_from(config.tls_server_name.clone())
+        .map_err(|_| AgentError::ServerName(config.tls_server_name.clone()))?;
     let connector = TlsConnector::from(tls::client_config(&config.tls)?);
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
@@ -224,7 +230,12 @@ async fn session(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<Ses
         Message::HelloAck { version, server_id, server_count, session_id, heartbeat_ms }
             if version == PROTOCOL_VERSION =>
         {
-            (session_id, Duration::from_millis(heartbeat_ms.into()).max(MIN_HEARTBEAT), server_id, server_count)
+            (
+                session_id,
+                Duration::from_millis(heartbeat_ms.into()).max(MIN_HEARTBEAT),
+                server_id,
+                server_count,
+            )
         }
         Message::HelloAck { version, .. } => {
             return Err(ConnectError::Rejected(format!("server speaks protocol version {version}")));

@@ -38,7 +38,11 @@ impl FromStr for AllowRule {
                 let port = |v: &str| v.parse::<u16>().ok().filter(|&v| v != 0);
                 match (port(lo), port(hi)) {
                     (Some(lo), Some(hi)) if lo <= hi => lo..=hi,
-                    _ => return Err(format!("allow rule {s:?}: ports must be PORT or LOW-HIGH within 1-65535")),
+                    _ => {
+                        return Err(format!(
+                            "allow rule {s:?}: ports must be PORT or LOW-HIGH within 1-65535"
+                        ));
+                    }
                 }
             }
         };
@@ -75,16 +79,26 @@ impl Denial {
     #[must_use]
     pub fn describe(self) -> &'static str {
         match self {
-            Self::SpecialAddress => "loopback, link-local, unspecified and multicast addresses need an explicit --allow rule",
+            Self::SpecialAddress => {
+                "loopback, link-local, unspecified and multicast addresses need an explicit --allow rule"
+            }
             Self::NodePort => "only the kubelet port is allowed on the node's own addresses",
-            Self::NotServed => "destination is outside the node's addresses, pod and service CIDRs and --allow rules",
+            Self::NotServed => {
+                "destination is outside the node's addresses, pod and service CIDRs and --allow rules"
+            }
         }
     }
 }
 
 fn is_special(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
         IpAddr::V6(v6) => {
             v6.is_loopback()
                 || v6.is_unspecified()
@@ -151,7 +165,9 @@ mod tests {
     #[test]
     fn special_addresses_need_explicit_rules() {
         let p = policy(&[]);
-        for ip in ["127.0.0.1", "169.254.169.254", "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "::ffff:127.0.0.1"] {
+        for ip in
+            ["127.0.0.1", "169.254.169.254", "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "::ffff:127.0.0.1"]
+        {
             assert_eq!(check(&p, ip, 80), Err(Denial::SpecialAddress), "{ip}");
         }
         let p = policy(&["127.0.0.0/8@8000-8100", "::1"]);
@@ -168,7 +184,9 @@ mod tests {
         assert_eq!((r.net.to_string(), r.ports), ("10.1.2.3/32".into(), 1..=65535));
         let r: AllowRule = "fd00::/64@443".parse().unwrap();
         assert_eq!(r.ports, 443..=443);
-        for bad in ["10.0.0.0/33", "host", "10.0.0.0/8@", "10.0.0.0/8@9-1", "10.0.0.0/8@0", "10.0.0.0/8@1-70000"] {
+        for bad in
+            ["10.0.0.0/33", "host", "10.0.0.0/8@", "10.0.0.0/8@9-1", "10.0.0.0/8@0", "10.0.0.0/8@1-70000"]
+        {
             assert!(bad.parse::<AllowRule>().is_err(), "{bad}");
         }
     }

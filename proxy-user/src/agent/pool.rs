@@ -30,7 +30,9 @@ struct Counts {
 pub(super) async fn run(agent: Arc<Agent>, session_id: u64, stop: CancellationToken) {
     let counts = Arc::new(Counts::default());
     loop {
-        while counts.idle.load(Ordering::Acquire) + counts.dialing.load(Ordering::Acquire) < agent.config.pool_size {
+        while counts.idle.load(Ordering::Acquire) + counts.dialing.load(Ordering::Acquire)
+            < agent.config.pool_size
+        {
             counts.dialing.fetch_add(1, Ordering::AcqRel);
             tokio::spawn(data_conn(agent.clone(), counts.clone(), session_id, stop.clone()));
         }
@@ -84,7 +86,8 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: u64, stop
             let span = info_span!("stream", id = stream_id, dest = %format_args!("{host}:{port}"));
             let a = agent.clone();
             agent.streams.spawn(
-                async move { super::dial::serve(&a, conn, stream_id, &host, port, timeout_ms).await }.instrument(span),
+                async move { super::dial::serve(&a, conn, stream_id, &host, port, timeout_ms).await }
+                    .instrument(span),
             );
         }
         Some(Ok(Message::Reject { reason })) => {

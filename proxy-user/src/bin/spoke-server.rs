@@ -32,10 +32,14 @@ fn bind_uds(path: &Path) -> anyhow::Result<UnixListener> {
 async fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
     let uds = config.uds_name.as_deref().map(bind_uds).transpose()?;
     let frontend_tcp = match &config.frontend {
-        Some((addr, _)) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind frontend {addr}"))?),
+        Some((addr, _)) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("bind frontend {addr}"))?)
+        }
         None => None,
     };
-    let agent = TcpListener::bind(config.agent_bind).await.with_context(|| format!("bind agent listener {}", config.agent_bind))?;
+    let agent = TcpListener::bind(config.agent_bind)
+        .await
+        .with_context(|| format!("bind agent listener {}", config.agent_bind))?;
     let admin = match config.admin_bind {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind admin {addr}"))?),
         None => None,
@@ -89,7 +93,9 @@ fn main() -> ExitCode {
 
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let listeners = bind(&config).await?;
-    let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string());
+    let addr = |l: &Option<TcpListener>| {
+        l.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string())
+    };
     // One line on stdout with every bound address, for scripts and tests (ports may have been 0).
     println!(
         "spoke-server started agent={} frontend={} admin={} uds={}",

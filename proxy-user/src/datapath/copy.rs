@@ -79,7 +79,12 @@ impl Pump {
     }
 
     /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or nothing can progress.
-    fn poll<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<Result<(), (End, io::Error)>>
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<Result<(), (End, io::Error)>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -140,9 +145,7 @@ impl Pump {
 pub async fn relay<A: Stream, B: Stream>(a: &mut A, b: &mut B, a_early: &[u8]) -> Result<Moved, RelayError> {
     let mut up = Pump::new(a_early);
     let mut down = Pump::new(&[]);
-    let flip = |(end, e): (End, io::Error)| {
-        (if end == End::A { End::B } else { End::A }, e)
-    };
+    let flip = |(end, e): (End, io::Error)| (if end == End::A { End::B } else { End::A }, e);
     let result = poll_fn(|cx| {
         let up_state = up.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b));
         if let Poll::Ready(Err(e)) = up_state {

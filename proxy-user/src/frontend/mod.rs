@@ -33,7 +33,11 @@ pub struct ConnectRequest {
 
 impl fmt::Display for ConnectRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') { write!(f, "[{}]:{}", self.host, self.port) } else { write!(f, "{}:{}", self.host, self.port) }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -91,7 +95,11 @@ pub async fn read_connect<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Connec
         }
         // Never read past the head limit, so one read cannot grow the buffer beyond it.
         let room = MAX_HEAD_BYTES - buf.len();
-        let n = (&mut *stream).take(room as u64).read_buf(&mut buf).await.map_err(|e| RequestError::Io(e.to_string()))?;
+        let n = (&mut *stream)
+            .take(room as u64)
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| RequestError::Io(e.to_string()))?;
         if n == 0 {
             return Err(RequestError::Closed);
         }
@@ -145,7 +153,11 @@ fn parse_authority(target: &str) -> Result<(String, u16), RequestError> {
 }
 
 /// Writes an error reply with a short plain-text body, then flushes. The connection closes after it.
-pub async fn write_error<S: AsyncWrite + Unpin>(stream: &mut S, status: u16, reason: &str) -> std::io::Result<()> {
+pub async fn write_error<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    reason: &str,
+) -> std::io::Result<()> {
     let phrase = reason_phrase(status);
     let body = format!("{reason}\n");
     let head = format!(
@@ -195,9 +207,11 @@ mod tests {
         let req = parse(b"CONNECT [fd00::1]:443 HTTP/1.1\r\n\r\nearly").unwrap().unwrap();
         assert_eq!((req.host.as_str(), req.port, &req.early_data[..]), ("fd00::1", 443, &b"early"[..]));
         assert_eq!(req.to_string(), "[fd00::1]:443");
-        let req = parse(b"CONNECT Node-A.example:10250 HTTP/1.0\r\nUser-Agent: x\r\nProxy-Authorization: y\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let req = parse(
+            b"CONNECT Node-A.example:10250 HTTP/1.0\r\nUser-Agent: x\r\nProxy-Authorization: y\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(req.host, "node-a.example");
     }
 
@@ -235,7 +249,10 @@ mod tests {
         let mut huge = b"CONNECT 10.0.0.1:80 HTTP/1.1\r\nX-Big: ".to_vec();
         huge.resize(MAX_HEAD_BYTES + 100, b'a');
         assert_eq!(read_connect(&mut &huge[..]).await, Err(RequestError::TooLarge));
-        assert_eq!(read_connect(&mut &b"CONNECT 10.0.0.1:80 HTTP/1.1\r\n"[..]).await, Err(RequestError::Closed));
+        assert_eq!(
+            read_connect(&mut &b"CONNECT 10.0.0.1:80 HTTP/1.1\r\n"[..]).await,
+            Err(RequestError::Closed)
+        );
         let ok = read_connect(&mut &b"CONNECT 10.0.0.1:80 HTTP/1.1\r\n\r\nxyz"[..]).await.unwrap();
         assert_eq!(&ok.early_data[..], b"xyz");
     }

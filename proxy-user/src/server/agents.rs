@@ -45,8 +45,12 @@ pub(super) async fn accept(server: Arc<Server>, listener: TcpListener, tls: TlsA
                 let first = establish(&s, stream, tls).await;
                 drop(permit);
                 match first {
-                    Ok((conn, Message::Hello { version, identity })) => control(s, conn, version, identity).await,
-                    Ok((conn, Message::DataHello { version, session_id })) => park(&s, conn, version, session_id).await,
+                    Ok((conn, Message::Hello { version, identity })) => {
+                        control(s, conn, version, identity).await;
+                    }
+                    Ok((conn, Message::DataHello { version, session_id })) => {
+                        park(&s, conn, version, session_id).await;
+                    }
                     Ok((mut conn, other)) => {
                         warn!(kind = other.kind(), "agent connection opened with an unexpected frame");
                         inc(&s.metrics.agent_conn_failures, "reason", "protocol");
@@ -61,7 +65,11 @@ pub(super) async fn accept(server: Arc<Server>, listener: TcpListener, tls: TlsA
 }
 
 /// TLS handshake and first frame, within the handshake timeout.
-async fn establish(server: &Server, stream: TcpStream, tls: TlsAcceptor) -> Result<(DataConn, Message), &'static str> {
+async fn establish(
+    server: &Server,
+    stream: TcpStream,
+    tls: TlsAcceptor,
+) -> Result<(DataConn, Message), &'static str> {
     let timeout = server.config.limits.handshake_timeout;
     let setup = async {
         if let Err(error) = transport::tune_tunnel_socket(&stream) {
@@ -90,7 +98,11 @@ async fn reject(conn: &mut DataConn, reason: &str) {
 async fn park(server: &Server, mut conn: DataConn, version: u16, session_id: u64) {
     if version != PROTOCOL_VERSION {
         inc(&server.metrics.agent_conn_failures, "reason", "version");
-        return reject(&mut conn, &format!("unsupported protocol version {version}; server speaks {PROTOCOL_VERSION}")).await;
+        return reject(
+            &mut conn,
+            &format!("unsupported protocol version {version}; server speaks {PROTOCOL_VERSION}"),
+        )
+        .await;
     }
     let Some(agent) = server.agents.session(session_id) else {
         inc(&server.metrics.agent_conn_failures, "reason", "unknown_session");
@@ -110,7 +122,11 @@ async fn control(server: Arc<Server>, mut conn: DataConn, version: u16, identity
     let limits = &server.config.limits;
     if version != PROTOCOL_VERSION {
         inc(&server.metrics.agent_conn_failures, "reason", "version");
-        return reject(&mut conn, &format!("unsupported protocol version {version}; server speaks {PROTOCOL_VERSION}")).await;
+        return reject(
+            &mut conn,
+            &format!("unsupported protocol version {version}; server speaks {PROTOCOL_VERSION}"),
+        )
+        .await;
     }
     if identity.agent_id.is_empty() {
         inc(&server.metrics.agent_conn_failures, "reason", "protocol");

@@ -61,7 +61,11 @@ struct Server {
 
 /// Runs the server on `listeners` until `shutdown` is cancelled, then lets open streams finish for the
 /// configured grace period.
-pub async fn run_server(listeners: Listeners, config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run_server(
+    listeners: Listeners,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let agent_tls = TlsAcceptor::from(tls::server_config(&config.agent_tls, Versions::Tls13)?);
     let frontend_tls = match &config.frontend {
         Some((_, files)) => Some(TlsAcceptor::from(tls::server_config(files, Versions::Tls12And13)?)),
@@ -141,7 +145,12 @@ async fn accept_unix(server: Arc<Server>, listener: UnixListener, slots: Arc<Sem
     }
 }
 
-async fn accept_tls_frontend(server: Arc<Server>, listener: TcpListener, tls: TlsAcceptor, slots: Arc<Semaphore>) {
+async fn accept_tls_frontend(
+    server: Arc<Server>,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    slots: Arc<Semaphore>,
+) {
     loop {
         let Some(permit) = slot(&server, &slots).await else { return };
         let (stream, peer) = tokio::select! {

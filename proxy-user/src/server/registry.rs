@@ -49,7 +49,13 @@ pub enum ParkError {
 impl AgentHandle {
     /// A new handle; `idle_gauge` counts parked connections across all agents.
     #[must_use]
-    pub fn new(identity: Identity, session_id: u64, max_streams: usize, max_idle: usize, idle_gauge: Gauge) -> Self {
+    pub fn new(
+        identity: Identity,
+        session_id: u64,
+        max_streams: usize,
+        max_idle: usize,
+        idle_gauge: Gauge,
+    ) -> Self {
         Self {
             identity,
             session_id,
@@ -268,7 +274,13 @@ impl AgentRegistry {
 mod tests {
     use super::*;
 
-    fn agent(id: &str, hosts: &[&str], addrs: &[&str], cidrs: &[&str], default_route: bool) -> Arc<AgentHandle> {
+    fn agent(
+        id: &str,
+        hosts: &[&str],
+        addrs: &[&str],
+        cidrs: &[&str],
+        default_route: bool,
+    ) -> Arc<AgentHandle> {
         Arc::new(AgentHandle::new(
             Identity {
                 agent_id: id.into(),

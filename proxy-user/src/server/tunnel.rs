@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tracing::{debug, info_span, warn, Instrument as _};
+use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::Server;
 use super::registry::{AgentHandle, DataConn};
@@ -177,7 +177,8 @@ async fn dial(
     for _ in 0..MAX_DIAL_ATTEMPTS {
         let agent = server.agents.route(&req.host).ok_or_else(|| DialError::NoAgent(req.to_string()))?;
         let agent_id = || agent.identity.agent_id.clone();
-        let slot = agent.stream_slots.clone().try_acquire_owned().map_err(|_| DialError::AgentBusy(agent_id()))?;
+        let slot =
+            agent.stream_slots.clone().try_acquire_owned().map_err(|_| DialError::AgentBusy(agent_id()))?;
         let mut conn = agent.take(deadline).await.ok_or_else(|| DialError::NoDataConn(agent_id()))?;
         let exchange = async {
             codec::write_message(&mut conn, &dial).await?;
@@ -191,11 +192,14 @@ async fn dial(
             Ok(Ok(Message::DialReply { stream_id: id, status: DialStatus::Ok, .. })) if id == stream_id => {
                 return Ok((conn, agent, slot));
             }
-            Ok(Ok(Message::DialReply { stream_id: id, status: DialStatus::Draining, message })) if id == stream_id => {
+            Ok(Ok(Message::DialReply { stream_id: id, status: DialStatus::Draining, message }))
+                if id == stream_id =>
+            {
                 // The agent started draining while this connection was parked: try another route.
                 agent.draining.store(true, Ordering::Relaxed);
                 agent.drop_idle();
-                last_error = Some(DialError::Agent { agent: agent_id(), status: DialStatus::Draining, message });
+                last_error =
+                    Some(DialError::Agent { agent: agent_id(), status: DialStatus::Draining, message });
             }
             Ok(Ok(Message::DialReply { stream_id: id, status, message })) if id == stream_id => {
                 return Err(DialError::Agent { agent: agent_id(), status, message });
@@ -203,7 +207,8 @@ async fn dial(
             Ok(Ok(other)) => {
                 warn!(agent = %agent_id(), kind = other.kind(), "unexpected frame on a data connection");
                 conn.abort();
-                last_error = Some(DialError::AgentConn { agent: agent_id(), source: CodecError::Invalid("reply") });
+                last_error =
+                    Some(DialError::AgentConn { agent: agent_id(), source: CodecError::Invalid("reply") });
             }
             // A parked connection that died: nothing reached the destination yet, so retrying is safe.
             Ok(Err(source)) => {

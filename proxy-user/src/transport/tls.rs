@@ -74,7 +74,11 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem { kind: "private key", path: path.into(), source })
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem {
+        kind: "private key",
+        path: path.into(),
+        source,
+    })
 }
 
 fn read_roots(path: &Path) -> Result<RootCertStore> {

@@ -14,6 +14,15 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 
+/// Path of a Spoke binary: cargo's own for proxy-user's tests, else `env_name` (set by `cargo xtask
+/// test` for the privileged tests crate).
+fn bin(built: Option<&'static str>, env_name: &str) -> String {
+    built
+        .map(str::to_owned)
+        .or_else(|| std::env::var(env_name).ok())
+        .unwrap_or_else(|| panic!("{env_name} is not set: run these tests through `cargo xtask test`"))
+}
+
 /// Longest wait for anything a test awaits (a process start, readiness, a reconnect).
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -44,7 +53,8 @@ impl Proc {
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let pid = self.child.id().expect("process still running");
-        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("run kill");
+        let status =
+            std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("run kill");
         assert!(status.success());
     }
 
@@ -62,10 +72,25 @@ impl Drop for Proc {
 }
 
 /// Spawns `bin` with `args`, waits for its "started" line on stdout, returns it split in key=value pairs.
-async fn spawn(name: &'static str, bin: &str, args: &[String], log_dir: &Path) -> (Proc, Vec<(String, String)>) {
+/// With `netns`, the process runs inside that network namespace (`ip netns exec`).
+async fn spawn(
+    name: &'static str,
+    bin: &str,
+    args: &[String],
+    log_dir: &Path,
+    netns: Option<&str>,
+) -> (Proc, Vec<(String, String)>) {
     let log = log_dir.join(format!("{name}-{}.log", fastrand::u32(..)));
     let log_file = std::fs::File::create(&log).expect("create log file");
-    let mut child = Command::new(bin)
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin]);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let mut child = command
         .args(args)
         .env("RUST_LOG", std::env::var("SPOKE_TEST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
@@ -170,7 +195,14 @@ impl ServerBuilder {
             ]);
         }
         override_flags(&mut args, &self.args);
-        let (proc, pairs) = spawn("spoke-server", env!("CARGO_BIN_EXE_spoke-server"), &args, self.certs.dir.path()).await;
+        let (proc, pairs) = spawn(
+            "spoke-server",
+            &bin(option_env!("CARGO_BIN_EXE_spoke-server"), "SPOKE_SERVER_BIN"),
+            &args,
+            self.certs.dir.path(),
+            None,
+        )
+        .await;
         let frontend = get(&pairs, "frontend");
         Server {
             proc,
@@ -199,6 +231,7 @@ pub struct AgentBuilder {
     id: String,
     identifiers: String,
     args: Vec<String>,
+    netns: Option<String>,
 }
 
 /// An agent for node `id` (address 127.0.0.1 unless `identifiers` says otherwise), allowed to dial
@@ -210,6 +243,7 @@ pub fn agent(server: &Server) -> AgentBuilder {
         id: "node-a".into(),
         identifiers: "ipv4=127.0.0.1&default-route=true".into(),
         args: Vec::new(),
+        netns: None,
     }
 }
 
@@ -238,6 +272,12 @@ impl AgentBuilder {
     pub fn flag(mut self, name: &str, value: &str) -> Self {
         self.args.push(name.to_owned());
         self.args.push(value.to_owned());
+        self
+    }
+
+    /// Runs the agent inside this network namespace.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
         self
     }
 
@@ -274,7 +314,14 @@ impl AgentBuilder {
             "5s".into(),
         ];
         override_flags(&mut args, &self.args);
-        let (proc, pairs) = spawn("spoke-agent", env!("CARGO_BIN_EXE_spoke-agent"), &args, self.certs.dir.path()).await;
+        let (proc, pairs) = spawn(
+            "spoke-agent",
+            &bin(option_env!("CARGO_BIN_EXE_spoke-agent"), "SPOKE_AGENT_BIN"),
+            &args,
+            self.certs.dir.path(),
+            self.netns.as_deref(),
+        )
+        .await;
         Agent { proc, admin_addr: get(&pairs, "admin").parse().expect("admin address") }
     }
 
@@ -296,6 +343,18 @@ impl Agent {
     }
 }
 
+impl Server {
+    /// Waits until at least one agent is connected and has parked a data connection (for agents whose
+    /// own admin endpoint the test cannot reach).
+    pub async fn wait_for_agent(&self) {
+        eventually("an agent with a parked data connection", || async {
+            metric(self.admin_addr, "spoke_server_agents_connected").await >= 1
+                && metric(self.admin_addr, "spoke_server_data_conns_idle").await >= 1
+        })
+        .await;
+    }
+}
+
 /// GET `path` from an admin endpoint: (status, body). Status 0 when unreachable.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let Ok(mut s) = TcpStream::connect(addr).await else { return (0, String::new()) };
@@ -313,7 +372,11 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// Value of the integer metric sample whose line starts with `prefix` (name and labels), or 0.
 pub async fn metric(addr: SocketAddr, prefix: &str) -> u64 {
     let (_, body) = admin_get(addr, "/metrics").await;
-    body.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
@@ -488,7 +551,9 @@ pub fn frontend_connector(ca: &Path, client: Option<(&Path, &Path)>) -> tokio_ru
 pub async fn tls_tunnel(server: &Server, dest: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
     let f = &server.certs.files;
     let connector = frontend_connector(&f.frontend_ca, Some((&f.client_cert, &f.client_key)));
-    let tcp = TcpStream::connect(server.frontend_addr.expect("server has a TCP frontend")).await.expect("connect frontend");
+    let tcp = TcpStream::connect(server.frontend_addr.expect("server has a TCP frontend"))
+        .await
+        .expect("connect frontend");
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("server name");
     let mut s = connector.connect(name, tcp).await.expect("TLS handshake with the frontend");
     let (status, head) = connect_on(&mut s, &dest.to_string()).await;

@@ -1,0 +1,255 @@
+//! `cargo xtask run`: the whole system on loopback — a demo backend, spoke-server and spoke-agent with
+//! development certificates — checked end to end, then left running until Ctrl-C.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Longest wait for a process to start or become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long server and agent get to stop after Ctrl-C before they are killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Socket timeouts of the demo's own requests.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A child process killed when dropped.
+struct Running {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `program` and reads its "started" line: `key=value` pairs with the bound addresses.
+fn start(
+    name: &'static str,
+    program: &Path,
+    args: &[String],
+) -> anyhow::Result<(Running, Vec<(String, String)>)> {
+    let mut child = Command::new(program)
+        .args(args)
+        // Own process group: Ctrl-C reaches only xtask, which then stops the children in order.
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("start {}", program.display()))?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let running = Running { name, child };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        for _ in lines {}
+    });
+    let Ok(Some(Ok(line))) = rx.recv_timeout(START_TIMEOUT) else {
+        bail!("{name} did not start (see its log above)");
+    };
+    let pairs = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+    Ok((running, pairs))
+}
+
+fn value(pairs: &[(String, String)], key: &str) -> anyhow::Result<String> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .with_context(|| format!("no {key}= in {pairs:?}"))
+}
+
+/// The demo backend: answers every HTTP request with a greeting.
+fn backend() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind demo backend")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                // Read the request head, then answer.
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let body = "Hello from the demo backend, reached through spoke-server and spoke-agent.\n";
+                let _ = (&stream).write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                        .as_bytes(),
+                );
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).ok()?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Does what kube-apiserver does: CONNECT through the Unix socket, then a plain HTTP request.
+fn through_tunnel(uds: &Path, dest: SocketAddr) -> anyhow::Result<String> {
+    let mut s = UnixStream::connect(uds).with_context(|| format!("connect {}", uds.display()))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(format!("CONNECT {dest} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            bail!("tunnel closed during the CONNECT reply: {}", String::from_utf8_lossy(&head));
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200 ") {
+        bail!("CONNECT refused: {}", String::from_utf8_lossy(&head));
+    }
+    s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    Ok(response.split_once("\r\n\r\n").map_or(response.clone(), |(_, body)| body.to_owned()))
+}
+
+fn server_args(uds: &Path, cert: &dyn Fn(&str) -> String) -> Vec<String> {
+    vec![
+        "--uds-name".into(),
+        uds.display().to_string(),
+        "--frontend-bind".into(),
+        "127.0.0.1:0".into(),
+        "--server-ca-cert".into(),
+        cert("frontend-ca.pem"),
+        "--server-cert".into(),
+        cert("frontend.pem"),
+        "--server-key".into(),
+        cert("frontend-key.pem"),
+        "--agent-bind".into(),
+        "127.0.0.1:0".into(),
+        "--cluster-ca-cert".into(),
+        cert("cluster-ca.pem"),
+        "--cluster-cert".into(),
+        cert("cluster.pem"),
+        "--cluster-key".into(),
+        cert("cluster-key.pem"),
+        "--admin-bind".into(),
+        "127.0.0.1:0".into(),
+        "--graceful-shutdown-timeout".into(),
+        "3s".into(),
+    ]
+}
+
+fn agent_args(server_port: u16, datapath: &str, cert: &dyn Fn(&str) -> String) -> Vec<String> {
+    vec![
+        "--proxy-server-host".into(),
+        "127.0.0.1".into(),
+        "--proxy-server-port".into(),
+        server_port.to_string(),
+        "--ca-cert".into(),
+        cert("cluster-ca.pem"),
+        "--agent-cert".into(),
+        cert("agent.pem"),
+        "--agent-key".into(),
+        cert("agent-key.pem"),
+        "--node-name".into(),
+        "demo-node".into(),
+        "--agent-identifiers".into(),
+        "ipv4=127.0.0.1&default-route=true".into(),
+        // The demo backend lives on loopback, which the default policy denies.
+        "--allow".into(),
+        "127.0.0.0/8".into(),
+        "--admin-bind".into(),
+        "127.0.0.1:0".into(),
+        "--datapath".into(),
+        datapath.into(),
+        "--graceful-shutdown-timeout".into(),
+        "3s".into(),
+    ]
+}
+
+pub fn run(datapath: &str) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("install the Ctrl-C handler")?;
+
+    let bins = crate::build_binaries()?;
+    let dir = crate::target_dir().join("spoke-dev");
+    let certs = dir.join("certs");
+    crate::run({
+        let mut c = Command::new(bins.join("spoke-certs"));
+        c.arg("--out").arg(&certs).stdout(Stdio::null());
+        c
+    })?;
+    let cert = |name: &str| certs.join(name).display().to_string();
+    let uds = dir.join("spoke.sock");
+    let backend = backend()?;
+
+    let (server, s) = start("spoke-server", &bins.join("spoke-server"), &server_args(&uds, &cert))?;
+    let agent_addr: SocketAddr = value(&s, "agent")?.parse()?;
+    let frontend = value(&s, "frontend")?;
+    let server_admin = value(&s, "admin")?;
+    let (agent, a) =
+        start("spoke-agent", &bins.join("spoke-agent"), &agent_args(agent_addr.port(), datapath, &cert))?;
+    let agent_admin: SocketAddr = value(&a, "admin")?.parse()?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    while http_get(agent_admin, "/readyz") != Some(200) {
+        if Instant::now() > deadline {
+            bail!("the agent did not become ready (see its log above)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let answer = through_tunnel(&uds, backend).context("check the tunnel end to end")?;
+    let certs_shown = certs.display();
+    println!(
+        "\n\
+         Spoke is running: a request through the tunnel answered:\n    {answer}\n\
+         kube-apiserver would use the Unix socket {uds}.\n\
+         Try it yourself through the mutual-TLS TCP frontend:\n\
+         \x20   curl -p --proxy https://localhost:{port} --proxy-cacert {certs_shown}/frontend-ca.pem \\\n\
+         \x20        --proxy-cert {certs_shown}/client.pem --proxy-key {certs_shown}/client-key.pem http://{backend}/\n\
+         Metrics: http://{server_admin}/metrics (server), http://{agent_admin}/metrics (agent)\n\
+         Press Ctrl-C to stop.",
+        answer = answer.trim(),
+        uds = uds.display(),
+        port = frontend.rsplit(':').next().unwrap_or_default(),
+    );
+    let mut children = [agent, server];
+    while !stop.load(Ordering::SeqCst) {
+        for c in &mut children {
+            if let Some(status) = c.child.try_wait()? {
+                bail!("{} exited unexpectedly: {status}", c.name);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("[xtask] stopping: SIGTERM to spoke-agent and spoke-server");
+    for c in &children {
+        let _ = Command::new("kill").arg("-TERM").arg(c.child.id().to_string()).status();
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for c in &mut children {
+        while c.child.try_wait()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Whatever still runs is killed when `children` is dropped.
+    Ok(())
+}
