@@ -90,6 +90,8 @@ pub struct AgentMetrics {
     pub control_connected: Gauge,
     /// Failed connections to the server, by `kind` (control, data).
     pub server_conn_failures: Counters,
+    /// TLS handshakes with the server by `kind`: `full` or `resumed` (session tickets).
+    pub server_handshakes: Counters,
 }
 
 impl AgentMetrics {
@@ -104,6 +106,7 @@ impl AgentMetrics {
             pool_idle: Gauge::default(),
             control_connected: Gauge::default(),
             server_conn_failures: Counters::default(),
+            server_handshakes: Counters::default(),
         };
         let r = registry.sub_registry_with_prefix("spoke_agent");
         r.register("streams_open", "Streams being relayed now", m.streams_open.clone());
@@ -117,6 +120,11 @@ impl AgentMetrics {
             "server_conn_failures",
             "Failed connections to the server, by kind",
             m.server_conn_failures.clone(),
+        );
+        r.register(
+            "server_handshakes",
+            "TLS handshakes with the server, full or resumed",
+            m.server_handshakes.clone(),
         );
         m
     }

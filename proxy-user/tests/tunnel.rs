@@ -36,7 +36,7 @@ async fn one_gib_each_way_arrives_intact() {
 async fn two_hundred_concurrent_streams_all_verified() {
     let certs = certs();
     let srv = server(&certs).run().await;
-    let _agent = agent(&srv).run().await;
+    let agent = agent(&srv).run().await;
     let echo = echo().await;
     let mut tasks = Vec::new();
     for i in 0..200u64 {
@@ -55,6 +55,15 @@ async fn two_hundred_concurrent_streams_all_verified() {
         t.await.expect("stream task");
     }
     assert_eq!(common::metric(srv.admin_addr, "spoke_server_streams_total{result=\"ok\"}").await, 200);
+    // Refills of the pool resume TLS sessions instead of repeating full handshakes.
+    let resumed =
+        common::metric(agent.admin_addr, "spoke_agent_server_handshakes_total{kind=\"resumed\"}").await;
+    let full = common::metric(agent.admin_addr, "spoke_agent_server_handshakes_total{kind=\"full\"}").await;
+    assert!(
+        resumed > full,
+        "resumed {resumed} vs full {full} handshakes\n{}",
+        common::admin_get(agent.admin_addr, "/metrics").await.1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,7 +73,6 @@ pub(crate) fn build_binaries() -> anyhow::Result<PathBuf> {
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     bootstrap::all()?;
-    let bins = build_binaries()?;
     if filter.is_none() {
         run(cmd("cargo", &["fmt", "--all", "--", "--check"]))?;
         run(cmd("cargo", &["clippy", "--all-targets", "--", "-D", "warnings"]))?;
@@ -82,6 +81,9 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         t.args(["--", f]);
     }
+    // `cargo test` builds the binaries for proxy-user's own end-to-end tests before running anything;
+    // the privileged tests crate finds the same ones here.
+    let bins = target_dir().join("debug");
     t.env("SPOKE_SERVER_BIN", bins.join("spoke-server")).env("SPOKE_AGENT_BIN", bins.join("spoke-agent"));
     run(t)
 }

@@ -104,6 +104,11 @@ impl Agent {
                 .connect(self.server_name.clone(), tcp)
                 .await
                 .map_err(|source| ConnectError::Connect { addr: addr.clone(), source })?;
+            let kind = match conn.get_ref().1.handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => "resumed",
+                _ => "full",
+            };
+            inc(&self.metrics.server_handshakes, "kind", kind);
             codec::write_message(&mut conn, first).await?;
             Ok(conn)
         };
