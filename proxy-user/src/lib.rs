@@ -7,12 +7,14 @@
 
 pub mod admin;
 pub mod agent;
+pub mod bench;
 pub mod codec;
 pub mod config;
 pub mod datapath;
 pub mod devcerts;
 pub mod frontend;
 pub mod metrics;
+pub mod process;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;

@@ -129,15 +129,21 @@ fn debian_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     say(&format!("installing Debian packages: {}", missing.join(" ")));
+    apt_install(&missing)
+}
+
+/// `apt-get update` then `apt-get install` of `packages`, non-interactively.
+pub(crate) fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     let mut update = cmd("apt-get", &["update", "-q"]);
     update.env("DEBIAN_FRONTEND", "noninteractive");
     run(update)?;
     let mut install = cmd("apt-get", &["install", "-y", "-q", "--no-install-recommends"]);
-    install.args(&missing).env("DEBIAN_FRONTEND", "noninteractive");
+    install.args(packages).env("DEBIAN_FRONTEND", "noninteractive");
     run(install)
 }
 
-fn on_path(program: &str) -> bool {
+/// Whether `program` is an executable on PATH.
+pub(crate) fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| is_executable(&dir.join(program))))
 }

@@ -4,8 +4,10 @@
 //! does, through aya-build).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod bootstrap;
 mod demo;
+mod peers;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -30,6 +32,8 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         datapath: String,
     },
+    /// Benchmark Spoke against direct TCP and peers on loopback; results under results/.
+    Bench(bench::BenchOpts),
     /// Run every check and test: formatting, clippy, unit, end-to-end and privileged tests.
     Test {
         /// Only run tests whose name contains this filter (skips formatting and clippy).
@@ -96,5 +100,6 @@ fn main() -> anyhow::Result<()> {
             demo::run(&datapath)
         }
         Cmd::Test { filter } => test(filter.as_deref()),
+        Cmd::Bench(opts) => bench::run(&opts),
     }
 }

@@ -75,6 +75,8 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
+    let fd_limit = spoke::process::raise_fd_limit();
+    tracing::debug!(fd_limit, "open-file limit");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

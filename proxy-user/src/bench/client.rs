@@ -1,0 +1,92 @@
+//! Opening tunnels the way kube-apiserver does: the exact CONNECT over a Unix socket or TCP (with an
+//! optional TLS client certificate); or, for port forwarders, a plain connection to the forward port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::TlsConnector;
+
+use crate::frontend::ESTABLISHED;
+
+/// A bidirectional byte stream.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A tunnel as the benchmark uses it.
+pub type Tunnel = Box<dyn Io>;
+
+/// Where tunnels are opened.
+#[derive(Clone)]
+pub enum Via {
+    /// Connect straight to this address (direct TCP, or a port forwarder leading to the backend).
+    Forward(SocketAddr),
+    /// HTTP CONNECT over this Unix socket.
+    Uds(PathBuf),
+    /// HTTP CONNECT over TCP, optionally with TLS.
+    Tcp {
+        /// Proxy address.
+        addr: SocketAddr,
+        /// TLS connector and server name, or plain TCP.
+        tls: Option<(TlsConnector, ServerName<'static>)>,
+    },
+}
+
+/// Opens tunnels to one destination.
+#[derive(Clone)]
+pub struct Opener {
+    /// How.
+    pub via: Via,
+    /// `host:port` requested with CONNECT.
+    pub target: String,
+}
+
+/// Sends the apiserver's exact CONNECT and checks the exact reply, reading nothing past it.
+async fn connect_handshake<S: Io>(mut s: S, target: &str) -> anyhow::Result<S> {
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await?;
+    let mut head = [0u8; ESTABLISHED.len()];
+    s.read_exact(&mut head).await.context("read CONNECT reply")?;
+    if head != ESTABLISHED {
+        let mut rest = vec![0u8; 256];
+        let n = s.read(&mut rest).await.unwrap_or(0);
+        bail!("CONNECT {target} refused: {}{}", String::from_utf8_lossy(&head), String::from_utf8_lossy(&rest[..n]));
+    }
+    Ok(s)
+}
+
+impl Opener {
+    /// Opens one tunnel.
+    pub async fn open(&self) -> anyhow::Result<Tunnel> {
+        Ok(match &self.via {
+            Via::Forward(addr) => {
+                let s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            Via::Uds(path) => {
+                let s = UnixStream::connect(path).await.with_context(|| format!("connect {}", path.display()))?;
+                Box::new(connect_handshake(s, &self.target).await?)
+            }
+            Via::Tcp { addr, tls } => {
+                let s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+                s.set_nodelay(true)?;
+                match tls {
+                    None => Box::new(connect_handshake(s, &self.target).await?),
+                    Some((connector, name)) => {
+                        let s = connector.connect(name.clone(), s).await.context("TLS handshake with the proxy")?;
+                        Box::new(connect_handshake(s, &self.target).await?)
+                    }
+                }
+            }
+        })
+    }
+
+    /// The same opener for another destination (scale scenario).
+    #[must_use]
+    pub fn to(&self, target: String) -> Self {
+        Self { via: self.via.clone(), target }
+    }
+}

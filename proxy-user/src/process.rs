@@ -1,0 +1,20 @@
+//! Process-wide settings a proxy needs.
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+/// Raises the open-file limit as far as allowed: both limits to the kernel's `fs.nr_open` when the
+/// process may (root), else the soft limit to the hard one. Every relayed stream holds two or three
+/// descriptors, so the usual 1024 soft limit would cap a proxy at a few hundred streams. Returns the
+/// soft limit in force afterwards.
+#[must_use]
+pub fn raise_fd_limit() -> u64 {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return 0 };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(hard);
+    if ceiling > hard && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
+        return ceiling;
+    }
+    if hard > soft && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}

@@ -1,0 +1,382 @@
+//! `cargo xtask bench`: every system under test, every scenario, one run; a markdown table with ratios
+//! against direct TCP, an SVG chart and a JSON file under `results/<time>/`.
+#![expect(clippy::cast_precision_loss, reason = "counts and sizes stay far below 2^52")]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::peers::{self, Env, System};
+
+/// A result row, as spoke-bench writes it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+struct Row {
+    system: String,
+    scenario: String,
+    metric: String,
+    value: f64,
+    unit: String,
+    min: f64,
+    max: f64,
+    reps: usize,
+}
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchOpts {
+    /// Every scenario at small sizes, once (what CI runs so the benchmark never rots).
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Only these systems (comma-separated names as in the table, matched by prefix).
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
+    /// Repetitions of each scenario (default 3; 1 with --quick).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Agents of the scale scenario (default 1000; 50 with --quick).
+    #[arg(long)]
+    agents: Option<usize>,
+}
+
+type Start = fn(&Env) -> anyhow::Result<System>;
+
+const SYSTEMS: &[(&str, Start)] = &[
+    ("direct", peers::direct),
+    ("spoke (TLS tunnel, copy)", peers::spoke),
+    ("haproxy (tcp mode)", peers::haproxy),
+    ("socat", peers::socat),
+    ("stunnel pair (TLS 1.3)", peers::stunnel),
+    ("ssh -L (aes128-gcm)", peers::ssh),
+    ("rathole (tcp)", peers::rathole),
+];
+
+fn output(program: &str, args: &[&str]) -> String {
+    Command::new(program).args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+}
+
+fn machine() -> BTreeMap<&'static str, String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, m)| m.trim().to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo.lines().next().unwrap_or_default().split_whitespace().nth(1).unwrap_or_default().to_owned();
+    BTreeMap::from([
+        ("date", output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
+        ("kernel", output("uname", &["-r"])),
+        ("cpus", output("nproc", &[])),
+        ("cpu_model", model.unwrap_or_default()),
+        ("memory_kib", mem),
+        ("commit", output("git", &["-C", &crate::root().display().to_string(), "rev-parse", "--short", "HEAD"])),
+    ])
+}
+
+/// Starts the benchmark backend; returns it and its address.
+fn backend(bins: &Path) -> anyhow::Result<(Child, std::net::SocketAddr)> {
+    let mut child = Command::new(bins.join("spoke-bench"))
+        .args(["backend", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start spoke-bench backend")?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let line = std::io::BufReader::new(stdout).lines().next().context("backend said nothing")??;
+    let addr = line.rsplit("addr=").next().context("no addr= from the backend")?.parse()?;
+    Ok((child, addr))
+}
+
+struct Runner<'a> {
+    env: &'a Env,
+    quick: bool,
+    reps: usize,
+    dir: PathBuf,
+}
+
+impl Runner<'_> {
+    /// Runs spoke-bench against `system`; returns its rows.
+    fn measure(&self, system: &System, scenarios: &[&str], extra: &[String]) -> anyhow::Result<Vec<Row>> {
+        let slug: String = system.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let out = self.dir.join(format!("{slug}-{}.json", scenarios.join("-")));
+        let mut c = Command::new(self.env.bins.join("spoke-bench"));
+        c.args(["run", "--system", &system.name, "--target", &self.env.backend.to_string(), "--via", &system.via]);
+        c.args(["--reps", &self.reps.to_string(), "--json", &out.display().to_string()]);
+        if self.quick {
+            c.arg("--quick");
+        }
+        if !scenarios.is_empty() {
+            c.arg("--scenarios").arg(scenarios.join(","));
+        }
+        for (role, child) in &system.procs {
+            c.arg("--proxy-pid").arg(format!("{role}={}", child.id()));
+        }
+        c.args(&system.extra).args(extra);
+        crate::run(c)?;
+        let text = std::fs::read_to_string(&out).with_context(|| format!("read {}", out.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// The scale scenario: one fresh server, `agents` simulated agents in one process.
+    fn scale(&self, agents: usize) -> anyhow::Result<Vec<Row>> {
+        let env = self.env;
+        let uds = self.dir.join("spoke-scale.sock");
+        let (mut server, agent_addr, admin) = peers::spoke_server(env, &uds, &["--max-agents", "20000"])?;
+        let mut sim = Command::new(env.bins.join("spoke-bench"))
+            .args(["agents", "--server", &agent_addr.to_string(), "--count", &agents.to_string()])
+            .args(["--ca", &env.certs.join("cluster-ca.pem").display().to_string()])
+            .args(["--cert", &env.certs.join("agent.pem").display().to_string()])
+            .args(["--key", &env.certs.join("agent-key.pem").display().to_string()])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start simulated agents")?;
+        let ready = peers::wait_metric(admin, "spoke_server_agents_connected", agents as f64, &mut [&mut server, &mut sim])
+            .and_then(|()| peers::wait_metric(admin, "spoke_server_data_conns_idle", agents as f64, &mut [&mut server, &mut sim]));
+        let result = ready.and_then(|()| {
+            let system = System {
+                name: "spoke (TLS tunnel, copy)".into(),
+                via: format!("uds:{}", uds.display()),
+                extra: Vec::new(),
+                procs: vec![("server".into(), server)],
+                helpers: vec![sim],
+                skip_holds: None,
+            };
+            let extra =
+                ["--scale-agents".to_owned(), agents.to_string(), "--scale-port".to_owned(), env.backend.port().to_string()];
+            self.measure(&system, &["scale"], &extra)
+        });
+        result.map(|rows| rows.into_iter().map(|r| Row { scenario: format!("scale_{agents}_agents"), ..r }).collect())
+    }
+}
+
+pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
+    crate::bootstrap::all()?;
+    let mut unavailable: Vec<(String, String)> =
+        peers::install().into_iter().map(|(name, why)| (name.to_owned(), why)).collect();
+    let bins = if opts.quick {
+        crate::build_binaries()?
+    } else {
+        crate::run(crate::cmd("cargo", &["build", "--release", "--package", "proxy-user", "--bins"]))?;
+        crate::target_dir().join("release")
+    };
+    let stamp = output("date", &["-u", "+%Y%m%dT%H%M%SZ"]);
+    let dir = crate::root().join("results").join(if opts.quick { format!("{stamp}-quick") } else { stamp });
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&dir)?;
+    crate::run({
+        let mut c = Command::new(bins.join("spoke-certs"));
+        c.arg("--out").arg(&certs).stdout(Stdio::null());
+        c
+    })?;
+    let (mut backend_child, backend) = backend(&bins)?;
+    let env = Env { bins, dir: dir.clone(), certs, backend };
+    let runner = Runner { env: &env, quick: opts.quick, reps: opts.reps.unwrap_or(if opts.quick { 1 } else { 3 }), dir: dir.clone() };
+    let full_holds = if opts.quick { vec![100] } else { vec![1000, 10_000] };
+
+    let mut rows = Vec::new();
+    let wanted = |name: &str| opts.systems.is_empty() || opts.systems.iter().any(|s| name.starts_with(s.as_str()));
+    for (name, start) in SYSTEMS.iter().filter(|(n, _)| wanted(n)) {
+        if unavailable.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        eprintln!("[bench] starting {name}");
+        let system = match start(&env) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("[bench] {name} unavailable: {e:#}");
+                unavailable.push(((*name).to_owned(), format!("{e:#}")));
+                continue;
+            }
+        };
+        let holds: Vec<String> = full_holds
+            .iter()
+            .filter(|n| system.skip_holds.is_none_or(|(max, _)| **n <= max))
+            .map(ToString::to_string)
+            .collect();
+        if let Some((max, why)) = system.skip_holds
+            && full_holds.iter().any(|n| *n > max)
+        {
+            unavailable.push((format!("{name}: hold above {max}"), why.to_owned()));
+        }
+        let extra = ["--holds".to_owned(), holds.join(",")];
+        match runner.measure(&system, &[], &extra) {
+            Ok(r) => rows.extend(r),
+            Err(e) => unavailable.push(((*name).to_owned(), format!("{e:#}"))),
+        }
+    }
+    if wanted("spoke") {
+        let agents = opts.agents.unwrap_or(if opts.quick { 50 } else { 1000 });
+        eprintln!("[bench] scale: {agents} simulated agents");
+        match runner.scale(agents) {
+            Ok(r) => rows.extend(r),
+            Err(e) => unavailable.push((format!("scale ({agents} agents)"), format!("{e:#}"))),
+        }
+    }
+    let _ = backend_child.kill();
+    let _ = backend_child.wait();
+
+    let machine = machine();
+    let report = Report { machine: &machine, rows: &rows, unavailable: &unavailable, quick: opts.quick };
+    let markdown = report.markdown();
+    std::fs::write(dir.join("results.md"), &markdown)?;
+    std::fs::write(dir.join("throughput.svg"), report.svg())?;
+    let json = serde_json::to_string_pretty(&serde_json::json!({ "machine": machine, "results": rows, "unavailable": unavailable }))?;
+    std::fs::write(dir.join("results.json"), &json)?;
+    if let Some(path) = &opts.json {
+        std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?;
+    }
+    println!("{markdown}");
+    eprintln!("[bench] results in {}", dir.display());
+    report.check_complete()
+}
+
+struct Report<'a> {
+    machine: &'a BTreeMap<&'static str, String>,
+    rows: &'a [Row],
+    unavailable: &'a [(String, String)],
+    quick: bool,
+}
+
+/// Formats a number with about three significant digits.
+fn num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+impl Report<'_> {
+    fn systems(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for r in self.rows {
+            if !out.contains(&r.system.as_str()) {
+                out.push(&r.system);
+            }
+        }
+        out
+    }
+
+    fn find(&self, system: &str, scenario: &str, metric: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.system == system && r.scenario == scenario && r.metric == metric)
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# Spoke benchmark{}\n", if self.quick { " (quick: small sizes, one repetition)" } else { "" });
+        let _ = writeln!(s, "Machine: {}\n", self.machine.iter().map(|(k, v)| format!("{k} `{v}`")).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(
+            s,
+            "Each cell: median of the repetitions, ×ratio to direct TCP in the same run, (min–max). \
+             CPU-s/GiB: `proxy_cpu` is the proxy processes' own CPU, `machine_cpu` the whole machine's busy time \
+             (load generator and backend included).\n"
+        );
+        let systems = self.systems();
+        let _ = writeln!(s, "| scenario | metric | {} |", systems.join(" | "));
+        let _ = writeln!(s, "|---|---|{}", "---|".repeat(systems.len()));
+        let mut keys: Vec<(&str, &str, &str)> = Vec::new();
+        for r in self.rows {
+            let key = (r.scenario.as_str(), r.metric.as_str(), r.unit.as_str());
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        for (scenario, metric, unit) in keys {
+            let direct = self.find("direct", scenario, metric).map(|r| r.value);
+            let cells: Vec<String> = systems
+                .iter()
+                .map(|sys| match self.find(sys, scenario, metric) {
+                    None => "–".into(),
+                    Some(r) => {
+                        let ratio = match direct {
+                            Some(d) if d > 0.0 && *sys != "direct" => format!(" ×{}", num(r.value / d)),
+                            _ => String::new(),
+                        };
+                        let spread = if r.reps > 1 { format!(" ({}–{})", num(r.min), num(r.max)) } else { String::new() };
+                        format!("{}{ratio}{spread}", num(r.value))
+                    }
+                })
+                .collect();
+            let _ = writeln!(s, "| {scenario} | {metric} ({unit}) | {} |", cells.join(" | "));
+        }
+        if !self.unavailable.is_empty() {
+            let _ = writeln!(s, "\nNot measured:\n");
+            for (name, why) in self.unavailable {
+                let _ = writeln!(s, "- {name}: {}", why.lines().next().unwrap_or_default());
+            }
+        }
+        s
+    }
+
+    /// Horizontal bars: single-stream and parallel throughput per system.
+    fn svg(&self) -> String {
+        let systems = self.systems();
+        let scenarios = ["bulk_up", "bulk_down", "bulk_parallel"];
+        let colors = ["#4e79a7", "#f28e2b", "#59a14f"];
+        let max = self.rows.iter().filter(|r| r.metric == "throughput").map(|r| r.value).fold(1.0, f64::max);
+        let (label_w, bar_w, row_h) = (230.0, 560.0, 16.0);
+        let height = 40.0 + systems.len() as f64 * (row_h * 3.0 + 12.0);
+        let mut s = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <text x=\"10\" y=\"20\" font-size=\"14\">Throughput, MB/s (blue: 1 stream up, orange: 1 stream down, green: 16 streams down)</text>\n",
+            label_w + bar_w + 90.0
+        );
+        let mut y = 36.0;
+        for sys in &systems {
+            let _ = writeln!(s, "<text x=\"10\" y=\"{}\">{}</text>", y + row_h * 1.5 + 4.0, xml(sys));
+            for (scenario, color) in scenarios.iter().zip(colors) {
+                if let Some(r) = self.find(sys, scenario, "throughput") {
+                    let w = r.value / max * bar_w;
+                    let _ = writeln!(
+                        s,
+                        "<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{}</text>",
+                        row_h - 2.0,
+                        label_w + w + 4.0,
+                        y + row_h - 4.0,
+                        num(r.value)
+                    );
+                }
+                y += row_h;
+            }
+            y += 12.0;
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+
+    /// Every available system produced numbers for every scenario it ran.
+    fn check_complete(&self) -> anyhow::Result<()> {
+        let expected = ["bulk_up", "bulk_down", "bulk_parallel", "round_trip", "open_sequential", "open_parallel", "head_of_line"];
+        let mut gaps = Vec::new();
+        for sys in self.systems() {
+            for sc in expected {
+                if !self.rows.iter().any(|r| r.system == sys && r.scenario == sc && r.value.is_finite()) {
+                    gaps.push(format!("{sys}: {sc}"));
+                }
+            }
+            if !self.rows.iter().any(|r| r.system == sys && r.scenario.starts_with("hold_")) {
+                gaps.push(format!("{sys}: hold"));
+            }
+        }
+        if !self.rows.iter().any(|r| r.scenario.starts_with("scale_")) && self.systems().iter().any(|s| s.starts_with("spoke")) {
+            gaps.push("spoke: scale".into());
+        }
+        let failed: Vec<&(String, String)> =
+            self.unavailable.iter().filter(|(n, _)| n.starts_with("spoke") || n.starts_with("scale") || n == "direct").collect();
+        if !gaps.is_empty() || !failed.is_empty() {
+            bail!("the benchmark is incomplete: missing {gaps:?}; failed {failed:?}");
+        }
+        Ok(())
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
