@@ -59,21 +59,33 @@ const SYSTEMS: &[(&str, Start)] = &[
 ];
 
 fn output(program: &str, args: &[&str]) -> String {
-    Command::new(program).args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn machine() -> BTreeMap<&'static str, String> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, m)| m.trim().to_owned());
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem = meminfo.lines().next().unwrap_or_default().split_whitespace().nth(1).unwrap_or_default().to_owned();
+    let mem =
+        meminfo.lines().next().unwrap_or_default().split_whitespace().nth(1).unwrap_or_default().to_owned();
     BTreeMap::from([
         ("date", output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
         ("kernel", output("uname", &["-r"])),
         ("cpus", output("nproc", &[])),
         ("cpu_model", model.unwrap_or_default()),
         ("memory_kib", mem),
-        ("commit", output("git", &["-C", &crate::root().display().to_string(), "rev-parse", "--short", "HEAD"])),
+        (
+            "commit",
+            output("git", &["-C", &crate::root().display().to_string(), "rev-parse", "--short", "HEAD"]),
+        ),
     ])
 }
 
@@ -101,10 +113,19 @@ struct Runner<'a> {
 impl Runner<'_> {
     /// Runs spoke-bench against `system`; returns its rows.
     fn measure(&self, system: &System, scenarios: &[&str], extra: &[String]) -> anyhow::Result<Vec<Row>> {
-        let slug: String = system.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let slug: String =
+            system.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
         let out = self.dir.join(format!("{slug}-{}.json", scenarios.join("-")));
         let mut c = Command::new(self.env.bins.join("spoke-bench"));
-        c.args(["run", "--system", &system.name, "--target", &self.env.backend.to_string(), "--via", &system.via]);
+        c.args([
+            "run",
+            "--system",
+            &system.name,
+            "--target",
+            &self.env.backend.to_string(),
+            "--via",
+            &system.via,
+        ]);
         c.args(["--reps", &self.reps.to_string(), "--json", &out.display().to_string()]);
         if self.quick {
             c.arg("--quick");
@@ -135,8 +156,20 @@ impl Runner<'_> {
             .stdout(Stdio::null())
             .spawn()
             .context("start simulated agents")?;
-        let ready = peers::wait_metric(admin, "spoke_server_agents_connected", agents as f64, &mut [&mut server, &mut sim])
-            .and_then(|()| peers::wait_metric(admin, "spoke_server_data_conns_idle", agents as f64, &mut [&mut server, &mut sim]));
+        let ready = peers::wait_metric(
+            admin,
+            "spoke_server_agents_connected",
+            agents as f64,
+            &mut [&mut server, &mut sim],
+        )
+        .and_then(|()| {
+            peers::wait_metric(
+                admin,
+                "spoke_server_data_conns_idle",
+                agents as f64,
+                &mut [&mut server, &mut sim],
+            )
+        });
         let result = ready.and_then(|()| {
             let system = System {
                 name: "spoke (TLS tunnel, copy)".into(),
@@ -146,16 +179,44 @@ impl Runner<'_> {
                 helpers: vec![sim],
                 skip_holds: None,
             };
-            let extra =
-                ["--scale-agents".to_owned(), agents.to_string(), "--scale-port".to_owned(), env.backend.port().to_string()];
+            let extra = [
+                "--scale-agents".to_owned(),
+                agents.to_string(),
+                "--scale-port".to_owned(),
+                env.backend.port().to_string(),
+            ];
             self.measure(&system, &["scale"], &extra)
         });
-        result.map(|rows| rows.into_iter().map(|r| Row { scenario: format!("scale_{agents}_agents"), ..r }).collect())
+        result.map(|rows| {
+            rows.into_iter().map(|r| Row { scenario: format!("scale_{agents}_agents"), ..r }).collect()
+        })
     }
+}
+
+/// Raises this process's open-file limits (inherited by every system under test): holding thousands of
+/// tunnels takes two or three descriptors each in a proxy. Returns the limit in force.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let ceiling: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    if setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
+        return ceiling;
+    }
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    hard
+}
+
+/// Largest hold that fits `fd_limit` in a proxy holding two sockets per tunnel (plus its own).
+fn max_hold(fd_limit: u64) -> usize {
+    usize::try_from(fd_limit.saturating_sub(500) / 2).unwrap_or(usize::MAX)
 }
 
 pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
     crate::bootstrap::all()?;
+    let fd_limit = raise_fd_limit();
     let mut unavailable: Vec<(String, String)> =
         peers::install().into_iter().map(|(name, why)| (name.to_owned(), why)).collect();
     let bins = if opts.quick {
@@ -175,11 +236,28 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
     })?;
     let (mut backend_child, backend) = backend(&bins)?;
     let env = Env { bins, dir: dir.clone(), certs, backend };
-    let runner = Runner { env: &env, quick: opts.quick, reps: opts.reps.unwrap_or(if opts.quick { 1 } else { 3 }), dir: dir.clone() };
-    let full_holds = if opts.quick { vec![100] } else { vec![1000, 10_000] };
+    let runner = Runner {
+        env: &env,
+        quick: opts.quick,
+        reps: opts.reps.unwrap_or(if opts.quick { 1 } else { 3 }),
+        dir: dir.clone(),
+    };
+    let mut full_holds = if opts.quick { vec![100] } else { vec![1000, 10_000] };
+    let fits = max_hold(fd_limit);
+    if full_holds.iter().any(|n| *n > fits) {
+        let why = format!(
+            "the open-file limit here is {fd_limit} and cannot be raised, so a proxy with two sockets per tunnel \
+             holds at most {fits}; held {fits} instead"
+        );
+        eprintln!("[bench] {why}");
+        full_holds = full_holds.into_iter().map(|n| n.min(fits)).collect();
+        full_holds.dedup();
+        unavailable.push(("hold 10000".into(), why));
+    }
 
     let mut rows = Vec::new();
-    let wanted = |name: &str| opts.systems.is_empty() || opts.systems.iter().any(|s| name.starts_with(s.as_str()));
+    let wanted =
+        |name: &str| opts.systems.is_empty() || opts.systems.iter().any(|s| name.starts_with(s.as_str()));
     for (name, start) in SYSTEMS.iter().filter(|(n, _)| wanted(n)) {
         if unavailable.iter().any(|(n, _)| n == name) {
             continue;
@@ -225,7 +303,9 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
     let markdown = report.markdown();
     std::fs::write(dir.join("results.md"), &markdown)?;
     std::fs::write(dir.join("throughput.svg"), report.svg())?;
-    let json = serde_json::to_string_pretty(&serde_json::json!({ "machine": machine, "results": rows, "unavailable": unavailable }))?;
+    let json = serde_json::to_string_pretty(
+        &serde_json::json!({ "machine": machine, "results": rows, "unavailable": unavailable }),
+    )?;
     std::fs::write(dir.join("results.json"), &json)?;
     if let Some(path) = &opts.json {
         std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?;
@@ -270,8 +350,16 @@ impl Report<'_> {
 
     fn markdown(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "# Spoke benchmark{}\n", if self.quick { " (quick: small sizes, one repetition)" } else { "" });
-        let _ = writeln!(s, "Machine: {}\n", self.machine.iter().map(|(k, v)| format!("{k} `{v}`")).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(
+            s,
+            "# Spoke benchmark{}\n",
+            if self.quick { " (quick: small sizes, one repetition)" } else { "" }
+        );
+        let _ = writeln!(
+            s,
+            "Machine: {}\n",
+            self.machine.iter().map(|(k, v)| format!("{k} `{v}`")).collect::<Vec<_>>().join(", ")
+        );
         let _ = writeln!(
             s,
             "Each cell: median of the repetitions, ×ratio to direct TCP in the same run, (min–max). \
@@ -299,7 +387,11 @@ impl Report<'_> {
                             Some(d) if d > 0.0 && *sys != "direct" => format!(" ×{}", num(r.value / d)),
                             _ => String::new(),
                         };
-                        let spread = if r.reps > 1 { format!(" ({}–{})", num(r.min), num(r.max)) } else { String::new() };
+                        let spread = if r.reps > 1 {
+                            format!(" ({}–{})", num(r.min), num(r.max))
+                        } else {
+                            String::new()
+                        };
                         format!("{}{ratio}{spread}", num(r.value))
                     }
                 })
@@ -353,7 +445,15 @@ impl Report<'_> {
 
     /// Every available system produced numbers for every scenario it ran.
     fn check_complete(&self) -> anyhow::Result<()> {
-        let expected = ["bulk_up", "bulk_down", "bulk_parallel", "round_trip", "open_sequential", "open_parallel", "head_of_line"];
+        let expected = [
+            "bulk_up",
+            "bulk_down",
+            "bulk_parallel",
+            "round_trip",
+            "open_sequential",
+            "open_parallel",
+            "head_of_line",
+        ];
         let mut gaps = Vec::new();
         for sys in self.systems() {
             for sc in expected {
@@ -365,11 +465,16 @@ impl Report<'_> {
                 gaps.push(format!("{sys}: hold"));
             }
         }
-        if !self.rows.iter().any(|r| r.scenario.starts_with("scale_")) && self.systems().iter().any(|s| s.starts_with("spoke")) {
+        if !self.rows.iter().any(|r| r.scenario.starts_with("scale_"))
+            && self.systems().iter().any(|s| s.starts_with("spoke"))
+        {
             gaps.push("spoke: scale".into());
         }
-        let failed: Vec<&(String, String)> =
-            self.unavailable.iter().filter(|(n, _)| n.starts_with("spoke") || n.starts_with("scale") || n == "direct").collect();
+        let failed: Vec<&(String, String)> = self
+            .unavailable
+            .iter()
+            .filter(|(n, _)| n.starts_with("spoke") || n.starts_with("scale") || n == "direct")
+            .collect();
         if !gaps.is_empty() || !failed.is_empty() {
             bail!("the benchmark is incomplete: missing {gaps:?}; failed {failed:?}");
         }

@@ -100,7 +100,12 @@ fn wait_forward(port: u16, children: &mut [&mut Child]) -> anyhow::Result<()> {
     }
 }
 
-fn forward(name: &str, port: u16, procs: Vec<(String, Child)>, helpers: Vec<Child>) -> anyhow::Result<System> {
+fn forward(
+    name: &str,
+    port: u16,
+    procs: Vec<(String, Child)>,
+    helpers: Vec<Child>,
+) -> anyhow::Result<System> {
     let mut system = System {
         name: name.into(),
         via: format!("forward:127.0.0.1:{port}"),
@@ -139,14 +144,27 @@ fn started(child: &mut Child) -> anyhow::Result<Vec<(String, String)>> {
         for _ in lines {}
     });
     let Ok(Some(Ok(line))) = rx.recv_timeout(READY_TIMEOUT) else { bail!("did not start") };
-    Ok(line.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect())
+    Ok(line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect())
 }
 
 fn value(pairs: &[(String, String)], key: &str) -> anyhow::Result<String> {
-    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).with_context(|| format!("no {key}= in {pairs:?}"))
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .with_context(|| format!("no {key}= in {pairs:?}"))
 }
 
-fn spoke_proc(env: &Env, bin: &str, args: &[String], log: &str) -> anyhow::Result<(Child, Vec<(String, String)>)> {
+fn spoke_proc(
+    env: &Env,
+    bin: &str,
+    args: &[String],
+    log: &str,
+) -> anyhow::Result<(Child, Vec<(String, String)>)> {
     let log = std::fs::File::create(env.dir.join(log))?;
     let mut child = Command::new(env.bins.join(bin))
         .args(args)
@@ -162,7 +180,11 @@ fn spoke_proc(env: &Env, bin: &str, args: &[String], log: &str) -> anyhow::Resul
 
 /// spoke-server with its agent listener on 127.0.0.1; returns the child, the agent address and the
 /// admin address.
-pub fn spoke_server(env: &Env, uds: &Path, extra: &[&str]) -> anyhow::Result<(Child, SocketAddr, SocketAddr)> {
+pub fn spoke_server(
+    env: &Env,
+    uds: &Path,
+    extra: &[&str],
+) -> anyhow::Result<(Child, SocketAddr, SocketAddr)> {
     let mut args: Vec<String> = [
         "--uds-name",
         &uds.display().to_string(),
@@ -187,7 +209,8 @@ pub fn spoke_server(env: &Env, uds: &Path, extra: &[&str]) -> anyhow::Result<(Ch
     .map(|s| (*s).to_owned())
     .collect();
     args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let (child, pairs) = spoke_proc(env, "spoke-server", &args, &format!("spoke-server-{}.log", fastrand_suffix()))?;
+    let (child, pairs) =
+        spoke_proc(env, "spoke-server", &args, &format!("spoke-server-{}.log", fastrand_suffix()))?;
     Ok((child, value(&pairs, "agent")?.parse()?, value(&pairs, "admin")?.parse()?))
 }
 
@@ -207,12 +230,19 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 }
 
 /// Waits until a server metric (whole sample line prefix) reaches `at_least`.
-pub fn wait_metric(admin: SocketAddr, prefix: &str, at_least: f64, children: &mut [&mut Child]) -> anyhow::Result<()> {
+pub fn wait_metric(
+    admin: SocketAddr,
+    prefix: &str,
+    at_least: f64,
+    children: &mut [&mut Child],
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT * 4;
     loop {
         let v = http_status(admin, "/metrics")
             .and_then(|(_, body)| {
-                body.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                body.lines()
+                    .find(|l| l.starts_with(prefix))
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             })
             .unwrap_or(0.0);
         if v >= at_least {
@@ -281,7 +311,10 @@ pub fn socat(env: &Env) -> anyhow::Result<System> {
     let port = free_port()?;
     let child = spawn(
         "socat",
-        &[format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096"), format!("TCP:{}", env.backend)],
+        &[
+            format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096"),
+            format!("TCP:{}", env.backend),
+        ],
         &env.dir.join("socat.log"),
     )?;
     let mut s = forward("socat", port, vec![("socat".into(), child)], Vec::new())?;
@@ -292,16 +325,23 @@ pub fn socat(env: &Env) -> anyhow::Result<System> {
 /// haproxy in TCP mode.
 pub fn haproxy(env: &Env) -> anyhow::Result<System> {
     let port = free_port()?;
+    // haproxy refuses to start when its connection limit needs more descriptors than it may open.
+    let (fds, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    let maxconn = fds.saturating_sub(100) / 2;
     let cfg = env.dir.join("haproxy.cfg");
     std::fs::write(
         &cfg,
         format!(
-            "global\n  maxconn 60000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10m\n  timeout server 10m\n\
+            "global\n  maxconn {maxconn}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10m\n  timeout server 10m\n\
              frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  server s {}\n",
             env.backend
         ),
     )?;
-    let child = spawn("haproxy", &["-db".into(), "-f".into(), cfg.display().to_string()], &env.dir.join("haproxy.log"))?;
+    let child = spawn(
+        "haproxy",
+        &["-db".into(), "-f".into(), cfg.display().to_string()],
+        &env.dir.join("haproxy.log"),
+    )?;
     forward("haproxy (tcp mode)", port, vec![("haproxy".into(), child)], Vec::new())
 }
 
@@ -329,7 +369,12 @@ pub fn stunnel(env: &Env) -> anyhow::Result<System> {
     )?;
     let server = spawn("stunnel4", &[server_cfg.display().to_string()], &env.dir.join("stunnel-server.log"))?;
     let client = spawn("stunnel4", &[client_cfg.display().to_string()], &env.dir.join("stunnel-client.log"))?;
-    forward("stunnel pair (TLS 1.3)", port, vec![("stunnel-server".into(), server), ("stunnel-client".into(), client)], Vec::new())
+    forward(
+        "stunnel pair (TLS 1.3)",
+        port,
+        vec![("stunnel-server".into(), server), ("stunnel-client".into(), client)],
+        Vec::new(),
+    )
 }
 
 /// ssh -L through a private sshd, AES-128-GCM.
@@ -359,7 +404,11 @@ pub fn ssh(env: &Env) -> anyhow::Result<System> {
             d = dir.display()
         ),
     )?;
-    let sshd = spawn("/usr/sbin/sshd", &["-D".into(), "-e".into(), "-f".into(), cfg.display().to_string()], &env.dir.join("sshd.log"))?;
+    let sshd = spawn(
+        "/usr/sbin/sshd",
+        &["-D".into(), "-e".into(), "-f".into(), cfg.display().to_string()],
+        &env.dir.join("sshd.log"),
+    )?;
     std::thread::sleep(Duration::from_millis(300));
     let client = spawn(
         "ssh",
@@ -397,7 +446,9 @@ pub fn rathole(env: &Env) -> anyhow::Result<System> {
     let server_cfg = env.dir.join("rathole-server.toml");
     std::fs::write(
         &server_cfg,
-        format!("[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.services.bench]\ntoken = \"spoke-bench\"\nbind_addr = \"127.0.0.1:{port}\"\n"),
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.services.bench]\ntoken = \"spoke-bench\"\nbind_addr = \"127.0.0.1:{port}\"\n"
+        ),
     )?;
     let client_cfg = env.dir.join("rathole-client.toml");
     std::fs::write(
@@ -409,16 +460,29 @@ pub fn rathole(env: &Env) -> anyhow::Result<System> {
     )?;
     let server = spawn("rathole", &[server_cfg.display().to_string()], &env.dir.join("rathole-server.log"))?;
     let client = spawn("rathole", &[client_cfg.display().to_string()], &env.dir.join("rathole-client.log"))?;
-    forward("rathole (tcp)", port, vec![("rathole-server".into(), server), ("rathole-client".into(), client)], Vec::new())
+    forward(
+        "rathole (tcp)",
+        port,
+        vec![("rathole-server".into(), server), ("rathole-client".into(), client)],
+        Vec::new(),
+    )
 }
 
 /// Installs what the peers need; returns a note per peer that could not be installed.
 pub fn install() -> Vec<(&'static str, String)> {
     let mut missing = Vec::new();
-    let packages = [("socat", "socat"), ("haproxy", "haproxy"), ("stunnel4", "stunnel4"), ("ssh", "openssh-client"), ("sshd", "openssh-server")];
+    let packages = [
+        ("socat", "socat"),
+        ("haproxy", "haproxy"),
+        ("stunnel4", "stunnel4"),
+        ("ssh", "openssh-client"),
+        ("sshd", "openssh-server"),
+    ];
     let absent: Vec<&str> = packages
         .iter()
-        .filter(|(program, _)| !crate::bootstrap::on_path(program) && !Path::new("/usr/sbin").join(program).exists())
+        .filter(|(program, _)| {
+            !crate::bootstrap::on_path(program) && !Path::new("/usr/sbin").join(program).exists()
+        })
         .map(|(_, package)| *package)
         .collect();
     if !absent.is_empty() {

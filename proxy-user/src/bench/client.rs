@@ -52,7 +52,11 @@ async fn connect_handshake<S: Io>(mut s: S, target: &str) -> anyhow::Result<S> {
     if head != ESTABLISHED {
         let mut rest = vec![0u8; 256];
         let n = s.read(&mut rest).await.unwrap_or(0);
-        bail!("CONNECT {target} refused: {}{}", String::from_utf8_lossy(&head), String::from_utf8_lossy(&rest[..n]));
+        bail!(
+            "CONNECT {target} refused: {}{}",
+            String::from_utf8_lossy(&head),
+            String::from_utf8_lossy(&rest[..n])
+        );
     }
     Ok(s)
 }
@@ -67,7 +71,8 @@ impl Opener {
                 Box::new(s)
             }
             Via::Uds(path) => {
-                let s = UnixStream::connect(path).await.with_context(|| format!("connect {}", path.display()))?;
+                let s =
+                    UnixStream::connect(path).await.with_context(|| format!("connect {}", path.display()))?;
                 Box::new(connect_handshake(s, &self.target).await?)
             }
             Via::Tcp { addr, tls } => {
@@ -76,7 +81,10 @@ impl Opener {
                 match tls {
                     None => Box::new(connect_handshake(s, &self.target).await?),
                     Some((connector, name)) => {
-                        let s = connector.connect(name.clone(), s).await.context("TLS handshake with the proxy")?;
+                        let s = connector
+                            .connect(name.clone(), s)
+                            .await
+                            .context("TLS handshake with the proxy")?;
                         Box::new(connect_handshake(s, &self.target).await?)
                     }
                 }

@@ -3,7 +3,10 @@
 //! It measures any HTTP-CONNECT proxy (a Unix socket or TCP, optionally with a TLS client certificate)
 //! or any port forwarder, so an operator can measure what they run today before switching. `cargo xtask
 //! bench` drives it against direct TCP, Spoke and peers in one run.
-#![expect(clippy::cast_precision_loss, reason = "measurements are reported as f64; counts stay far below 2^52")]
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "measurements are reported as f64; counts stay far below 2^52"
+)]
 
 pub mod backend;
 pub mod client;
@@ -28,8 +31,17 @@ use client::{Opener, Via};
 use scenarios::{Ctx, Sample, Sizes};
 
 /// Every scenario, in run order.
-pub const SCENARIOS: &[&str] =
-    &["bulk_up", "bulk_down", "bulk_parallel", "round_trip", "open_sequential", "open_parallel", "hold", "head_of_line", "scale"];
+pub const SCENARIOS: &[&str] = &[
+    "bulk_up",
+    "bulk_down",
+    "bulk_parallel",
+    "round_trip",
+    "open_sequential",
+    "open_parallel",
+    "hold",
+    "head_of_line",
+    "scale",
+];
 
 /// Command line of `spoke-bench`.
 #[derive(Debug, Parser)]
@@ -182,7 +194,9 @@ fn summarize(system: &str, scenario: &str, runs: Vec<Vec<Sample>>) -> Vec<Row> {
 
 fn opener(a: &RunArgs) -> anyhow::Result<Opener> {
     let via = match a.via.split_once(':') {
-        None if a.via == "direct" => Via::Forward(a.target.parse().context("--target must be ADDRESS:PORT for direct")?),
+        None if a.via == "direct" => {
+            Via::Forward(a.target.parse().context("--target must be ADDRESS:PORT for direct")?)
+        }
         Some(("forward", addr)) => Via::Forward(addr.parse().context("forward:ADDR")?),
         Some(("uds", path)) => Via::Uds(path.into()),
         Some(("tcp", addr)) => {
@@ -208,12 +222,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if !a.holds.is_empty() {
         sizes.holds.clone_from(&a.holds);
     }
-    let ctx = Ctx {
-        opener: opener(&a)?,
-        procs: a.procs.clone(),
-        sizes,
-        scale: a.scale_agents.zip(a.scale_port),
-    };
+    let ctx =
+        Ctx { opener: opener(&a)?, procs: a.procs.clone(), sizes, scale: a.scale_agents.zip(a.scale_port) };
     let chosen: Vec<String> = if a.scenarios.is_empty() {
         SCENARIOS.iter().filter(|s| **s != "scale").map(|s| (*s).to_owned()).collect()
     } else {
@@ -303,7 +313,8 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
 pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         Command::Backend { listen } => {
-            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+            let listener =
+                tokio::net::TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
             println!("spoke-bench backend started addr={}", listener.local_addr()?);
             backend::serve(listener).await;
             Ok(())

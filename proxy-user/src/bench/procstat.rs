@@ -12,8 +12,8 @@ fn stat_fields(pid: u32) -> Vec<u64> {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return Vec::new() };
     // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
     let Some((_, rest)) = stat.rsplit_once(')') else { return Vec::new() };
-    // rest starts at field 3 (state, not a number).
-    [0, 0, 0].into_iter().chain(rest.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0))).collect()
+    // rest starts at field 3 (the state letter, kept as 0 so that indices match proc(5)).
+    [0, 0, 0].into_iter().chain(rest.split_whitespace().map(|v| v.parse().unwrap_or(0))).collect()
 }
 
 /// `pid` and every live descendant (a forking proxy such as socat serves each connection in a child).
@@ -75,7 +75,10 @@ fn rss_one(pid: u32) -> u64 {
 /// Open file descriptors of `pid` and its live descendants.
 #[must_use]
 pub fn open_fds(pid: u32) -> u64 {
-    tree(pid).into_iter().map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count() as u64)).sum()
+    tree(pid)
+        .into_iter()
+        .map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count() as u64))
+        .sum()
 }
 
 /// Busy CPU time of the whole machine so far (every state but idle and iowait), for costs that run

@@ -108,7 +108,10 @@ struct Cpu {
 }
 
 fn cpu(ctx: &Ctx) -> Cpu {
-    Cpu { procs: ctx.procs.iter().map(|(_, pid)| procstat::cpu_time(*pid)).sum(), machine: procstat::machine_busy() }
+    Cpu {
+        procs: ctx.procs.iter().map(|(_, pid)| procstat::cpu_time(*pid)).sum(),
+        machine: procstat::machine_busy(),
+    }
 }
 
 fn bulk_samples(ctx: &Ctx, before: &Cpu, bytes: u64, elapsed: Duration) -> Vec<Sample> {
@@ -116,9 +119,17 @@ fn bulk_samples(ctx: &Ctx, before: &Cpu, bytes: u64, elapsed: Duration) -> Vec<S
     let gib = bytes as f64 / GIB;
     let mut out = vec![sample("throughput", bytes as f64 / elapsed.as_secs_f64() / 1e6, "MB/s")];
     if !ctx.procs.is_empty() {
-        out.push(sample("proxy_cpu", after.procs.saturating_sub(before.procs).as_secs_f64() / gib, "CPU-s/GiB"));
+        out.push(sample(
+            "proxy_cpu",
+            after.procs.saturating_sub(before.procs).as_secs_f64() / gib,
+            "CPU-s/GiB",
+        ));
     }
-    out.push(sample("machine_cpu", (after.machine.saturating_sub(before.machine)).as_secs_f64() / gib, "CPU-s/GiB"));
+    out.push(sample(
+        "machine_cpu",
+        (after.machine.saturating_sub(before.machine)).as_secs_f64() / gib,
+        "CPU-s/GiB",
+    ));
     out
 }
 
@@ -380,9 +391,16 @@ pub async fn scale(ctx: &Ctx) -> anyhow::Result<Vec<Sample>> {
     while let Some(r) = tasks.join_next().await {
         all.add(bounded("scale dials", async { r? }).await?).expect("same histogram bounds");
     }
-    let mut out = vec![sample("dial_p50", micros(&all, 0.5) / 1e3, "ms"), sample("dial_p99", micros(&all, 0.99) / 1e3, "ms")];
+    let mut out = vec![
+        sample("dial_p50", micros(&all, 0.5) / 1e3, "ms"),
+        sample("dial_p99", micros(&all, 0.99) / 1e3, "ms"),
+    ];
     for (name, pid) in &ctx.procs {
-        out.push(sample(format!("rss.{name}"), procstat::rss_bytes(*pid) as f64 / f64::from(1u32 << 20), "MiB"));
+        out.push(sample(
+            format!("rss.{name}"),
+            procstat::rss_bytes(*pid) as f64 / f64::from(1u32 << 20),
+            "MiB",
+        ));
     }
     Ok(out)
 }
