@@ -151,6 +151,10 @@ pub struct ServerArgs {
     /// How long open streams may go on after SIGTERM.
     #[arg(long, env = "SPOKE_SERVER_GRACEFUL_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub graceful_shutdown_timeout: Duration,
+    /// Accept data connections without TLS (agents started with `--tunnel-tls off`), for networks whose
+    /// underlay is already encrypted (`WireGuard`, `IPsec`). Control channels always use mutual TLS.
+    #[arg(long, env = "SPOKE_SERVER_ALLOW_PLAINTEXT_TUNNEL")]
+    pub allow_plaintext_tunnel: bool,
     /// Log format.
     #[arg(long, env = "SPOKE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -203,6 +207,8 @@ pub struct ServerConfig {
     pub server_id: String,
     /// Replicas agents should reach.
     pub server_count: u16,
+    /// Whether data connections may skip TLS.
+    pub allow_plaintext_tunnel: bool,
     /// Limits and timeouts.
     pub limits: ServerLimits,
 }
@@ -257,6 +263,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             strategies: a.proxy_strategies,
             server_id: a.server_id,
             server_count: a.server_count,
+            allow_plaintext_tunnel: a.allow_plaintext_tunnel,
             limits: ServerLimits {
                 max_frontend_conns: positive("--max-frontend-conns", a.max_frontend_conns)?,
                 max_streams_per_agent: positive("--max-streams-per-agent", a.max_streams_per_agent)?,
@@ -276,10 +283,21 @@ impl TryFrom<ServerArgs> for ServerConfig {
 /// How the agent moves a stream's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DatapathMode {
-    /// The best tier this kernel and stream allow (today: the userspace copy, as tunnels are TLS).
+    /// The best tier the stream allows: splice for plaintext tunnels, copy for TLS tunnels.
     Auto,
     /// The userspace copy (tokio and rustls, adaptive buffers up to 256 KiB).
     Copy,
+    /// splice(2) through a pipe, kernel to kernel; plaintext tunnels only (TLS ones fall back to copy).
+    Splice,
+}
+
+/// Whether the agent's data connections use TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TunnelTls {
+    /// Mutual TLS 1.3 (the default).
+    On,
+    /// Plain TCP, for an underlay that is already encrypted; the server must allow it.
+    Off,
 }
 
 /// `spoke-agent`: dials out to spoke-server and connects the server's streams to node-local targets.
@@ -348,6 +366,10 @@ pub struct AgentArgs {
     /// Datapath tier for streams.
     #[arg(long, env = "SPOKE_AGENT_DATAPATH", value_enum, default_value_t = DatapathMode::Auto)]
     pub datapath: DatapathMode,
+    /// TLS on data connections. `off` sends stream bytes unencrypted between node and control plane:
+    /// only for networks whose underlay is already encrypted. The control channel always uses TLS.
+    #[arg(long, env = "SPOKE_AGENT_TUNNEL_TLS", value_enum, default_value_t = TunnelTls::On)]
+    pub tunnel_tls: TunnelTls,
     /// Log format.
     #[arg(long, env = "SPOKE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -385,6 +407,8 @@ pub struct AgentConfig {
     pub admin_bind: Option<SocketAddr>,
     /// Datapath tier.
     pub datapath: DatapathMode,
+    /// TLS on data connections.
+    pub tunnel_tls: TunnelTls,
 }
 
 /// Most idle data connections an agent may keep parked (the server's default per-agent limit).
@@ -485,6 +509,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             grace_period: a.graceful_shutdown_timeout,
             admin_bind: parse_admin_bind(&a.admin_bind)?,
             datapath: a.datapath,
+            tunnel_tls: a.tunnel_tls,
         })
     }
 }

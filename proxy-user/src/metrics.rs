@@ -80,6 +80,10 @@ pub struct AgentMetrics {
     pub streams: Counters,
     /// Streams by the datapath `tier` that carried them.
     pub streams_by_datapath: Counters,
+    /// Stream payload bytes (both directions) by datapath `tier`.
+    pub datapath_bytes: Counters,
+    /// Streams that could not take the configured tier, by `reason`.
+    pub datapath_fallbacks: Counters,
     /// Stream payload bytes by `direction` (up: server → target, down: target → server).
     pub bytes: Counters,
     /// Time to connect to a target.
@@ -101,6 +105,8 @@ impl AgentMetrics {
             streams_open: Gauge::default(),
             streams: Counters::default(),
             streams_by_datapath: Counters::default(),
+            datapath_bytes: Counters::default(),
+            datapath_fallbacks: Counters::default(),
             bytes: Counters::default(),
             dial_duration: dial_buckets(),
             pool_idle: Gauge::default(),
@@ -112,6 +118,12 @@ impl AgentMetrics {
         r.register("streams_open", "Streams being relayed now", m.streams_open.clone());
         r.register("streams", "Dials by result", m.streams.clone());
         r.register("datapath_streams", "Streams by datapath tier", m.streams_by_datapath.clone());
+        r.register("datapath_bytes", "Stream payload bytes by datapath tier", m.datapath_bytes.clone());
+        r.register(
+            "datapath_fallbacks",
+            "Streams that fell back from the configured tier, by reason",
+            m.datapath_fallbacks.clone(),
+        );
         r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
         r.register("dial_duration_seconds", "Time to connect to a target", m.dial_duration.clone());
         r.register("pool_idle", "Idle data connections parked at the server", m.pool_idle.clone());

@@ -142,3 +142,43 @@ async fn frontend_requires_a_client_certificate_from_its_ca() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_data_connections_need_the_servers_consent() {
+    let certs = certs();
+    let srv = server(&certs).flag("--backend-dial-timeout", "1s").run().await;
+    let _agent = agent(&srv).plaintext("splice").spawn().await;
+    eventually("plaintext refused", || async {
+        metric(srv.admin_addr, "spoke_server_agent_conn_failures_total{reason=\"plaintext_refused\"}").await
+            >= 1
+    })
+    .await;
+    // The control channel (TLS) is up, but no data connection is ever parked: dials time out.
+    let echo = echo().await;
+    let (status, text) = connect_status(&srv, &echo.to_string()).await;
+    assert_eq!(status, 504, "{text}");
+    assert_eq!(metric(srv.admin_addr, "spoke_server_data_conns_idle").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_channel_without_tls_is_refused_even_when_plaintext_is_allowed() {
+    use spoke::protocol::{Identity, Message, PROTOCOL_VERSION};
+    let certs = certs();
+    let srv = server(&certs).allow_plaintext_tunnel().run().await;
+    let mut s = TcpStream::connect(srv.agent_addr).await.unwrap();
+    let identity = Identity {
+        agent_id: "intruder".into(),
+        node_name: "intruder".into(),
+        hostnames: vec![],
+        addresses: vec![],
+        cidrs: vec![],
+        default_route: true,
+    };
+    spoke::codec::write_message(&mut s, &Message::Hello { version: PROTOCOL_VERSION, identity })
+        .await
+        .unwrap();
+    let reply =
+        tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut s)).await.expect("reply in time");
+    assert!(matches!(reply, Ok(Message::Reject { .. })), "{reply:?}");
+    assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 0);
+}

@@ -11,11 +11,50 @@ use tokio::net::TcpListener;
 
 const GIB: u64 = 1 << 30;
 
+/// How the agent's data connections and datapath are set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// TLS data connections, userspace copy.
+    Tls,
+    /// Plain data connections, splice(2).
+    PlainSplice,
+}
+
+/// A server (with the mTLS TCP frontend) and one connected agent in `mode`.
+async fn system(mode: Mode) -> (common::Server, common::Agent) {
+    let certs = certs();
+    let mut srv = server(&certs).tcp_frontend();
+    if mode == Mode::PlainSplice {
+        srv = srv.allow_plaintext_tunnel();
+    }
+    let srv = srv.run().await;
+    let mut a = agent(&srv);
+    if mode == Mode::PlainSplice {
+        a = a.plaintext("splice");
+    }
+    let a = a.run().await;
+    (srv, a)
+}
+
+/// The agent carried `streams` streams on the tier `mode` should choose.
+async fn assert_tier(agent: &common::Agent, mode: Mode, streams: u64) {
+    let tier = if mode == Mode::Tls { "copy" } else { "splice" };
+    let line = format!("spoke_agent_datapath_streams_total{{tier=\"{tier}\"}}");
+    assert_eq!(common::metric(agent.admin_addr, &line).await, streams, "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_each_way_arrives_intact() {
-    let certs = certs();
-    let srv = server(&certs).run().await;
-    let _agent = agent(&srv).run().await;
+    one_gib_each_way(Mode::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_each_way_arrives_intact_spliced() {
+    one_gib_each_way(Mode::PlainSplice).await;
+}
+
+async fn one_gib_each_way(mode: Mode) {
+    let (srv, agent) = system(mode).await;
     // The backend checks what the client sends and sends its own pattern back, both at once.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend_addr = listener.local_addr().unwrap();
@@ -30,13 +69,21 @@ async fn one_gib_each_way_arrives_intact() {
     let (got, ()) = tokio::join!(check_pattern(&mut r, 2), send_pattern(&mut w, 1, GIB));
     assert_eq!(got, GIB, "node → apiserver bytes");
     assert_eq!(backend.await.unwrap(), GIB, "apiserver → node bytes");
+    assert_tier(&agent, mode, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_streams_all_verified() {
-    let certs = certs();
-    let srv = server(&certs).run().await;
-    let agent = agent(&srv).run().await;
+    two_hundred_concurrent_streams(Mode::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_streams_all_verified_spliced() {
+    two_hundred_concurrent_streams(Mode::PlainSplice).await;
+}
+
+async fn two_hundred_concurrent_streams(mode: Mode) {
+    let (srv, agent) = system(mode).await;
     let echo = echo().await;
     let mut tasks = Vec::new();
     for i in 0..200u64 {
@@ -55,6 +102,10 @@ async fn two_hundred_concurrent_streams_all_verified() {
         t.await.expect("stream task");
     }
     assert_eq!(common::metric(srv.admin_addr, "spoke_server_streams_total{result=\"ok\"}").await, 200);
+    assert_tier(&agent, mode, 200).await;
+    if mode != Mode::Tls {
+        return;
+    }
     // Refills of the pool resume TLS sessions instead of repeating full handshakes.
     let resumed =
         common::metric(agent.admin_addr, "spoke_agent_server_handshakes_total{kind=\"resumed\"}").await;
@@ -68,9 +119,16 @@ async fn two_hundred_concurrent_streams_all_verified() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_from_the_client_side() {
-    let certs = certs();
-    let srv = server(&certs).run().await;
-    let _agent = agent(&srv).run().await;
+    half_close_client(Mode::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_client_side_spliced() {
+    half_close_client(Mode::PlainSplice).await;
+}
+
+async fn half_close_client(mode: Mode) {
+    let (srv, _agent) = system(mode).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let backend = tokio::spawn(async move {
@@ -96,9 +154,16 @@ async fn half_close_from_the_client_side() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_from_the_backend_side() {
-    let certs = certs();
-    let srv = server(&certs).run().await;
-    let _agent = agent(&srv).run().await;
+    half_close_backend(Mode::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_backend_side_spliced() {
+    half_close_backend(Mode::PlainSplice).await;
+}
+
+async fn half_close_backend(mode: Mode) {
+    let (srv, _agent) = system(mode).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let backend = tokio::spawn(async move {
@@ -119,9 +184,16 @@ async fn half_close_from_the_backend_side() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_reset_reaches_the_client_as_an_abort() {
-    let certs = certs();
-    let srv = server(&certs).tcp_frontend().run().await;
-    let _agent = agent(&srv).run().await;
+    backend_reset(Mode::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_reset_reaches_the_client_as_an_abort_spliced() {
+    backend_reset(Mode::PlainSplice).await;
+}
+
+async fn backend_reset(mode: Mode) {
+    let (srv, _agent) = system(mode).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

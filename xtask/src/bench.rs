@@ -51,6 +51,8 @@ type Start = fn(&Env) -> anyhow::Result<System>;
 const SYSTEMS: &[(&str, Start)] = &[
     ("direct", peers::direct),
     ("spoke (TLS tunnel, copy)", peers::spoke),
+    ("spoke (plaintext tunnel, splice)", peers::spoke_plain_splice),
+    ("spoke (plaintext tunnel, copy)", peers::spoke_plain_copy),
     ("haproxy (tcp mode)", peers::haproxy),
     ("socat", peers::socat),
     ("stunnel pair (TLS 1.3)", peers::stunnel),

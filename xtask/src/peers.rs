@@ -263,8 +263,23 @@ pub fn wait_metric(
 /// Spoke: server and agent with a TLS tunnel and the copy datapath; the bench speaks CONNECT over the
 /// server's Unix socket, as kube-apiserver does.
 pub fn spoke(env: &Env) -> anyhow::Result<System> {
-    let uds = env.dir.join("spoke.sock");
-    let (mut server, agent_addr, admin) = spoke_server(env, &uds, &[])?;
+    spoke_with(env, "spoke (TLS tunnel, copy)", true, "copy")
+}
+
+/// Spoke with plaintext data connections, spliced with splice(2) on the agent.
+pub fn spoke_plain_splice(env: &Env) -> anyhow::Result<System> {
+    spoke_with(env, "spoke (plaintext tunnel, splice)", false, "splice")
+}
+
+/// Spoke with plaintext data connections and the userspace copy: what splice is measured against.
+pub fn spoke_plain_copy(env: &Env) -> anyhow::Result<System> {
+    spoke_with(env, "spoke (plaintext tunnel, copy)", false, "copy")
+}
+
+fn spoke_with(env: &Env, name: &str, tls: bool, datapath: &str) -> anyhow::Result<System> {
+    let uds = env.dir.join(format!("spoke-{datapath}-{tls}.sock"));
+    let server_extra: &[&str] = if tls { &[] } else { &["--allow-plaintext-tunnel"] };
+    let (mut server, agent_addr, admin) = spoke_server(env, &uds, server_extra)?;
     let args: Vec<String> = [
         "--proxy-server-host",
         "127.0.0.1",
@@ -289,15 +304,17 @@ pub fn spoke(env: &Env) -> anyhow::Result<System> {
         "--pool-size",
         "16",
         "--datapath",
-        "copy",
+        datapath,
+        "--tunnel-tls",
+        if tls { "on" } else { "off" },
     ]
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    let (mut agent, _) = spoke_proc(env, "spoke-agent", &args, "spoke-agent.log")?;
+    let (mut agent, _) = spoke_proc(env, "spoke-agent", &args, &format!("spoke-agent-{datapath}-{tls}.log"))?;
     wait_metric(admin, "spoke_server_data_conns_idle", 1.0, &mut [&mut server, &mut agent])?;
     Ok(System {
-        name: "spoke (TLS tunnel, copy)".into(),
+        name: name.into(),
         via: format!("uds:{}", uds.display()),
         extra: Vec::new(),
         procs: vec![("server".into(), server), ("agent".into(), agent)],

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::client::TlsStream;
 use tracing::debug;
 
 use super::Agent;
@@ -103,7 +102,7 @@ async fn open(agent: &Agent, host: &str, port: u16, timeout: Duration) -> Result
 /// Serves one `Dial` that arrived on `conn`.
 pub(super) async fn serve(
     agent: &Agent,
-    mut conn: TlsStream<TcpStream>,
+    mut conn: super::ServerConn,
     stream_id: u64,
     host: &str,
     port: u16,
@@ -129,7 +128,7 @@ pub(super) async fn serve(
     }
     let Some(mut target) = target else { return };
     agent.metrics.streams_open.inc();
-    let result = agent.datapath.splice(&agent.metrics, &mut conn, &mut target).await;
+    let result = agent.datapath.relay(&agent.metrics, &mut conn, &mut target).await;
     agent.metrics.streams_open.dec();
     let (up, down) = match &result {
         Ok(m) => (m.a_to_b, m.b_to_a),

@@ -21,11 +21,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::codec::{self, CodecError};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, TunnelTls};
 use crate::datapath::Datapath;
 use crate::metrics::{AgentMetrics, inc};
 use crate::protocol::{Message, PROTOCOL_VERSION};
-use crate::transport::{self, tls};
+use crate::transport::{self, Tunnel, tls};
 
 /// Control frames buffered between the reader task and the session loop.
 const CONTROL_QUEUE: usize = 16;
@@ -89,8 +89,9 @@ impl Agent {
         format!("{}:{}", self.config.server_host, self.config.server_port)
     }
 
-    /// Opens one TLS connection to the server and sends `first`; within the connect timeout.
-    async fn connect(&self, first: &Message) -> Result<TlsStream<TcpStream>, ConnectError> {
+    /// Opens one connection to the server (TLS unless `tls` is false) and sends `first`; within the
+    /// connect timeout.
+    async fn connect(&self, first: &Message, tls: bool) -> Result<ServerConn, ConnectError> {
         let addr = self.server_addr();
         let setup = async {
             let tcp = TcpStream::connect((self.config.server_host.as_str(), self.config.server_port))
@@ -99,16 +100,21 @@ impl Agent {
             if let Err(error) = transport::tune_tunnel_socket(&tcp) {
                 tracing::debug!(%error, "tune server socket");
             }
-            let mut conn = self
-                .connector
-                .connect(self.server_name.clone(), tcp)
-                .await
-                .map_err(|source| ConnectError::Connect { addr: addr.clone(), source })?;
-            let kind = match conn.get_ref().1.handshake_kind() {
-                Some(rustls::HandshakeKind::Resumed) => "resumed",
-                _ => "full",
+            let mut conn = if tls {
+                let conn = self
+                    .connector
+                    .connect(self.server_name.clone(), tcp)
+                    .await
+                    .map_err(|source| ConnectError::Connect { addr: addr.clone(), source })?;
+                let kind = match conn.get_ref().1.handshake_kind() {
+                    Some(rustls::HandshakeKind::Resumed) => "resumed",
+                    _ => "full",
+                };
+                inc(&self.metrics.server_handshakes, "kind", kind);
+                Tunnel::Tls(conn)
+            } else {
+                Tunnel::Plain(tcp)
             };
-            inc(&self.metrics.server_handshakes, "kind", kind);
             codec::write_message(&mut conn, first).await?;
             Ok(conn)
         };
@@ -117,6 +123,9 @@ impl Agent {
             .map_err(|_| ConnectError::Timeout(addr.clone()))?
     }
 }
+
+/// A connection to the server: TLS, or plain TCP for data connections with `--tunnel-tls off`.
+pub(crate) type ServerConn = Tunnel<TlsStream<TcpStream>>;
 
 /// Capped exponential backoff with full jitter.
 #[derive(Debug)]
@@ -182,6 +191,11 @@ pub async fn run_agent(
         tokio::spawn(crate::admin::serve(listener, Arc::new(registry), ready, admin_stop.clone()));
     }
     info!(agent = %agent.config.identity.agent_id, server = %agent.server_addr(), datapath = ?agent.datapath.mode(), "spoke-agent running");
+    if agent.config.tunnel_tls == TunnelTls::Off {
+        warn!(
+            "--tunnel-tls off: stream bytes cross the network UNENCRYPTED; only for an underlay that is already encrypted"
+        );
+    }
 
     let mut backoff = Backoff::new(agent.config.reconnect);
     while !shutdown.is_cancelled() {
@@ -226,7 +240,7 @@ async fn session(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<Ses
     let hello = Message::Hello { version: PROTOCOL_VERSION, identity: agent.config.identity.clone() };
     let mut conn = tokio::select! {
         () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        c = agent.connect(&hello) => c?,
+        c = agent.connect(&hello, true) => c?,
     };
     let ack = tokio::time::timeout(agent.config.connect_timeout, codec::read_message(&mut conn))
         .await
@@ -266,7 +280,7 @@ async fn session(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<Ses
 
 async fn heartbeats(
     agent: &Agent,
-    conn: TlsStream<TcpStream>,
+    conn: ServerConn,
     heartbeat: Duration,
     shutdown: &CancellationToken,
 ) -> SessionEnd {

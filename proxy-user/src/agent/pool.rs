@@ -59,7 +59,7 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: u64, stop
             counts.dialing.fetch_sub(1, Ordering::AcqRel);
             return;
         }
-        c = agent.connect(&hello) => c,
+        c = agent.connect(&hello, agent.config.tunnel_tls == crate::config::TunnelTls::On) => c,
     };
     counts.dialing.fetch_sub(1, Ordering::AcqRel);
     let mut conn = match connected {

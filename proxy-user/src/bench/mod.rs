@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::policy::{AllowRule, Policy};
-use crate::config::{AgentConfig, DatapathMode};
+use crate::config::{AgentConfig, DatapathMode, TunnelTls};
 use crate::protocol::Identity;
 use crate::transport::tls::TlsFiles;
 use client::{Opener, Via};
@@ -299,6 +299,7 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
             grace_period: std::time::Duration::from_secs(1),
             admin_bind: None,
             datapath: DatapathMode::Copy,
+            tunnel_tls: TunnelTls::On,
         };
         tasks.spawn(crate::run_agent(config, None, stop.child_token()));
     }

@@ -13,7 +13,7 @@ use super::{ACCEPT_ERROR_PAUSE, MAX_AGENT_HANDSHAKES, Server};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
 use crate::protocol::{Identity, Message, PROTOCOL_VERSION};
-use crate::transport;
+use crate::transport::{self, Tunnel};
 
 /// Control frames buffered between the reader task and the session loop.
 const CONTROL_QUEUE: usize = 16;
@@ -64,7 +64,8 @@ pub(super) async fn accept(server: Arc<Server>, listener: TcpListener, tls: TlsA
     }
 }
 
-/// TLS handshake and first frame, within the handshake timeout.
+/// TLS handshake (or, where allowed, a plain data connection) and first frame, within the handshake
+/// timeout. A control channel is always TLS.
 async fn establish(
     server: &Server,
     stream: TcpStream,
@@ -75,14 +76,30 @@ async fn establish(
         if let Err(error) = transport::tune_tunnel_socket(&stream) {
             debug!(%error, "tune agent socket");
         }
-        let mut conn = tls.accept(stream).await.map_err(|error| {
-            warn!(%error, "agent TLS handshake failed");
-            "tls_handshake"
-        })?;
+        let mut first_byte = [0u8; 1];
+        if stream.peek(&mut first_byte).await.map_err(|_| "protocol")? == 0 {
+            return Err("protocol");
+        }
+        let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
+            Tunnel::Tls(tls.accept(stream).await.map_err(|error| {
+                warn!(%error, "agent TLS handshake failed");
+                "tls_handshake"
+            })?)
+        } else if server.config.allow_plaintext_tunnel {
+            Tunnel::Plain(stream)
+        } else {
+            warn!("plaintext agent connection refused (--allow-plaintext-tunnel is off)");
+            return Err("plaintext_refused");
+        };
         let first = codec::read_message(&mut conn).await.map_err(|error| {
             warn!(%error, "agent sent no valid first frame");
             "protocol"
         })?;
+        if matches!((&conn, &first), (Tunnel::Plain(_), Message::Hello { .. })) {
+            warn!("control channel refused: it must use TLS");
+            reject(&mut conn, "the control channel requires TLS").await;
+            return Err("plaintext_refused");
+        }
         Ok((conn, first))
     };
     tokio::time::timeout(timeout, setup).await.unwrap_or_else(|_| {

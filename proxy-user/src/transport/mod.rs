@@ -58,3 +58,71 @@ pub fn tune_tunnel_socket(stream: &TcpStream) -> io::Result<()> {
         .with_retries(KEEPALIVE_RETRIES);
     socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
 }
+
+/// An agent ↔ server connection: TLS, or plain TCP where the operator opted out of tunnel encryption
+/// (an underlay that is already encrypted). Plain data connections let the kernel splice the stream.
+#[derive(Debug)]
+pub enum Tunnel<T> {
+    /// TLS over TCP.
+    Tls(T),
+    /// Plain TCP.
+    Plain(TcpStream),
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tunnel<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tls(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+            Self::Plain(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tunnel<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tls(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+            Self::Plain(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tls(t) => std::pin::Pin::new(t).poll_flush(cx),
+            Self::Plain(t) => std::pin::Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tls(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+            Self::Plain(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+        }
+    }
+}
+
+impl<T: Stream> Stream for Tunnel<T> {
+    fn abort(&self) {
+        match self {
+            Self::Tls(t) => t.abort(),
+            Self::Plain(t) => t.abort(),
+        }
+    }
+}
+
+/// First byte of a TLS handshake record; Spoke frames start with a length whose first byte is 0.
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;

@@ -126,10 +126,17 @@ pub struct ServerBuilder {
     agent_port: u16,
     tcp_frontend: bool,
     args: Vec<String>,
+    switches: Vec<&'static str>,
 }
 
 pub fn server(certs: &Arc<Certs>) -> ServerBuilder {
-    ServerBuilder { certs: certs.clone(), agent_port: 0, tcp_frontend: false, args: Vec::new() }
+    ServerBuilder {
+        certs: certs.clone(),
+        agent_port: 0,
+        tcp_frontend: false,
+        args: Vec::new(),
+        switches: Vec::new(),
+    }
 }
 
 pub struct Server {
@@ -150,6 +157,12 @@ impl ServerBuilder {
 
     pub fn tcp_frontend(mut self) -> Self {
         self.tcp_frontend = true;
+        self
+    }
+
+    /// Accepts plain (non-TLS) data connections.
+    pub fn allow_plaintext_tunnel(mut self) -> Self {
+        self.switches.push("--allow-plaintext-tunnel");
         self
     }
 
@@ -195,6 +208,7 @@ impl ServerBuilder {
             ]);
         }
         override_flags(&mut args, &self.args);
+        args.extend(self.switches.iter().map(|s| (*s).to_owned()));
         let (proc, pairs) = spawn(
             "spoke-server",
             &bin(option_env!("CARGO_BIN_EXE_spoke-server"), "SPOKE_SERVER_BIN"),
@@ -273,6 +287,11 @@ impl AgentBuilder {
         self.args.push(name.to_owned());
         self.args.push(value.to_owned());
         self
+    }
+
+    /// Plain TCP data connections (the server must allow them) with this datapath.
+    pub fn plaintext(self, datapath: &str) -> Self {
+        self.flag("--tunnel-tls", "off").flag("--datapath", datapath)
     }
 
     /// Runs the agent inside this network namespace.
