@@ -114,7 +114,13 @@ struct Runner<'a> {
 
 impl Runner<'_> {
     /// Runs spoke-bench against `system`; returns its rows.
-    fn measure(&self, system: &System, scenarios: &[&str], extra: &[String]) -> anyhow::Result<Vec<Row>> {
+    /// Rows measured, and the failure of spoke-bench if it failed (after writing what it measured).
+    fn measure(
+        &self,
+        system: &System,
+        scenarios: &[&str],
+        extra: &[String],
+    ) -> anyhow::Result<(Vec<Row>, Option<String>)> {
         let slug: String =
             system.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
         let out = self.dir.join(format!("{slug}-{}.json", scenarios.join("-")));
@@ -139,9 +145,60 @@ impl Runner<'_> {
             c.arg("--proxy-pid").arg(format!("{role}={}", child.id()));
         }
         c.args(&system.extra).args(extra);
-        crate::run(c)?;
-        let text = std::fs::read_to_string(&out).with_context(|| format!("read {}", out.display()))?;
-        Ok(serde_json::from_str(&text)?)
+        // A failed scenario still leaves the others' rows in the file.
+        let status = crate::run(c);
+        let text = std::fs::read_to_string(&out).with_context(|| format!("read {}", out.display()));
+        let rows = match (text, &status) {
+            (Ok(text), _) => serde_json::from_str(&text)?,
+            (Err(e), Ok(())) => return Err(e),
+            (Err(_), Err(_)) => Vec::new(),
+        };
+        Ok((rows, status.err().map(|e| format!("{e:#}"))))
+    }
+
+    /// Every wanted system in turn, with the hold sizes it can take.
+    fn systems(
+        &self,
+        wanted: &dyn Fn(&str) -> bool,
+        full_holds: &[usize],
+        unavailable: &mut Vec<(String, String)>,
+    ) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (name, start) in SYSTEMS.iter().filter(|(n, _)| wanted(n)) {
+            if unavailable.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            eprintln!("[bench] starting {name}");
+            let system = match start(self.env) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("[bench] {name} unavailable: {e:#}");
+                    unavailable.push(((*name).to_owned(), format!("{e:#}")));
+                    continue;
+                }
+            };
+            let holds: Vec<String> = full_holds
+                .iter()
+                .filter(|n| system.skip_holds.is_none_or(|(max, _)| **n <= max))
+                .map(ToString::to_string)
+                .collect();
+            if let Some((max, why)) = system.skip_holds
+                && full_holds.iter().any(|n| *n > max)
+            {
+                unavailable.push((format!("{name}: hold above {max}"), why.to_owned()));
+            }
+            let extra = ["--holds".to_owned(), holds.join(",")];
+            match self.measure(&system, &[], &extra) {
+                Ok((r, failed)) => {
+                    rows.extend(r);
+                    if let Some(why) = failed {
+                        unavailable.push(((*name).to_owned(), why));
+                    }
+                }
+                Err(e) => unavailable.push(((*name).to_owned(), format!("{e:#}"))),
+            }
+        }
+        rows
     }
 
     /// The scale scenario: one fresh server, `agents` simulated agents in one process.
@@ -189,9 +246,11 @@ impl Runner<'_> {
             ];
             self.measure(&system, &["scale"], &extra)
         });
-        result.map(|rows| {
-            rows.into_iter().map(|r| Row { scenario: format!("scale_{agents}_agents"), ..r }).collect()
-        })
+        let (rows, failed) = result?;
+        if let Some(why) = failed {
+            bail!(why);
+        }
+        Ok(rows.into_iter().map(|r| Row { scenario: format!("scale_{agents}_agents"), ..r }).collect())
     }
 }
 
@@ -257,38 +316,9 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
         unavailable.push(("hold 10000".into(), why));
     }
 
-    let mut rows = Vec::new();
     let wanted =
         |name: &str| opts.systems.is_empty() || opts.systems.iter().any(|s| name.starts_with(s.as_str()));
-    for (name, start) in SYSTEMS.iter().filter(|(n, _)| wanted(n)) {
-        if unavailable.iter().any(|(n, _)| n == name) {
-            continue;
-        }
-        eprintln!("[bench] starting {name}");
-        let system = match start(&env) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("[bench] {name} unavailable: {e:#}");
-                unavailable.push(((*name).to_owned(), format!("{e:#}")));
-                continue;
-            }
-        };
-        let holds: Vec<String> = full_holds
-            .iter()
-            .filter(|n| system.skip_holds.is_none_or(|(max, _)| **n <= max))
-            .map(ToString::to_string)
-            .collect();
-        if let Some((max, why)) = system.skip_holds
-            && full_holds.iter().any(|n| *n > max)
-        {
-            unavailable.push((format!("{name}: hold above {max}"), why.to_owned()));
-        }
-        let extra = ["--holds".to_owned(), holds.join(",")];
-        match runner.measure(&system, &[], &extra) {
-            Ok(r) => rows.extend(r),
-            Err(e) => unavailable.push(((*name).to_owned(), format!("{e:#}"))),
-        }
-    }
+    let mut rows = runner.systems(&wanted, &full_holds, &mut unavailable);
     if wanted("spoke") {
         let agents = opts.agents.unwrap_or(if opts.quick { 50 } else { 1000 });
         eprintln!("[bench] scale: {agents} simulated agents");

@@ -230,6 +230,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         a.scenarios.clone()
     };
     let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    if !ctx.procs.is_empty() && !chosen.iter().any(|s| s == "scale") {
+        rows.extend(summarize(&a.system, "idle", vec![scenarios::idle(&ctx)]));
+    }
     for name in &chosen {
         let variants: Vec<(String, Option<usize>)> = if name == "hold" {
             ctx.sizes.holds.iter().map(|n| (format!("hold_{n}"), Some(*n))).collect()
@@ -251,9 +255,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     ("head_of_line", _) => scenarios::head_of_line(&ctx).await,
                     ("scale", _) => scenarios::scale(&ctx).await,
                     _ => bail!("unknown scenario {name:?} (known: {})", SCENARIOS.join(", ")),
+                };
+                match samples {
+                    Ok(s) => runs.push(s),
+                    Err(e) => {
+                        eprintln!("\n[{}] {label} failed: {e:#}", a.system);
+                        failures.push(format!("{label}: {e:#}"));
+                        break;
+                    }
                 }
-                .with_context(|| format!("{}: {label}", a.system))?;
-                runs.push(samples);
             }
             rows.extend(summarize(&a.system, &label, runs));
         }
@@ -263,6 +273,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     match &a.json {
         Some(path) => std::fs::write(path, json).with_context(|| format!("write {}", path.display()))?,
         None => println!("{json}"),
+    }
+    if !failures.is_empty() {
+        bail!("{} scenario(s) failed: {}", failures.len(), failures.join("; "));
     }
     Ok(())
 }

@@ -133,6 +133,21 @@ fn bulk_samples(ctx: &Ctx, before: &Cpu, bytes: u64, elapsed: Duration) -> Vec<S
     out
 }
 
+/// Memory and descriptors of each proxy process before any traffic (fresh processes, pools warm).
+#[must_use]
+pub fn idle(ctx: &Ctx) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for (name, pid) in &ctx.procs {
+        out.push(sample(
+            format!("rss.{name}"),
+            procstat::rss_bytes(*pid) as f64 / f64::from(1u32 << 20),
+            "MiB",
+        ));
+        out.push(sample(format!("fds.{name}"), procstat::open_fds(*pid) as f64, "fds"));
+    }
+    out
+}
+
 /// One stream, client → backend: `bulk` bytes, timed until the backend has counted them all.
 pub async fn bulk_up(ctx: &Ctx) -> anyhow::Result<Vec<Sample>> {
     let mut t = ctx.opener.open().await?;
@@ -322,7 +337,7 @@ pub async fn hold(ctx: &Ctx, count: usize) -> anyhow::Result<Vec<Sample>> {
     for ((name, pid), idle) in ctx.procs.iter().zip(&idle) {
         let rss = procstat::rss_bytes(*pid);
         grown += rss.saturating_sub(*idle);
-        out.push(sample(format!("rss_idle.{name}"), mib(*idle), "MiB"));
+        out.push(sample(format!("rss_before.{name}"), mib(*idle), "MiB"));
         out.push(sample(format!("rss_held.{name}"), mib(rss), "MiB"));
         out.push(sample(format!("fds_held.{name}"), procstat::open_fds(*pid) as f64, "fds"));
     }

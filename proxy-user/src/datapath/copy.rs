@@ -1,7 +1,9 @@
 //! The userspace tier: a bidirectional copy in one task, with half-close and abort carried through.
 //!
-//! Each direction owns a buffer that starts small (an idle stream costs little) and doubles up to
-//! [`MAX_BUF`] while reads keep filling it (bulk streams move large chunks per syscall). End of stream
+//! Each direction holds a buffer only while bytes are in flight: when its reader has nothing more, the
+//! buffer goes back to a small per-thread pool, so an idle stream holds none. The size a direction asks
+//! for starts at [`INITIAL_BUF`] and doubles up to [`MAX_BUF`] while reads keep filling it (bulk
+//! streams move large chunks per syscall). End of stream
 //! on one side becomes a shutdown of the other side's write half, after every byte read before it was
 //! written and flushed; the other direction goes on. An error on either side aborts both, so a peer
 //! never mistakes a truncated stream for a complete one.
@@ -19,6 +21,33 @@ use crate::transport::Stream;
 pub const INITIAL_BUF: usize = 16 * 1024;
 /// Largest buffer of each direction.
 pub const MAX_BUF: usize = 256 * 1024;
+/// Idle buffers kept per thread for reuse (at most 4 MiB at [`MAX_BUF`]).
+pub const POOLED_BUFFERS: usize = 16;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of at least `len` bytes, from the pool when one is there.
+fn take_buffer(len: usize) -> Vec<u8> {
+    let mut buf = POOL.with_borrow_mut(Vec::pop).unwrap_or_default();
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    buf
+}
+
+/// Returns a buffer to the pool, or frees it when the pool is full.
+fn give_buffer(buf: Vec<u8>) {
+    if buf.is_empty() {
+        return;
+    }
+    POOL.with_borrow_mut(|pool| {
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(buf);
+        }
+    });
+}
 
 /// Which end of a relay failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +82,10 @@ pub struct Moved {
 
 /// One direction's state.
 struct Pump {
+    /// Empty while the direction is idle (no buffer held).
     buf: Vec<u8>,
+    /// Buffer size this direction asks for.
+    want: usize,
     /// Bytes of `buf[..filled]` not yet written are `buf[written..filled]`.
     written: usize,
     filled: usize,
@@ -65,10 +97,16 @@ struct Pump {
 
 impl Pump {
     fn new(initial: &[u8]) -> Self {
-        let mut buf = vec![0; INITIAL_BUF.max(initial.len())];
-        buf[..initial.len()].copy_from_slice(initial);
+        let buf = if initial.is_empty() {
+            Vec::new()
+        } else {
+            let mut buf = take_buffer(INITIAL_BUF.max(initial.len()));
+            buf[..initial.len()].copy_from_slice(initial);
+            buf
+        };
         Self {
             buf,
+            want: INITIAL_BUF,
             written: 0,
             filled: initial.len(),
             read_done: false,
@@ -96,9 +134,12 @@ impl Pump {
             }
             if self.written == self.filled && !self.read_done {
                 // Grow when the last read filled the whole buffer: the stream is moving in bulk.
-                if self.filled == self.buf.len() && self.buf.len() < MAX_BUF {
-                    let len = (self.buf.len() * 2).min(MAX_BUF);
-                    self.buf.resize(len, 0);
+                if self.filled > 0 && self.filled == self.buf.len() && self.want < MAX_BUF {
+                    self.want = (self.want * 2).min(MAX_BUF);
+                }
+                if self.buf.len() < self.want {
+                    let held = std::mem::take(&mut self.buf);
+                    self.buf = if held.is_empty() { take_buffer(self.want) } else { grow(held, self.want) };
                 }
                 self.written = 0;
                 self.filled = 0;
@@ -112,6 +153,8 @@ impl Pump {
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err((End::A, e))),
                     Poll::Pending => {
+                        // Idle: hand the (empty) buffer back until bytes arrive again.
+                        give_buffer(std::mem::take(&mut self.buf));
                         // Nothing more to read now: push out what the writer buffered (TLS records).
                         if self.needs_flush {
                             ready!(w.as_mut().poll_flush(cx)).map_err(|e| (End::B, e))?;
@@ -132,12 +175,18 @@ impl Pump {
                 self.needs_flush = true;
             }
             if self.read_done {
+                give_buffer(std::mem::take(&mut self.buf));
                 ready!(w.as_mut().poll_flush(cx)).map_err(|e| (End::B, e))?;
                 ready!(w.as_mut().poll_shutdown(cx)).map_err(|e| (End::B, e))?;
                 self.done = true;
             }
         }
     }
+}
+
+fn grow(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
+    buf.resize(len, 0);
+    buf
 }
 
 /// Copies between `a` and `b` in both directions until both have ended. `a_early` holds bytes already

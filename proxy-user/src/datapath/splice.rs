@@ -50,6 +50,12 @@ impl Spliceable for UnixStream {
     }
 }
 
+/// Empty pipes kept for reuse. A stream holds a pipe only while bytes are moving in that direction, so
+/// thousands of idle streams cost no descriptors beyond their sockets.
+pub const MAX_POOLED_PIPES: usize = 64;
+
+static POOL: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+
 /// A non-blocking pipe sized to [`PIPE_SIZE`] (or whatever the system allows).
 struct Pipe {
     read: OwnedFd,
@@ -58,7 +64,11 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
+    /// A pooled pipe, or a new one.
+    fn take() -> io::Result<Self> {
+        if let Some(pipe) = POOL.lock().expect("pipe pool lock poisoned").pop() {
+            return Ok(pipe);
+        }
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let size = i32::try_from(PIPE_SIZE).expect("pipe size fits in i32");
         // Above /proc/sys/fs/pipe-max-size this fails for unprivileged users: keep the default then.
@@ -67,36 +77,50 @@ impl Pipe {
             .map_or(64 * 1024, |c| usize::try_from(c).unwrap_or(64 * 1024));
         Ok(Self { read, write, capacity })
     }
+
+    /// Returns an empty pipe to the pool (or closes it when the pool is full).
+    fn give_back(self) {
+        let mut pool = POOL.lock().expect("pipe pool lock poisoned");
+        if pool.len() < MAX_POOLED_PIPES {
+            pool.push(self);
+        }
+    }
 }
 
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
 /// One direction: `src` → pipe → `dst` until `src` ends, then FIN on `dst`. Errors say which end
-/// failed: `End::A` the source, `End::B` the destination.
+/// failed: `End::A` the source, `End::B` the destination. The pipe is held only while it has bytes
+/// or `src` has more to give.
 async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (End, io::Error)> {
-    let pipe = Pipe::new().map_err(|e| (End::A, e))?;
+    let mut pipe: Option<Pipe> = None;
     let mut in_pipe = 0usize;
     let mut total = 0u64;
     let mut eof = false;
     loop {
+        if pipe.is_none() {
+            // Idle: hold no pipe until the source has something (bytes or end of stream).
+            src.ready_for(Interest::READABLE).await.map_err(|e| (End::A, e))?;
+            pipe = Some(Pipe::take().map_err(|e| (End::A, e))?);
+        }
+        let p = pipe.as_ref().expect("a pipe is held from here on");
         let mut progressed = false;
-        if !eof && in_pipe < pipe.capacity {
+        let mut drained_source = false;
+        if !eof && in_pipe < p.capacity {
             match src.try_with(Interest::READABLE, || {
-                Ok(splice(src, None, &pipe.write, None, pipe.capacity - in_pipe, FLAGS)?)
+                Ok(splice(src, None, &p.write, None, p.capacity - in_pipe, FLAGS)?)
             }) {
                 Ok(0) => eof = true,
                 Ok(n) => {
                     in_pipe += n;
                     progressed = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained_source = true,
                 Err(e) => return Err((End::A, e)),
             }
         }
         if in_pipe > 0 {
-            match dst
-                .try_with(Interest::WRITABLE, || Ok(splice(&pipe.read, None, dst, None, in_pipe, FLAGS)?))
-            {
+            match dst.try_with(Interest::WRITABLE, || Ok(splice(&p.read, None, dst, None, in_pipe, FLAGS)?)) {
                 Ok(n) => {
                     in_pipe -= n;
                     total += n as u64;
@@ -106,15 +130,19 @@ async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (En
                 Err(e) => return Err((End::B, e)),
             }
         }
-        if eof && in_pipe == 0 {
-            dst.shutdown_write().map_err(|e| (End::B, e))?;
-            return Ok(total);
+        if in_pipe == 0 && (eof || drained_source) {
+            pipe.take().expect("a pipe is held here").give_back();
+            if eof {
+                dst.shutdown_write().map_err(|e| (End::B, e))?;
+                return Ok(total);
+            }
+            continue;
         }
         if progressed {
             continue;
         }
         // Nothing moved: wait for whichever side can make progress.
-        let can_read = !eof && in_pipe < pipe.capacity;
+        let can_read = !eof && in_pipe < p.capacity;
         match (can_read, in_pipe > 0) {
             (true, true) => tokio::select! {
                 r = src.ready_for(Interest::READABLE) => r.map_err(|e| (End::A, e))?,
@@ -122,7 +150,7 @@ async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (En
             },
             (true, false) => src.ready_for(Interest::READABLE).await.map_err(|e| (End::A, e))?,
             (false, true) => dst.ready_for(Interest::WRITABLE).await.map_err(|e| (End::B, e))?,
-            (false, false) => unreachable!("eof with an empty pipe returned above"),
+            (false, false) => unreachable!("an empty pipe at end of stream returned above"),
         }
     }
 }
