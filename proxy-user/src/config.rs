@@ -151,6 +151,9 @@ pub struct ServerArgs {
     /// How long open streams may go on after SIGTERM.
     #[arg(long, env = "SPOKE_SERVER_GRACEFUL_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub graceful_shutdown_timeout: Duration,
+    /// Runtime worker threads; 0 means one per CPU.
+    #[arg(long, env = "SPOKE_SERVER_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// Accept data connections without TLS (agents started with `--tunnel-tls off`), for networks whose
     /// underlay is already encrypted (`WireGuard`, `IPsec`). Control channels always use mutual TLS.
     #[arg(long, env = "SPOKE_SERVER_ALLOW_PLAINTEXT_TUNNEL")]
@@ -209,6 +212,8 @@ pub struct ServerConfig {
     pub server_count: u16,
     /// Whether data connections may skip TLS.
     pub allow_plaintext_tunnel: bool,
+    /// Runtime worker threads (0: one per CPU).
+    pub worker_threads: usize,
     /// Limits and timeouts.
     pub limits: ServerLimits,
 }
@@ -264,6 +269,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             server_id: a.server_id,
             server_count: a.server_count,
             allow_plaintext_tunnel: a.allow_plaintext_tunnel,
+            worker_threads: a.worker_threads,
             limits: ServerLimits {
                 max_frontend_conns: positive("--max-frontend-conns", a.max_frontend_conns)?,
                 max_streams_per_agent: positive("--max-streams-per-agent", a.max_streams_per_agent)?,
@@ -366,6 +372,9 @@ pub struct AgentArgs {
     /// Datapath tier for streams.
     #[arg(long, env = "SPOKE_AGENT_DATAPATH", value_enum, default_value_t = DatapathMode::Auto)]
     pub datapath: DatapathMode,
+    /// Runtime worker threads; 0 means one per CPU.
+    #[arg(long, env = "SPOKE_AGENT_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// TLS on data connections. `off` sends stream bytes unencrypted between node and control plane:
     /// only for networks whose underlay is already encrypted. The control channel always uses TLS.
     #[arg(long, env = "SPOKE_AGENT_TUNNEL_TLS", value_enum, default_value_t = TunnelTls::On)]
@@ -409,6 +418,8 @@ pub struct AgentConfig {
     pub datapath: DatapathMode,
     /// TLS on data connections.
     pub tunnel_tls: TunnelTls,
+    /// Runtime worker threads (0: one per CPU).
+    pub worker_threads: usize,
 }
 
 /// Most idle data connections an agent may keep parked (the server's default per-agent limit).
@@ -510,6 +521,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             admin_bind: parse_admin_bind(&a.admin_bind)?,
             datapath: a.datapath,
             tunnel_tls: a.tunnel_tls,
+            worker_threads: a.worker_threads,
         })
     }
 }

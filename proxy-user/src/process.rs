@@ -21,3 +21,12 @@ pub fn raise_fd_limit() -> u64 {
     }
     soft
 }
+
+/// A multi-threaded tokio runtime with `worker_threads` workers (0: one per CPU).
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}

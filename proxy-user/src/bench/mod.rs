@@ -222,8 +222,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if !a.holds.is_empty() {
         sizes.holds.clone_from(&a.holds);
     }
-    let ctx =
-        Ctx { opener: opener(&a)?, procs: a.procs.clone(), sizes, scale: a.scale_agents.zip(a.scale_port) };
+    let ctx = Ctx {
+        opener: opener(&a)?,
+        fresh_rss: a.procs.iter().map(|(_, pid)| procstat::rss_bytes(*pid)).collect(),
+        procs: a.procs.clone(),
+        sizes,
+        scale: a.scale_agents.zip(a.scale_port),
+    };
     let chosen: Vec<String> = if a.scenarios.is_empty() {
         SCENARIOS.iter().filter(|s| **s != "scale").map(|s| (*s).to_owned()).collect()
     } else {
@@ -313,6 +318,7 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
             admin_bind: None,
             datapath: DatapathMode::Copy,
             tunnel_tls: TunnelTls::On,
+            worker_threads: 0,
         };
         tasks.spawn(crate::run_agent(config, None, stop.child_token()));
     }

@@ -86,6 +86,8 @@ pub struct Ctx {
     pub opener: Opener,
     /// Proxy processes to account: (name, pid).
     pub procs: Vec<(String, u32)>,
+    /// RSS of each proxy process when the run started, before any traffic (same order as `procs`).
+    pub fresh_rss: Vec<u64>,
     /// Sizes.
     pub sizes: Sizes,
     /// For `scale`: the agents' names are `agent-0` … `agent-{n-1}`, reached on this port.
@@ -313,7 +315,6 @@ pub async fn hold(ctx: &Ctx, count: usize) -> anyhow::Result<Vec<Sample>> {
     /// Tunnels being opened at once.
     const OPENING: usize = 64;
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-    let idle: Vec<u64> = ctx.procs.iter().map(|(_, pid)| procstat::rss_bytes(*pid)).collect();
     let mut held: Vec<Tunnel> = Vec::with_capacity(count);
     let opening = Arc::new(tokio::sync::Semaphore::new(OPENING));
     let mut tasks = tokio::task::JoinSet::new();
@@ -333,11 +334,12 @@ pub async fn hold(ctx: &Ctx, count: usize) -> anyhow::Result<Vec<Sample>> {
         held.push(bounded("hold open", async { r? }).await?);
     }
     let mut out = vec![sample("tunnels_held", held.len() as f64, "tunnels")];
+    // Growth over the fresh process: memory an allocator kept from earlier scenarios is not charged
+    // to these tunnels only because it was already there.
     let mut grown = 0u64;
-    for ((name, pid), idle) in ctx.procs.iter().zip(&idle) {
+    for ((name, pid), fresh) in ctx.procs.iter().zip(&ctx.fresh_rss) {
         let rss = procstat::rss_bytes(*pid);
-        grown += rss.saturating_sub(*idle);
-        out.push(sample(format!("rss_before.{name}"), mib(*idle), "MiB"));
+        grown += rss.saturating_sub(*fresh);
         out.push(sample(format!("rss_held.{name}"), mib(rss), "MiB"));
         out.push(sample(format!("fds_held.{name}"), procstat::open_fds(*pid) as f64, "fds"));
     }

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     }
     let fd_limit = spoke::process::raise_fd_limit();
     tracing::debug!(fd_limit, "open-file limit");
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match spoke::process::runtime(config.worker_threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("spoke-agent: start runtime: {e}");

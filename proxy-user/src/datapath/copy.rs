@@ -15,40 +15,14 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::transport::Stream;
+use crate::transport::{Stream, buffer};
 
 /// First buffer size of each direction.
 pub const INITIAL_BUF: usize = 16 * 1024;
 /// Largest buffer of each direction.
 pub const MAX_BUF: usize = 256 * 1024;
-/// Idle buffers kept per thread for reuse (at most 4 MiB at [`MAX_BUF`]).
-pub const POOLED_BUFFERS: usize = 16;
-
-thread_local! {
-    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// A buffer of at least `len` bytes, from the pool when one is there.
-fn take_buffer(len: usize) -> Vec<u8> {
-    let mut buf = POOL.with_borrow_mut(Vec::pop).unwrap_or_default();
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    buf
-}
-
-/// Returns a buffer to the pool, or frees it when the pool is full.
-fn give_buffer(buf: Vec<u8>) {
-    if buf.is_empty() {
-        return;
-    }
-    POOL.with_borrow_mut(|pool| {
-        if pool.len() < POOLED_BUFFERS {
-            pool.push(buf);
-        }
-    });
-}
-
+/// Reads at least this large are followed by more reads before writing (bulk transfer).
+pub const COALESCE_MIN: usize = 16 * 1024;
 /// Which end of a relay failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
@@ -100,7 +74,7 @@ impl Pump {
         let buf = if initial.is_empty() {
             Vec::new()
         } else {
-            let mut buf = take_buffer(INITIAL_BUF.max(initial.len()));
+            let mut buf = buffer::take(INITIAL_BUF.max(initial.len()));
             buf[..initial.len()].copy_from_slice(initial);
             buf
         };
@@ -139,28 +113,38 @@ impl Pump {
                 }
                 if self.buf.len() < self.want {
                     let held = std::mem::take(&mut self.buf);
-                    self.buf = if held.is_empty() { take_buffer(self.want) } else { grow(held, self.want) };
+                    self.buf = if held.is_empty() { buffer::take(self.want) } else { grow(held, self.want) };
                 }
                 self.written = 0;
                 self.filled = 0;
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match r.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        self.filled = rb.filled().len();
-                        if self.filled == 0 {
-                            self.read_done = true;
+                loop {
+                    let mut rb = ReadBuf::new(&mut self.buf[self.filled..]);
+                    match r.as_mut().poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) => {
+                            let n = rb.filled().len();
+                            if n == 0 {
+                                self.read_done = true;
+                                break;
+                            }
+                            self.filled += n;
+                            // A large read likely has more behind it (a TLS stream yields one record
+                            // per read): gather more, so that bulk streams write in large chunks.
+                            if n < COALESCE_MIN || self.buf.len() - self.filled < COALESCE_MIN {
+                                break;
+                            }
                         }
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((End::A, e))),
-                    Poll::Pending => {
-                        // Idle: hand the (empty) buffer back until bytes arrive again.
-                        give_buffer(std::mem::take(&mut self.buf));
-                        // Nothing more to read now: push out what the writer buffered (TLS records).
-                        if self.needs_flush {
-                            ready!(w.as_mut().poll_flush(cx)).map_err(|e| (End::B, e))?;
-                            self.needs_flush = false;
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err((End::A, e))),
+                        Poll::Pending if self.filled > 0 => break,
+                        Poll::Pending => {
+                            // Idle: hand the (empty) buffer back until bytes arrive again.
+                            buffer::give(std::mem::take(&mut self.buf));
+                            // Nothing more to read now: push out what the writer buffered (TLS records).
+                            if self.needs_flush {
+                                ready!(w.as_mut().poll_flush(cx)).map_err(|e| (End::B, e))?;
+                                self.needs_flush = false;
+                            }
+                            return Poll::Pending;
                         }
-                        return Poll::Pending;
                     }
                 }
             }
@@ -175,7 +159,7 @@ impl Pump {
                 self.needs_flush = true;
             }
             if self.read_done {
-                give_buffer(std::mem::take(&mut self.buf));
+                buffer::give(std::mem::take(&mut self.buf));
                 ready!(w.as_mut().poll_flush(cx)).map_err(|e| (End::B, e))?;
                 ready!(w.as_mut().poll_shutdown(cx)).map_err(|e| (End::B, e))?;
                 self.done = true;

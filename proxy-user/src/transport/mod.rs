@@ -1,6 +1,9 @@
 //! Byte streams Spoke accepts and dials: TCP, Unix sockets, and TLS over TCP, behind [`Stream`].
 
+pub mod buffer;
 pub mod tls;
+
+pub use buffer::ReadBuffered;
 
 use std::io;
 use std::time::Duration;
@@ -123,6 +126,10 @@ impl<T: Stream> Stream for Tunnel<T> {
         }
     }
 }
+
+/// Largest amount of application data rustls may hold unsent per connection (its default is 64 KiB):
+/// bulk streams then write more records per system call.
+pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 
 /// First byte of a TLS handshake record; Spoke frames start with a length whose first byte is 0.
 pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
