@@ -319,7 +319,7 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
     let wanted =
         |name: &str| opts.systems.is_empty() || opts.systems.iter().any(|s| name.starts_with(s.as_str()));
     let mut rows = runner.systems(&wanted, &full_holds, &mut unavailable);
-    if wanted("spoke") {
+    if SYSTEMS.iter().any(|(n, _)| n.starts_with("spoke") && wanted(n)) {
         let agents = opts.agents.unwrap_or(if opts.quick { 50 } else { 1000 });
         eprintln!("[bench] scale: {agents} simulated agents");
         match runner.scale(agents) {

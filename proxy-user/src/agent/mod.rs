@@ -25,7 +25,7 @@ use crate::config::{AgentConfig, TunnelTls};
 use crate::datapath::Datapath;
 use crate::metrics::{AgentMetrics, inc};
 use crate::protocol::{Message, PROTOCOL_VERSION};
-use crate::transport::{self, ReadBuffered, Tunnel, tls};
+use crate::transport::{self, Tunnel, tls};
 
 /// Control frames buffered between the reader task and the session loop.
 const CONTROL_QUEUE: usize = 16;
@@ -103,7 +103,7 @@ impl Agent {
             let mut conn = if tls {
                 let mut conn = self
                     .connector
-                    .connect(self.server_name.clone(), ReadBuffered::new(tcp))
+                    .connect(self.server_name.clone(), tcp)
                     .await
                     .map_err(|source| ConnectError::Connect { addr: addr.clone(), source })?;
                 conn.get_mut().1.set_buffer_limit(Some(transport::TLS_SEND_BUFFER));
@@ -126,7 +126,7 @@ impl Agent {
 }
 
 /// A connection to the server: TLS, or plain TCP for data connections with `--tunnel-tls off`.
-pub(crate) type ServerConn = Tunnel<TlsStream<ReadBuffered<TcpStream>>>;
+pub(crate) type ServerConn = Tunnel<TlsStream<TcpStream>>;
 
 /// Capped exponential backoff with full jitter.
 #[derive(Debug)]

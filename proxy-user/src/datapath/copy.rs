@@ -21,8 +21,6 @@ use crate::transport::{Stream, buffer};
 pub const INITIAL_BUF: usize = 16 * 1024;
 /// Largest buffer of each direction.
 pub const MAX_BUF: usize = 256 * 1024;
-/// Reads at least this large are followed by more reads before writing (bulk transfer).
-pub const COALESCE_MIN: usize = 16 * 1024;
 /// Which end of a relay failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
@@ -117,34 +115,24 @@ impl Pump {
                 }
                 self.written = 0;
                 self.filled = 0;
-                loop {
-                    let mut rb = ReadBuf::new(&mut self.buf[self.filled..]);
-                    match r.as_mut().poll_read(cx, &mut rb) {
-                        Poll::Ready(Ok(())) => {
-                            let n = rb.filled().len();
-                            if n == 0 {
-                                self.read_done = true;
-                                break;
-                            }
-                            self.filled += n;
-                            // A large read likely has more behind it (a TLS stream yields one record
-                            // per read): gather more, so that bulk streams write in large chunks.
-                            if n < COALESCE_MIN || self.buf.len() - self.filled < COALESCE_MIN {
-                                break;
-                            }
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        self.filled = rb.filled().len();
+                        if self.filled == 0 {
+                            self.read_done = true;
                         }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err((End::A, e))),
-                        Poll::Pending if self.filled > 0 => break,
-                        Poll::Pending => {
-                            // Idle: hand the (empty) buffer back until bytes arrive again.
-                            buffer::give(std::mem::take(&mut self.buf));
-                            // Nothing more to read now: push out what the writer buffered (TLS records).
-                            if self.needs_flush {
-                                ready!(w.as_mut().poll_flush(cx)).map_err(|e| (End::B, e))?;
-                                self.needs_flush = false;
-                            }
-                            return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((End::A, e))),
+                    Poll::Pending => {
+                        // Idle: hand the (empty) buffer back until bytes arrive again.
+                        buffer::give(std::mem::take(&mut self.buf));
+                        // Nothing more to read now: push out what the writer buffered (TLS records).
+                        if self.needs_flush {
+                            ready!(w.as_mut().poll_flush(cx)).map_err(|e| (End::B, e))?;
+                            self.needs_flush = false;
                         }
+                        return Poll::Pending;
                     }
                 }
             }

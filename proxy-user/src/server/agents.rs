@@ -13,7 +13,7 @@ use super::{ACCEPT_ERROR_PAUSE, MAX_AGENT_HANDSHAKES, Server};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
 use crate::protocol::{Identity, Message, PROTOCOL_VERSION};
-use crate::transport::{self, ReadBuffered, Tunnel};
+use crate::transport::{self, Tunnel};
 
 /// Control frames buffered between the reader task and the session loop.
 const CONTROL_QUEUE: usize = 16;
@@ -81,7 +81,7 @@ async fn establish(
             return Err("protocol");
         }
         let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
-            let mut conn = tls.accept(ReadBuffered::new(stream)).await.map_err(|error| {
+            let mut conn = tls.accept(stream).await.map_err(|error| {
                 warn!(%error, "agent TLS handshake failed");
                 "tls_handshake"
             })?;

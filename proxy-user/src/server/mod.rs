@@ -18,7 +18,6 @@ use tracing::{Instrument as _, debug_span, info, warn};
 
 use crate::config::ServerConfig;
 use crate::metrics::ServerMetrics;
-use crate::transport::ReadBuffered;
 use crate::transport::tls::{self, TlsError, Versions};
 use registry::AgentRegistry;
 
@@ -171,7 +170,7 @@ async fn accept_tls_frontend(
             async move {
                 let _ = stream.set_nodelay(true);
                 let timeout = s.config.limits.handshake_timeout;
-                match tokio::time::timeout(timeout, tls.accept(ReadBuffered::new(stream))).await {
+                match tokio::time::timeout(timeout, tls.accept(stream)).await {
                     Ok(Ok(mut stream)) => {
                         stream.get_mut().1.set_buffer_limit(Some(crate::transport::TLS_SEND_BUFFER));
                         tunnel::serve(&s, stream).await;

@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Strategy;
 use crate::protocol::Identity;
-use crate::transport::{ReadBuffered, Tunnel};
+use crate::transport::Tunnel;
 
 /// A data connection parked by an agent.
-pub type DataConn = Tunnel<tokio_rustls::server::TlsStream<ReadBuffered<TcpStream>>>;
+pub type DataConn = Tunnel<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// One connected agent: its identity, its pool of data connections and its stream slots.
 #[derive(Debug)]

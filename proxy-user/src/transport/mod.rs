@@ -3,8 +3,6 @@
 pub mod buffer;
 pub mod tls;
 
-pub use buffer::ReadBuffered;
-
 use std::io;
 use std::time::Duration;
 
