@@ -289,7 +289,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
 /// How the agent moves a stream's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DatapathMode {
-    /// The best tier the stream allows: splice for plaintext tunnels, copy for TLS tunnels.
+    /// The tier measured best on this kernel for the stream: today the copy tier for every tunnel.
     Auto,
     /// The userspace copy (tokio and rustls, adaptive buffers up to 256 KiB).
     Copy,
