@@ -184,6 +184,28 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message> {
     decode(body.freeze())
 }
 
+/// Reads frames from `r` on a task of its own and hands them over a channel of `capacity`, ending after
+/// the first error; so that a session loop can wait for frames and timers at once.
+pub fn spawn_reader<R>(
+    mut r: R,
+    capacity: usize,
+) -> (tokio::task::JoinHandle<()>, tokio::sync::mpsc::Receiver<Result<Message>>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    let task = tokio::spawn(async move {
+        loop {
+            let msg = read_message(&mut r).await;
+            let stop = msg.is_err();
+            if tx.send(msg).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    (task, rx)
+}
+
 /// Writes one frame to `w` and flushes it.
 pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<()> {
     let mut buf = BytesMut::with_capacity(64);

@@ -30,3 +30,28 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
     }
     builder.enable_all().build()
 }
+
+/// Runs `main` to completion on a runtime of `worker_threads` workers (0: one per CPU), after raising
+/// the open-file limit; reports a failure on stderr and in the exit status.
+pub fn run_main<F>(name: &str, worker_threads: usize, main: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let fd_limit = raise_fd_limit();
+    tracing::debug!(fd_limit, "open-file limit");
+    let runtime = match runtime(worker_threads) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: start runtime: {e}");
+            return std::process::ExitCode::from(crate::EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::from(crate::EXIT_FAILURE)
+        }
+    }
+}

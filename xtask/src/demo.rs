@@ -58,20 +58,7 @@ fn start(
     let Ok(Some(Ok(line))) = rx.recv_timeout(START_TIMEOUT) else {
         bail!("{name} did not start (see its log above)");
     };
-    let pairs = line
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.into(), v.into()))
-        .collect();
-    Ok((running, pairs))
-}
-
-fn value(pairs: &[(String, String)], key: &str) -> anyhow::Result<String> {
-    pairs
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.clone())
-        .with_context(|| format!("no {key}= in {pairs:?}"))
+    Ok((running, crate::pairs(&line)))
 }
 
 /// The demo backend: answers every HTTP request with a greeting.
@@ -203,12 +190,12 @@ pub fn run(datapath: &str) -> anyhow::Result<()> {
     let backend = backend()?;
 
     let (server, s) = start("spoke-server", &bins.join("spoke-server"), &server_args(&uds, &cert))?;
-    let agent_addr: SocketAddr = value(&s, "agent")?.parse()?;
-    let frontend = value(&s, "frontend")?;
-    let server_admin = value(&s, "admin")?;
+    let agent_addr: SocketAddr = crate::value(&s, "agent")?.parse()?;
+    let frontend = crate::value(&s, "frontend")?;
+    let server_admin = crate::value(&s, "admin")?;
     let (agent, a) =
         start("spoke-agent", &bins.join("spoke-agent"), &agent_args(agent_addr.port(), datapath, &cert))?;
-    let agent_admin: SocketAddr = value(&a, "admin")?.parse()?;
+    let agent_admin: SocketAddr = crate::value(&a, "admin")?.parse()?;
     let deadline = Instant::now() + START_TIMEOUT;
     while http_get(agent_admin, "/readyz") != Some(200) {
         if Instant::now() > deadline {

@@ -69,6 +69,20 @@ pub(crate) fn run(mut c: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `key=value` pairs of a Spoke binary's "started" line.
+pub(crate) fn pairs(line: &str) -> Vec<(String, String)> {
+    line.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
+}
+
+/// The value of `key` in [`pairs`].
+pub(crate) fn value(pairs: &[(String, String)], key: &str) -> anyhow::Result<String> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .with_context(|| format!("no {key}= in {pairs:?}"))
+}
+
 /// Builds the binaries (dev profile) and returns the directory holding them.
 pub(crate) fn build_binaries() -> anyhow::Result<PathBuf> {
     run(cmd("cargo", &["build", "--package", "proxy-user", "--bins"]))?;

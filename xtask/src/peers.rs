@@ -144,19 +144,7 @@ fn started(child: &mut Child) -> anyhow::Result<Vec<(String, String)>> {
         for _ in lines {}
     });
     let Ok(Some(Ok(line))) = rx.recv_timeout(READY_TIMEOUT) else { bail!("did not start") };
-    Ok(line
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.into(), v.into()))
-        .collect())
-}
-
-fn value(pairs: &[(String, String)], key: &str) -> anyhow::Result<String> {
-    pairs
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.clone())
-        .with_context(|| format!("no {key}= in {pairs:?}"))
+    Ok(crate::pairs(&line))
 }
 
 fn spoke_proc(
@@ -211,7 +199,7 @@ pub fn spoke_server(
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let (child, pairs) =
         spoke_proc(env, "spoke-server", &args, &format!("spoke-server-{}.log", fastrand_suffix()))?;
-    Ok((child, value(&pairs, "agent")?.parse()?, value(&pairs, "admin")?.parse()?))
+    Ok((child, crate::value(&pairs, "agent")?.parse()?, crate::value(&pairs, "admin")?.parse()?))
 }
 
 fn fastrand_suffix() -> u32 {

@@ -12,7 +12,6 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -285,17 +284,8 @@ async fn heartbeats(
     heartbeat: Duration,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let (mut rd, mut wr) = tokio::io::split(conn);
-    let (tx, mut rx) = mpsc::channel(CONTROL_QUEUE);
-    let reader = tokio::spawn(async move {
-        loop {
-            let msg = codec::read_message(&mut rd).await;
-            let stop = msg.is_err();
-            if tx.send(msg).await.is_err() || stop {
-                return;
-            }
-        }
-    });
+    let (rd, mut wr) = tokio::io::split(conn);
+    let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();

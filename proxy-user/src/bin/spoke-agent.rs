@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use spoke::EXIT_CONFIG;
 use spoke::config::{AgentArgs, AgentConfig};
 use spoke::transport::tls;
-use spoke::{EXIT_CONFIG, EXIT_FAILURE};
 use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
@@ -28,22 +28,7 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
-    let fd_limit = spoke::process::raise_fd_limit();
-    tracing::debug!(fd_limit, "open-file limit");
-    let runtime = match spoke::process::runtime(config.worker_threads) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("spoke-agent: start runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+    spoke::process::run_main("spoke-agent", config.worker_threads, serve(config))
 }
 
 async fn serve(config: AgentConfig) -> anyhow::Result<()> {

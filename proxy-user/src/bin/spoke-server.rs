@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use spoke::EXIT_CONFIG;
 use spoke::config::{ServerArgs, ServerConfig};
 use spoke::server::Listeners;
 use spoke::transport::tls::{self, Versions};
-use spoke::{EXIT_CONFIG, EXIT_FAILURE};
 use tokio::net::{TcpListener, UnixListener};
 
 /// Binds the Unix socket at `path` with mode 0600, replacing a stale socket file (never another kind of file).
@@ -75,22 +75,7 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
-    let fd_limit = spoke::process::raise_fd_limit();
-    tracing::debug!(fd_limit, "open-file limit");
-    let runtime = match spoke::process::runtime(config.worker_threads) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("spoke-server: start runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+    spoke::process::run_main("spoke-server", config.worker_threads, serve(config))
 }
 
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
@@ -202,17 +202,8 @@ async fn control(server: Arc<Server>, mut conn: DataConn, version: u16, identity
 
 /// Runs a control session until it ends; `Ok` for an orderly end, `Err` for a lost channel.
 async fn session(server: &Server, conn: DataConn, agent: &AgentHandle) -> Result<&'static str, CodecError> {
-    let (mut rd, mut wr) = tokio::io::split(conn);
-    let (tx, mut rx) = mpsc::channel(CONTROL_QUEUE);
-    let reader = tokio::spawn(async move {
-        loop {
-            let msg = codec::read_message(&mut rd).await;
-            let stop = msg.is_err();
-            if tx.send(msg).await.is_err() || stop {
-                return;
-            }
-        }
-    });
+    let (rd, mut wr) = tokio::io::split(conn);
+    let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
     let silence = server.config.limits.heartbeat_interval * MISSED_HEARTBEATS;
     let result = loop {
         let msg = tokio::select! {
