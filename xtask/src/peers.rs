@@ -69,35 +69,48 @@ fn spawn(program: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
         .with_context(|| format!("start {program}"))
 }
 
-/// Waits until a tunnel through `port` reaches the backend (echo of one byte).
-fn wait_forward(port: u16, children: &mut [&mut Child]) -> anyhow::Result<()> {
-    use std::io::{Read as _, Write as _};
-    let deadline = Instant::now() + READY_TIMEOUT;
+/// Polls `ready` until it holds, failing when one of `children` exits or `timeout` passes; `ready`
+/// returns `Err` with what it saw last, for the failure message.
+fn wait_until(
+    timeout: Duration,
+    children: &mut [&mut Child],
+    mut ready: impl FnMut() -> Result<(), String>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
     loop {
-        let probe = || -> std::io::Result<()> {
-            let mut s = TcpStream::connect(("127.0.0.1", port))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let mut h = [0u8; 10];
-            h[0] = b'E';
-            h[9] = b'x';
-            s.write_all(&h)?;
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b)?;
-            Ok(())
+        let last = match ready() {
+            Ok(()) => return Ok(()),
+            Err(last) => last,
         };
-        if probe().is_ok() {
-            return Ok(());
-        }
         for c in children.iter_mut() {
             if let Some(status) = c.try_wait()? {
                 bail!("exited during start-up: {status}");
             }
         }
         if Instant::now() > deadline {
-            bail!("port {port} did not forward to the backend within {READY_TIMEOUT:?}");
+            bail!("{last} after {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits until a tunnel through `port` reaches the backend (echo of one byte).
+fn wait_forward(port: u16, children: &mut [&mut Child]) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let probe = || -> std::io::Result<()> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut h = [0u8; 10];
+        h[0] = b'E';
+        h[9] = b'x';
+        s.write_all(&h)?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        Ok(())
+    };
+    wait_until(READY_TIMEOUT, children, || {
+        probe().map_err(|e| format!("port {port} did not forward to the backend ({e})"))
+    })
 }
 
 fn forward(
@@ -224,8 +237,7 @@ pub fn wait_metric(
     at_least: f64,
     children: &mut [&mut Child],
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + READY_TIMEOUT * 4;
-    loop {
+    wait_until(READY_TIMEOUT * 4, children, || {
         let v = http_status(admin, "/metrics")
             .and_then(|(_, body)| {
                 body.lines()
@@ -233,19 +245,8 @@ pub fn wait_metric(
                     .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             })
             .unwrap_or(0.0);
-        if v >= at_least {
-            return Ok(());
-        }
-        for c in children.iter_mut() {
-            if let Some(status) = c.try_wait()? {
-                bail!("exited during start-up: {status}");
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("{prefix} stayed at {v} < {at_least}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        if v >= at_least { Ok(()) } else { Err(format!("{prefix} stayed at {v} < {at_least}")) }
+    })
 }
 
 /// Spoke: server and agent with a TLS tunnel and the copy datapath; the bench speaks CONNECT over the

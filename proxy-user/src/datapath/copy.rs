@@ -193,22 +193,14 @@ pub async fn relay<A: Stream, B: Stream>(a: &mut A, b: &mut B, a_early: &[u8]) -
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
-    }
 
     #[tokio::test]
     async fn carries_bytes_and_half_close_both_ways() {
         // client <-> (a  relay  b) <-> server
-        let (mut client, mut a) = pair().await;
-        let (mut b, mut server) = pair().await;
+        let (mut client, mut a) = crate::transport::tcp_pair().await;
+        let (mut b, mut server) = crate::transport::tcp_pair().await;
         let relay = tokio::spawn(async move { relay(&mut a, &mut b, b"early ").await });
 
         client.write_all(b"hello").await.unwrap();
@@ -229,8 +221,8 @@ mod tests {
 
     #[tokio::test]
     async fn reset_on_one_side_aborts_the_other() {
-        let (client, mut a) = pair().await;
-        let (mut b, mut server) = pair().await;
+        let (client, mut a) = crate::transport::tcp_pair().await;
+        let (mut b, mut server) = crate::transport::tcp_pair().await;
         let relay = tokio::spawn(async move { relay(&mut a, &mut b, &[]).await });
         // Unread data at close makes the kernel send RST; set linger 0 to make it explicit.
         client.abort();

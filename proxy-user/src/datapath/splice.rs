@@ -186,21 +186,13 @@ pub async fn relay<A: Spliceable, B: Spliceable>(a: &A, b: &B) -> Result<Moved, 
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     use super::*;
 
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
-    }
-
     #[tokio::test]
     async fn carries_bytes_and_half_close_both_ways() {
-        let (mut client, a) = pair().await;
-        let (b, mut server) = pair().await;
+        let (mut client, a) = crate::transport::tcp_pair().await;
+        let (b, mut server) = crate::transport::tcp_pair().await;
         let relay = tokio::spawn(async move { relay(&a, &b).await });
         let big: Vec<u8> = (0..(3 * PIPE_SIZE + 7)).map(|i| u8::try_from(i % 251).unwrap()).collect();
         let to_send = big.clone();
@@ -225,8 +217,8 @@ mod tests {
 
     #[tokio::test]
     async fn reset_on_one_side_aborts_the_other() {
-        let (client, a) = pair().await;
-        let (b, mut server) = pair().await;
+        let (client, a) = crate::transport::tcp_pair().await;
+        let (b, mut server) = crate::transport::tcp_pair().await;
         let relay = tokio::spawn(async move { relay(&a, &b).await });
         client.abort();
         drop(client);

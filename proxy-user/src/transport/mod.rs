@@ -131,3 +131,12 @@ pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 
 /// First byte of a TLS handshake record; Spoke frames start with a length whose first byte is 0.
 pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A connected pair of TCP sockets on 127.0.0.1, for unit tests.
+#[cfg(test)]
+pub(crate) async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local address");
+    let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    (client.expect("connect"), accepted.expect("accept").0)
+}
