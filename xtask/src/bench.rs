@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
@@ -99,10 +99,8 @@ fn backend(bins: &Path) -> anyhow::Result<(Child, std::net::SocketAddr)> {
         .stderr(Stdio::inherit())
         .spawn()
         .context("start spoke-bench backend")?;
-    let stdout = child.stdout.take().context("piped stdout")?;
-    let line = std::io::BufReader::new(stdout).lines().next().context("backend said nothing")??;
-    let addr = line.rsplit("addr=").next().context("no addr= from the backend")?.parse()?;
-    Ok((child, addr))
+    let pairs = crate::started(&mut child, Duration::from_secs(30)).context("spoke-bench backend")?;
+    Ok((child, crate::value(&pairs, "addr")?.parse()?))
 }
 
 struct Runner<'a> {

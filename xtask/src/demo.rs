@@ -2,7 +2,7 @@
 //! development certificates — checked end to end, then left running until Ctrl-C.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
@@ -47,18 +47,10 @@ fn start(
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("start {}", program.display()))?;
-    let stdout = child.stdout.take().context("piped stdout")?;
+    let pairs = crate::started(&mut child, START_TIMEOUT);
     let running = Running { name, child };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next());
-        for _ in lines {}
-    });
-    let Ok(Some(Ok(line))) = rx.recv_timeout(START_TIMEOUT) else {
-        bail!("{name} did not start (see its log above)");
-    };
-    Ok((running, crate::pairs(&line)))
+    let pairs = pairs.with_context(|| format!("{name} did not start (see its log above)"))?;
+    Ok((running, pairs))
 }
 
 /// The demo backend: answers every HTTP request with a greeting.
@@ -84,15 +76,6 @@ fn backend() -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).ok()?;
-    s.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Does what kube-apiserver does: CONNECT through the Unix socket, then a plain HTTP request.
@@ -197,7 +180,7 @@ pub fn run(datapath: &str) -> anyhow::Result<()> {
         start("spoke-agent", &bins.join("spoke-agent"), &agent_args(agent_addr.port(), datapath, &cert))?;
     let agent_admin: SocketAddr = crate::value(&a, "admin")?.parse()?;
     let deadline = Instant::now() + START_TIMEOUT;
-    while http_get(agent_admin, "/readyz") != Some(200) {
+    while crate::http_get(agent_admin, "/readyz", IO_TIMEOUT).map(|(status, _)| status) != Some(200) {
         if Instant::now() > deadline {
             bail!("the agent did not become ready (see its log above)");
         }

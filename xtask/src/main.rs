@@ -83,6 +83,40 @@ pub(crate) fn value(pairs: &[(String, String)], key: &str) -> anyhow::Result<Str
         .with_context(|| format!("no {key}= in {pairs:?}"))
 }
 
+/// Waits at most `timeout` for the first stdout line of `child` (a Spoke binary's "started" line with its
+/// bound addresses) and returns its [`pairs`]. The rest of stdout is drained so the child never blocks.
+pub(crate) fn started(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Vec<(String, String)>> {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().context("stdout is not piped")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        for _ in lines {}
+    });
+    let Ok(Some(Ok(line))) = rx.recv_timeout(timeout) else { bail!("no started line within {timeout:?}") };
+    Ok(pairs(&line))
+}
+
+/// GET `path` from `addr` over plain HTTP/1.1, each step bounded by `timeout`: the status and the whole
+/// response, or `None` when the endpoint cannot be reached or answers nonsense.
+pub(crate) fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some((text.split_whitespace().nth(1)?.parse().ok()?, text))
+}
+
 /// Builds the binaries (dev profile) and returns the directory holding them.
 pub(crate) fn build_binaries() -> anyhow::Result<PathBuf> {
     run(cmd("cargo", &["build", "--package", "proxy-user", "--bins"]))?;

@@ -146,20 +146,6 @@ pub fn direct(_env: &Env) -> anyhow::Result<System> {
     })
 }
 
-/// Reads the "started" line of a Spoke binary: key=value pairs.
-fn started(child: &mut Child) -> anyhow::Result<Vec<(String, String)>> {
-    use std::io::BufRead as _;
-    let stdout = child.stdout.take().context("piped stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next());
-        for _ in lines {}
-    });
-    let Ok(Some(Ok(line))) = rx.recv_timeout(READY_TIMEOUT) else { bail!("did not start") };
-    Ok(crate::pairs(&line))
-}
-
 fn spoke_proc(
     env: &Env,
     bin: &str,
@@ -175,7 +161,7 @@ fn spoke_proc(
         .stderr(log)
         .spawn()
         .with_context(|| format!("start {bin}"))?;
-    let pairs = started(&mut child)?;
+    let pairs = crate::started(&mut child, READY_TIMEOUT)?;
     Ok((child, pairs))
 }
 
@@ -220,16 +206,6 @@ fn fastrand_suffix() -> u32 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
 }
 
-fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    Some((text.split_whitespace().nth(1)?.parse().ok()?, text))
-}
-
 /// Waits until a server metric (whole sample line prefix) reaches `at_least`.
 pub fn wait_metric(
     admin: SocketAddr,
@@ -238,7 +214,7 @@ pub fn wait_metric(
     children: &mut [&mut Child],
 ) -> anyhow::Result<()> {
     wait_until(READY_TIMEOUT * 4, children, || {
-        let v = http_status(admin, "/metrics")
+        let v = crate::http_get(admin, "/metrics", Duration::from_secs(5))
             .and_then(|(_, body)| {
                 body.lines()
                     .find(|l| l.starts_with(prefix))
