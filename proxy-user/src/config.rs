@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
 use crate::agent::policy::{AllowRule, Policy};
+use crate::datapath::sockmap::stream::Limits;
 use crate::protocol::{Identity, MAX_LIST_LEN, MAX_STRING_LEN};
 use crate::transport::tls::TlsFiles;
 
@@ -295,6 +296,9 @@ pub enum DatapathMode {
     Copy,
     /// splice(2) through a pipe, kernel to kernel; plaintext tunnels only (TLS ones fall back to copy).
     Splice,
+    /// eBPF sockmap redirect, kernel to kernel with no syscall per chunk; plaintext tunnels only (TLS
+    /// ones, and streams whose sockets cannot be inserted, fall back to copy). Needs root and BPF.
+    Sockmap,
 }
 
 /// Whether the agent's data connections use TLS.
@@ -372,6 +376,20 @@ pub struct AgentArgs {
     /// Datapath tier for streams.
     #[arg(long, env = "SPOKE_AGENT_DATAPATH", value_enum, default_value_t = DatapathMode::Auto)]
     pub datapath: DatapathMode,
+    /// Sockmap tier: bytes one direction of a stream may hold in the kernel on their way out (redirected
+    /// or copied, not yet acknowledged by the receiver); beyond it the direction pauses, holding its
+    /// sender through TCP flow control. Spliced sockets get a send buffer of four times this.
+    /// Ki/Mi/Gi suffixes.
+    #[arg(long, env = "SPOKE_AGENT_SOCKMAP_BACKLOG_LIMIT", default_value = "2Mi", value_parser = parse_size)]
+    pub sockmap_backlog_limit: u64,
+    /// Sockmap tier: a stream whose receiver takes no bytes for this long while the agent waits to pass
+    /// on its end is reset.
+    #[arg(long, env = "SPOKE_AGENT_SOCKMAP_STALL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub sockmap_stall_timeout: Duration,
+    /// Sockmap tier: the BPF filesystem (mounted there if needed); maps and programs are pinned in
+    /// `<bpf-root>/spoke/<agent id>`, and pins left there by a killed agent are removed at start.
+    #[arg(long, env = "SPOKE_AGENT_BPF_ROOT", default_value = crate::datapath::sockmap::DEFAULT_BPF_ROOT)]
+    pub bpf_root: PathBuf,
     /// Runtime worker threads; 0 means one per CPU.
     #[arg(long, env = "SPOKE_AGENT_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
@@ -416,10 +434,36 @@ pub struct AgentConfig {
     pub admin_bind: Option<SocketAddr>,
     /// Datapath tier.
     pub datapath: DatapathMode,
+    /// Bounds of streams in the sockmap tier.
+    pub sockmap_limits: Limits,
+    /// BPF filesystem for the sockmap tier's pins.
+    pub bpf_root: PathBuf,
     /// TLS on data connections.
     pub tunnel_tls: TunnelTls,
     /// Runtime worker threads (0: one per CPU).
     pub worker_threads: usize,
+}
+
+/// Smallest `--sockmap-backlog-limit`: one full-sized skb must fit.
+pub const MIN_SOCKMAP_BACKLOG: u64 = 64 * 1024;
+/// Largest `--sockmap-backlog-limit` (spliced sockets get four times this as send buffer).
+pub const MAX_SOCKMAP_BACKLOG: u64 = 64 << 20;
+
+/// Parses a byte count with an optional `Ki`, `Mi` or `Gi` suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        _ => return Err(format!("{s:?}: expected a byte count such as 65536, 512Ki, 4Mi or 1Gi")),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?}: expected a byte count such as 4Mi"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?}: too large"))
 }
 
 /// Most idle data connections an agent may keep parked (the server's default per-agent limit).
@@ -500,6 +544,15 @@ impl TryFrom<AgentArgs> for AgentConfig {
         if a.reconnect_min.is_zero() || a.reconnect_min > a.reconnect_max {
             return err("--reconnect-min must be above 0 and at most --reconnect-max");
         }
+        if !(MIN_SOCKMAP_BACKLOG..=MAX_SOCKMAP_BACKLOG).contains(&a.sockmap_backlog_limit) {
+            return err(format!(
+                "--sockmap-backlog-limit must be {MIN_SOCKMAP_BACKLOG} to {MAX_SOCKMAP_BACKLOG} bytes"
+            ));
+        }
+        let sockmap_limits = Limits {
+            backlog: a.sockmap_backlog_limit,
+            stall: nonzero_duration("--sockmap-stall-timeout", a.sockmap_stall_timeout)?,
+        };
         let policy = Policy {
             allow: a.allow,
             node_addresses: identity.addresses.clone(),
@@ -520,6 +573,8 @@ impl TryFrom<AgentArgs> for AgentConfig {
             grace_period: a.graceful_shutdown_timeout,
             admin_bind: parse_admin_bind(&a.admin_bind)?,
             datapath: a.datapath,
+            sockmap_limits,
+            bpf_root: a.bpf_root,
             tunnel_tls: a.tunnel_tls,
             worker_threads: a.worker_threads,
         })
@@ -560,6 +615,17 @@ mod tests {
         ];
         let args = AgentArgs::try_parse_from(base.iter().chain(extra)).map_err(|e| e.to_string())?;
         AgentConfig::try_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("512Ki"), Ok(512 << 10));
+        assert_eq!(parse_size("2Mi"), Ok(2 << 20));
+        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
+        for bad in ["", "Mi", "2MB", "-1", "2 Mi", "99999999999999999999Gi"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
+        }
     }
 
     #[test]

@@ -84,6 +84,14 @@ pub struct AgentMetrics {
     pub datapath_bytes: Counters,
     /// Streams that could not take the configured tier, by `reason`.
     pub datapath_fallbacks: Counters,
+    /// Bytes of sockmap-tier streams that user space copied while a direction was paused (the rest of
+    /// `datapath_bytes{tier="sockmap"}` moved kernel to kernel).
+    pub sockmap_copied_bytes: Counter,
+    /// Times a sockmap-tier direction reached its backlog limit and paused.
+    pub sockmap_pauses: Counter,
+    /// Largest backlog (bytes redirected but not yet in the receiving socket's send queue, memory no
+    /// socket accounts for) seen in one direction of any sockmap-tier stream since start.
+    pub sockmap_backlog_peak_bytes: Gauge,
     /// Stream payload bytes by `direction` (up: server → target, down: target → server).
     pub bytes: Counters,
     /// Time to connect to a target.
@@ -107,6 +115,9 @@ impl AgentMetrics {
             streams_by_datapath: Counters::default(),
             datapath_bytes: Counters::default(),
             datapath_fallbacks: Counters::default(),
+            sockmap_copied_bytes: Counter::default(),
+            sockmap_pauses: Counter::default(),
+            sockmap_backlog_peak_bytes: Gauge::default(),
             bytes: Counters::default(),
             dial_duration: dial_buckets(),
             pool_idle: Gauge::default(),
@@ -123,6 +134,21 @@ impl AgentMetrics {
             "datapath_fallbacks",
             "Streams that fell back from the configured tier, by reason",
             m.datapath_fallbacks.clone(),
+        );
+        r.register(
+            "sockmap_copied_bytes",
+            "Bytes of sockmap-tier streams copied in user space while paused",
+            m.sockmap_copied_bytes.clone(),
+        );
+        r.register(
+            "sockmap_pauses",
+            "Sockmap-tier directions that reached the backlog limit",
+            m.sockmap_pauses.clone(),
+        );
+        r.register(
+            "sockmap_backlog_peak_bytes",
+            "Largest unaccounted backlog of one sockmap-tier direction since start",
+            m.sockmap_backlog_peak_bytes.clone(),
         );
         r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
         r.register("dial_duration_seconds", "Time to connect to a target", m.dial_duration.clone());

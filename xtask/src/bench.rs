@@ -53,6 +53,7 @@ const SYSTEMS: &[(&str, Start)] = &[
     ("spoke (TLS tunnel, copy)", peers::spoke),
     ("spoke (plaintext tunnel, splice)", peers::spoke_plain_splice),
     ("spoke (plaintext tunnel, copy)", peers::spoke_plain_copy),
+    ("spoke (plaintext tunnel, sockmap)", peers::spoke_plain_sockmap),
     ("haproxy (tcp mode)", peers::haproxy),
     ("socat", peers::socat),
     ("stunnel pair (TLS 1.3)", peers::stunnel),

@@ -241,6 +241,11 @@ pub fn spoke_plain_copy(env: &Env) -> anyhow::Result<System> {
     spoke_with(env, "spoke (plaintext tunnel, copy)", false, "copy")
 }
 
+/// Spoke with plaintext data connections spliced by the agent's eBPF sockmap programs.
+pub fn spoke_plain_sockmap(env: &Env) -> anyhow::Result<System> {
+    spoke_with(env, "spoke (plaintext tunnel, sockmap)", false, "sockmap")
+}
+
 fn spoke_with(env: &Env, name: &str, tls: bool, datapath: &str) -> anyhow::Result<System> {
     let uds = env.dir.join(format!("spoke-{datapath}-{tls}.sock"));
     let server_extra: &[&str] = if tls { &[] } else { &["--allow-plaintext-tunnel"] };

@@ -4,33 +4,64 @@
 #![no_std]
 
 /// The stream splice: an `sk_skb` stream-verdict program attached to [`splice::SOCKS`], which redirects
-/// every non-empty skb arriving on a socket to the egress of its peer.
+/// every non-empty skb arriving on a socket to the egress of its peer while the stream has credit, and
+/// passes it to the socket's own receive queue (for user space to copy) while it has none.
 pub mod splice {
     /// `SockHash<u64>`: socket cookie → socket. The verdict program is attached to this map, and it is
     /// also the redirect target.
     pub const SOCKS: &str = "SOCKS";
-    /// `HashMap<u64, Peer>`: socket cookie → the peer it is spliced to, with byte counters.
-    pub const PEERS: &str = "PEERS";
+    /// `HashMap<u64, Flow>`: socket cookie → where its bytes go and what happened to them. Written by
+    /// the program after user space inserted it.
+    pub const FLOWS: &str = "FLOWS";
+    /// `HashMap<u64, Credit>`: socket cookie → how far the program may redirect. Written by user space
+    /// only; not preallocated, so the program always reads a whole old or whole new value.
+    pub const CREDITS: &str = "CREDITS";
     /// Name of the stream-verdict program.
     pub const VERDICT_PROGRAM: &str = "verdict";
-    /// Capacity of both maps: sockets spliced at once (two per stream).
+    /// Capacity of every map: sockets spliced at once (two per stream).
     pub const MAX_SOCKETS: u32 = 65_536;
 }
 
-/// Value of [`splice::PEERS`]: where the bytes arriving on a socket go, and what happened to them.
+/// Value of [`splice::FLOWS`]: one direction of a spliced stream, keyed by its source socket.
 ///
-/// The program updates the counters; user space writes `peer_cookie` once, when it inserts the pair.
+/// User space writes it once, at insertion; from then on only the program writes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Peer {
-    /// Socket cookie of the peer socket (`SO_COOKIE`).
+pub struct Flow {
+    /// Socket cookie of the peer socket (`SO_COOKIE`), whose egress the bytes are redirected to.
     pub peer_cookie: u64,
     /// Payload bytes redirected to the peer (counted only when the redirect helper succeeded).
     pub redirected: u64,
-    /// Non-empty skbs whose redirect failed (the peer was not in the map).
+    /// Payload bytes passed to the source socket's own receive queue, for user space to copy.
+    pub passed: u64,
+    /// Times the direction ran out of credit and started passing.
+    pub pauses: u64,
+    /// Times it went back to redirecting.
+    pub resumes: u64,
+    /// Non-empty skbs whose redirect failed (the peer was not in the map): bytes lost.
     pub failed: u64,
+    /// 1 while passing (paused), 0 while redirecting.
+    pub paused: u32,
+    /// Explicit padding.
+    pub pad: u32,
+}
+
+/// Value of [`splice::CREDITS`]: user space's side of one direction's flow control.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Credit {
+    /// The program redirects an skb only while `Flow::redirected` plus its length stays at or below this.
+    /// User space keeps it at (bytes the peer acknowledged + the in-flight limit − bytes it copied).
+    pub allow: u64,
+    /// Passed bytes user space has read and written to the peer. A paused direction resumes only when
+    /// this equals `Flow::passed`, so redirected bytes never overtake copied ones.
+    pub written: u64,
 }
 
 #[cfg(feature = "user")]
-// SAFETY: `Peer` is `#[repr(C)]`, `Copy`, made of u64s only (no padding), valid for any bit pattern.
-unsafe impl aya::Pod for Peer {}
+// SAFETY: `Flow` is `#[repr(C)]`, `Copy`, made of integers with explicit padding, valid for any bits.
+unsafe impl aya::Pod for Flow {}
+
+#[cfg(feature = "user")]
+// SAFETY: `Credit` is `#[repr(C)]`, `Copy`, made of u64s only (no padding), valid for any bit pattern.
+unsafe impl aya::Pod for Credit {}

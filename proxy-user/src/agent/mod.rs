@@ -20,8 +20,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::codec::{self, CodecError};
-use crate::config::{AgentConfig, TunnelTls};
+use crate::config::{AgentConfig, DatapathMode, TunnelTls};
 use crate::datapath::Datapath;
+use crate::datapath::sockmap::{PinDir, Sockmap};
 use crate::metrics::{AgentMetrics, inc};
 use crate::protocol::{Message, PROTOCOL_VERSION};
 use crate::transport::{self, Tunnel, tls};
@@ -42,6 +43,9 @@ pub enum AgentError {
     /// `--tls-server-name` is not a valid DNS name or address.
     #[error("invalid TLS server name {0:?}")]
     ServerName(String),
+    /// `--datapath sockmap` was asked for and the eBPF programs could not be set up.
+    #[error("sockmap datapath: {0}")]
+    Datapath(#[from] crate::datapath::sockmap::SockmapError),
 }
 
 /// Why a connection to the server failed.
@@ -173,7 +177,20 @@ pub async fn run_agent(
     let connector = TlsConnector::from(tls::client_config(&config.tls)?);
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
-    let datapath = Datapath::new(config.datapath);
+    let datapath = match config.datapath {
+        DatapathMode::Sockmap => {
+            let pins = PinDir::new(&config.bpf_root, &config.identity.agent_id);
+            let datapath = Datapath::with_sockmap(Some(pins), config.sockmap_limits)?;
+            let dir = datapath.sockmap().and_then(Sockmap::pins).map(|p| p.display().to_string());
+            info!(
+                pins = dir.as_deref().unwrap_or("none"),
+                backlog_limit = config.sockmap_limits.backlog,
+                "sockmap datapath attached"
+            );
+            datapath
+        }
+        mode => Datapath::new(mode),
+    };
     let agent = Arc::new(Agent {
         connector,
         server_name,

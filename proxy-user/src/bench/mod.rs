@@ -317,6 +317,8 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
             grace_period: std::time::Duration::from_secs(1),
             admin_bind: None,
             datapath: DatapathMode::Copy,
+            sockmap_limits: crate::datapath::sockmap::stream::Limits::default(),
+            bpf_root: crate::datapath::sockmap::DEFAULT_BPF_ROOT.into(),
             tunnel_tls: TunnelTls::On,
             worker_threads: 0,
         };

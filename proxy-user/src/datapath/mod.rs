@@ -1,22 +1,60 @@
 //! How a stream's bytes move between its two sockets.
 //!
-//! Tiers, best first: `sockmap` (eBPF redirect, kernel to kernel, no syscall per chunk), `splice`
-//! (splice(2) through a pipe, kernel to kernel) and `copy` (user space). A TLS tunnel is encrypted in
-//! user space, so its streams take the copy tier; plaintext tunnels (`--tunnel-tls off`) may take
-//! splice (`--datapath splice`).
-//! The sockmap programs are built, loaded and tested by [`sockmap`]; handing streams to them waits for
-//! the close and flow-control procedure (DESIGN §5), so no mode selects them yet.
+//! Tiers: `sockmap` (eBPF redirect, kernel to kernel, no syscall per chunk), `splice` (splice(2)
+//! through a pipe, kernel to kernel) and `copy` (user space). A TLS tunnel is encrypted in user space,
+//! so its streams take the copy tier; plaintext tunnels (`--tunnel-tls off`) may take splice or
+//! sockmap. A stream that cannot be inserted into the sockmap (a socket already received FIN, a map is
+//! full) is copied instead, and the fallback is counted by reason.
 
 pub mod copy;
 pub mod sockmap;
 pub mod splice;
+mod tcp;
+
+use std::future::Future;
 
 use tokio::net::TcpStream;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::config::DatapathMode;
 use crate::metrics::{AgentMetrics, add, inc};
 use crate::transport::{Stream, Tunnel};
+use sockmap::stream::Limits;
+use sockmap::{PinDir, Sockmap, SockmapError};
+
+/// Runs a stream's two directions, `up` (A → B) and `down` (B → A), each ending with its byte count or
+/// a failure whose end is named from `up`'s point of view (`End::A` its source), until both have ended
+/// or one fails. A failure comes back with the counts of the directions that had finished.
+pub(crate) async fn both_directions<U, D>(
+    up: U,
+    down: D,
+) -> Result<copy::Moved, ((copy::End, std::io::Error), Option<u64>, Option<u64>)>
+where
+    U: Future<Output = Result<u64, (copy::End, std::io::Error)>>,
+    D: Future<Output = Result<u64, (copy::End, std::io::Error)>>,
+{
+    use copy::End;
+    let flip = |(end, e): (End, std::io::Error)| (if end == End::A { End::B } else { End::A }, e);
+    let down = async { down.await.map_err(flip) };
+    tokio::pin!(up, down);
+    let (mut a_to_b, mut b_to_a) = (None, None);
+    let failure = loop {
+        tokio::select! {
+            r = &mut up, if a_to_b.is_none() => match r {
+                Ok(n) => a_to_b = Some(n),
+                Err(e) => break e,
+            },
+            r = &mut down, if b_to_a.is_none() => match r {
+                Ok(n) => b_to_a = Some(n),
+                Err(e) => break e,
+            },
+        }
+        if let (Some(a_to_b), Some(b_to_a)) = (a_to_b, b_to_a) {
+            return Ok(copy::Moved { a_to_b, b_to_a });
+        }
+    };
+    Err((failure, a_to_b, b_to_a))
+}
 
 /// The datapath tier chosen for a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +63,8 @@ pub enum Tier {
     Copy,
     /// splice(2) through a pipe.
     Splice,
+    /// eBPF sockmap redirect.
+    Sockmap,
 }
 
 impl Tier {
@@ -34,6 +74,7 @@ impl Tier {
         match self {
             Self::Copy => "copy",
             Self::Splice => "splice",
+            Self::Sockmap => "sockmap",
         }
     }
 }
@@ -42,13 +83,26 @@ impl Tier {
 #[derive(Debug)]
 pub struct Datapath {
     mode: DatapathMode,
+    sockmap: Option<Sockmap>,
+    limits: Limits,
 }
 
 impl Datapath {
-    /// A datapath working in `mode`.
+    /// A datapath working in `mode`; `copy`, `splice` and `auto` need nothing set up.
     #[must_use]
     pub fn new(mode: DatapathMode) -> Self {
-        Self { mode }
+        Self { mode, sockmap: None, limits: Limits::default() }
+    }
+
+    /// The sockmap datapath: loads and attaches the eBPF programs, pinned in `pins`.
+    pub fn with_sockmap(pins: Option<PinDir>, limits: Limits) -> Result<Self, SockmapError> {
+        Ok(Self { mode: DatapathMode::Sockmap, sockmap: Some(Sockmap::load(pins)?), limits })
+    }
+
+    /// The loaded sockmap programs, if this datapath uses them.
+    #[must_use]
+    pub fn sockmap(&self) -> Option<&Sockmap> {
+        self.sockmap.as_ref()
     }
 
     /// The configured mode.
@@ -64,8 +118,9 @@ impl Datapath {
     pub fn tier_for(&self, plain: bool) -> (Tier, Option<&'static str>) {
         match (self.mode, plain) {
             (DatapathMode::Splice, true) => (Tier::Splice, None),
+            (DatapathMode::Sockmap, true) => (Tier::Sockmap, None),
             (DatapathMode::Auto | DatapathMode::Copy, _) => (Tier::Copy, None),
-            (DatapathMode::Splice, false) => (Tier::Copy, Some("tls_tunnel")),
+            (DatapathMode::Splice | DatapathMode::Sockmap, false) => (Tier::Copy, Some("tls_tunnel")),
         }
     }
 
@@ -76,16 +131,46 @@ impl Datapath {
         tunnel: &mut Tunnel<T>,
         target: &mut TcpStream,
     ) -> Result<copy::Moved, copy::RelayError> {
-        let (tier, fallback) = self.tier_for(matches!(tunnel, Tunnel::Plain(_)));
+        let (mut tier, fallback) = self.tier_for(matches!(tunnel, Tunnel::Plain(_)));
         if let Some(reason) = fallback {
             inc(&metrics.datapath_fallbacks, "reason", reason);
             info!(reason, tier = tier.as_str(), "datapath fallback");
         }
-        inc(&metrics.streams_by_datapath, "tier", tier.as_str());
-        let result = match (tier, &mut *tunnel) {
-            (Tier::Splice, Tunnel::Plain(tcp)) => splice::relay(tcp, target).await,
-            _ => copy::relay(tunnel, target, &[]).await,
+        let result = match (tier, &mut *tunnel, &self.sockmap) {
+            (Tier::Sockmap, Tunnel::Plain(tcp), Some(map)) => {
+                match sockmap::stream::relay(map, tcp, target, self.limits).await {
+                    Ok(spliced) => {
+                        if let Some(reason) = spliced.fallback {
+                            inc(&metrics.datapath_fallbacks, "reason", reason);
+                            debug!(reason, "sockmap half inserted: the stream was copied");
+                            tier = Tier::Copy;
+                        }
+                        metrics.sockmap_copied_bytes.inc_by(spliced.copied);
+                        metrics.sockmap_pauses.inc_by(spliced.pauses);
+                        let peak = i64::try_from(spliced.peak_backlog).unwrap_or(i64::MAX);
+                        let gauge = &metrics.sockmap_backlog_peak_bytes;
+                        gauge.set(gauge.get().max(peak));
+                        Some(spliced.result)
+                    }
+                    Err(e) => {
+                        let reason = e.reason();
+                        inc(&metrics.datapath_fallbacks, "reason", reason);
+                        debug!(error = %e, reason, "sockmap insert failed: copying the stream");
+                        tier = Tier::Copy;
+                        None
+                    }
+                }
+            }
+            (Tier::Splice, Tunnel::Plain(tcp), _) => Some(splice::relay(tcp, target).await),
+            _ => None,
         };
+        let result = if let Some(r) = result {
+            r
+        } else {
+            tier = Tier::Copy;
+            copy::relay(tunnel, target, &[]).await
+        };
+        inc(&metrics.streams_by_datapath, "tier", tier.as_str());
         let moved = match &result {
             Ok(m) => m.a_to_b + m.b_to_a,
             Err(e) => e.moved.0 + e.moved.1,
@@ -108,5 +193,8 @@ mod tests {
         assert_eq!(splice.tier_for(true), (Tier::Splice, None));
         assert_eq!(splice.tier_for(false), (Tier::Copy, Some("tls_tunnel")));
         assert_eq!(Datapath::new(DatapathMode::Copy).tier_for(true), (Tier::Copy, None));
+        let sockmap = Datapath::new(DatapathMode::Sockmap);
+        assert_eq!(sockmap.tier_for(true), (Tier::Sockmap, None));
+        assert_eq!(sockmap.tier_for(false), (Tier::Copy, Some("tls_tunnel")));
     }
 }

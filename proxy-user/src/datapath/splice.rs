@@ -157,30 +157,11 @@ async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (En
 
 /// Splices `a` and `b` in both directions until both have ended; on an error both are aborted.
 pub async fn relay<A: Spliceable, B: Spliceable>(a: &A, b: &B) -> Result<Moved, RelayError> {
-    let flip = |(end, e): (End, io::Error)| (if end == End::A { End::B } else { End::A }, e);
-    let up = pump(a, b);
-    let down = async { pump(b, a).await.map_err(flip) };
-    tokio::pin!(up, down);
-    let (mut a_to_b, mut b_to_a) = (None, None);
-    let failure = loop {
-        tokio::select! {
-            r = &mut up, if a_to_b.is_none() => match r {
-                Ok(n) => a_to_b = Some(n),
-                Err(e) => break e,
-            },
-            r = &mut down, if b_to_a.is_none() => match r {
-                Ok(n) => b_to_a = Some(n),
-                Err(e) => break e,
-            },
-        }
-        if let (Some(a_to_b), Some(b_to_a)) = (a_to_b, b_to_a) {
-            return Ok(Moved { a_to_b, b_to_a });
-        }
-    };
-    a.abort();
-    b.abort();
-    let (end, source) = failure;
-    Err(RelayError { end, source, moved: (a_to_b.unwrap_or(0), b_to_a.unwrap_or(0)) })
+    super::both_directions(pump(a, b), pump(b, a)).await.map_err(|((end, source), a_to_b, b_to_a)| {
+        a.abort();
+        b.abort();
+        RelayError { end, source, moved: (a_to_b.unwrap_or(0), b_to_a.unwrap_or(0)) }
+    })
 }
 
 #[cfg(test)]
