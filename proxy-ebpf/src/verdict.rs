@@ -15,6 +15,7 @@ use aya_ebpf::{
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
 };
+use aya_log_ebpf::error;
 use proxy_ebpf_common::{Credit, Flow, splice};
 
 #[map]
@@ -73,7 +74,9 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     if action == i64::from(PASS) {
         flow.redirected += len;
     } else {
+        // Rare, and fatal for the stream: user space resets it when it sees the counter.
         flow.failed += 1;
+        error!(ctx, "redirect of {} bytes from socket {} to {} failed", len, cookie, flow.peer_cookie);
     }
     #[expect(
         clippy::cast_possible_truncation,

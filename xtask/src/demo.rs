@@ -100,8 +100,13 @@ fn through_tunnel(uds: &Path, dest: SocketAddr) -> anyhow::Result<String> {
     Ok(response.split_once("\r\n\r\n").map_or(response.clone(), |(_, body)| body.to_owned()))
 }
 
-fn server_args(uds: &Path, cert: &dyn Fn(&str) -> String) -> Vec<String> {
-    vec![
+/// Whether `datapath` needs plaintext data connections (the kernel tiers cannot see into TLS).
+fn plaintext(datapath: &str) -> bool {
+    matches!(datapath, "splice" | "sockmap")
+}
+
+fn server_args(uds: &Path, datapath: &str, cert: &dyn Fn(&str) -> String) -> Vec<String> {
+    let mut args = vec![
         "--uds-name".into(),
         uds.display().to_string(),
         "--frontend-bind".into(),
@@ -124,11 +129,15 @@ fn server_args(uds: &Path, cert: &dyn Fn(&str) -> String) -> Vec<String> {
         "127.0.0.1:0".into(),
         "--graceful-shutdown-timeout".into(),
         "3s".into(),
-    ]
+    ];
+    if plaintext(datapath) {
+        args.push("--allow-plaintext-tunnel".into());
+    }
+    args
 }
 
 fn agent_args(server_port: u16, datapath: &str, cert: &dyn Fn(&str) -> String) -> Vec<String> {
-    vec![
+    let mut args = vec![
         "--proxy-server-host".into(),
         "127.0.0.1".into(),
         "--proxy-server-port".into(),
@@ -152,7 +161,11 @@ fn agent_args(server_port: u16, datapath: &str, cert: &dyn Fn(&str) -> String) -
         datapath.into(),
         "--graceful-shutdown-timeout".into(),
         "3s".into(),
-    ]
+    ];
+    if plaintext(datapath) {
+        args.extend(["--tunnel-tls".into(), "off".into()]);
+    }
+    args
 }
 
 pub fn run(datapath: &str) -> anyhow::Result<()> {
@@ -160,6 +173,12 @@ pub fn run(datapath: &str) -> anyhow::Result<()> {
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("install the Ctrl-C handler")?;
 
+    if !matches!(datapath, "auto" | "copy" | "splice" | "sockmap") {
+        bail!("unknown datapath {datapath:?}: auto, copy, splice or sockmap");
+    }
+    if plaintext(datapath) {
+        eprintln!("[xtask] --datapath {datapath}: data connections are plaintext (loopback only here)");
+    }
     let bins = crate::build_binaries()?;
     let dir = crate::target_dir().join("spoke-dev");
     let certs = dir.join("certs");
@@ -172,7 +191,7 @@ pub fn run(datapath: &str) -> anyhow::Result<()> {
     let uds = dir.join("spoke.sock");
     let backend = backend()?;
 
-    let (server, s) = start("spoke-server", &bins.join("spoke-server"), &server_args(&uds, &cert))?;
+    let (server, s) = start("spoke-server", &bins.join("spoke-server"), &server_args(&uds, datapath, &cert))?;
     let agent_addr: SocketAddr = crate::value(&s, "agent")?.parse()?;
     let frontend = crate::value(&s, "frontend")?;
     let server_admin = crate::value(&s, "admin")?;

@@ -28,7 +28,8 @@ enum Cmd {
     Bootstrap,
     /// Run server, agent and a demo backend locally with development certificates, until Ctrl-C.
     Run {
-        /// Datapath of the agent (auto, copy).
+        /// Datapath of the agent: auto, copy, splice or sockmap (the last two with plaintext data
+        /// connections; sockmap needs root).
         #[arg(long, default_value = "auto")]
         datapath: String,
     },

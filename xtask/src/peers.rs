@@ -26,9 +26,21 @@ pub struct System {
     pub skip_holds: Option<(usize, &'static str)>,
 }
 
+/// How long a system under test gets to stop after SIGTERM (the agent then removes its pinned eBPF
+/// maps) before it is killed.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Drop for System {
     fn drop(&mut self) {
-        for child in self.procs.iter_mut().map(|(_, c)| c).chain(self.helpers.iter_mut()) {
+        let children: Vec<&mut Child> = self.procs.iter_mut().map(|(_, c)| c).chain(self.helpers.iter_mut()).collect();
+        for child in &children {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        }
+        let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+        for child in children {
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -15,6 +15,7 @@ use crate::codec;
 use crate::datapath::copy::End;
 use crate::metrics::{add, inc};
 use crate::protocol::{DialStatus, Message};
+use crate::transport::Stream as _;
 
 /// A failed dial: the status for the server and a detail.
 struct DialFailure {
@@ -128,7 +129,15 @@ pub(super) async fn serve(
     }
     let Some(mut target) = target else { return };
     agent.metrics.streams_open.inc();
+    // Until the relay ends cleanly, closing either socket resets it: a stream cut off when the agent
+    // stops (its task dropped at the end of the grace period) must not look complete to either end.
+    conn.reset_on_close(true);
+    target.reset_on_close(true);
     let result = agent.datapath.relay(&agent.metrics, &mut conn, &mut target).await;
+    if result.is_ok() {
+        conn.reset_on_close(false);
+        target.reset_on_close(false);
+    }
     agent.metrics.streams_open.dec();
     let (up, down) = match &result {
         Ok(m) => (m.a_to_b, m.b_to_a),

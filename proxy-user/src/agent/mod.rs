@@ -189,6 +189,14 @@ pub async fn run_agent(
             );
             datapath
         }
+        DatapathMode::Auto => {
+            info!(
+                tier = "copy",
+                "datapath auto: the copy tier, the fastest single stream and tunnel opening measured on this \
+                 kernel (splice and sockmap are opt-in: --datapath, docs/benchmarks.md)"
+            );
+            Datapath::new(DatapathMode::Auto)
+        }
         mode => Datapath::new(mode),
     };
     let agent = Arc::new(Agent {

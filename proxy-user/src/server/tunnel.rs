@@ -130,7 +130,14 @@ pub(super) async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
         inc(&server.metrics.streams, "result", "ok");
         server.metrics.streams_open.inc();
         debug!(agent = %agent.identity.agent_id, "stream open");
+        // Until the relay ends cleanly, closing resets: a stream cut off by shutdown never looks complete.
+        client.reset_on_close(true);
+        data.reset_on_close(true);
         let result = copy::relay(&mut client, &mut data, &req.early_data).await;
+        if result.is_ok() {
+            client.reset_on_close(false);
+            data.reset_on_close(false);
+        }
         server.metrics.streams_open.dec();
         let (up, down) = match &result {
             Ok(m) => (m.a_to_b, m.b_to_a),

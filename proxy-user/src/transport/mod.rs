@@ -18,34 +18,40 @@ pub const KEEPALIVE_RETRIES: u32 = 3;
 
 /// A connected byte stream that a relay can carry.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Ends the connection as a failure: the peer sees a reset rather than a clean end of stream, so a
-    /// truncated stream never looks complete. Where the transport has no reset (Unix sockets), the
-    /// connection is simply closed when dropped.
-    fn abort(&self);
+    /// Whether closing the connection resets it: with `true` the peer sees a reset rather than a clean
+    /// end of stream, so a truncated stream never looks complete. Where the transport has no reset (Unix
+    /// sockets) this does nothing and the connection is simply closed when dropped.
+    fn reset_on_close(&self, reset: bool);
+
+    /// Ends the connection as a failure once dropped: [`Stream::reset_on_close`] with `true`.
+    fn abort(&self) {
+        self.reset_on_close(true);
+    }
 }
 
 impl Stream for TcpStream {
-    fn abort(&self) {
+    fn reset_on_close(&self, reset: bool) {
         // SO_LINGER 0: close() then sends RST and discards unsent data. Cannot block: the linger time is 0.
-        if let Err(error) = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO)) {
-            tracing::debug!(%error, "set SO_LINGER for abort");
+        let linger = reset.then_some(Duration::ZERO);
+        if let Err(error) = socket2::SockRef::from(self).set_linger(linger) {
+            tracing::debug!(%error, "set SO_LINGER");
         }
     }
 }
 
 impl Stream for UnixStream {
-    fn abort(&self) {}
+    fn reset_on_close(&self, _reset: bool) {}
 }
 
 impl<S: Stream> Stream for tokio_rustls::server::TlsStream<S> {
-    fn abort(&self) {
-        self.get_ref().0.abort();
+    fn reset_on_close(&self, reset: bool) {
+        self.get_ref().0.reset_on_close(reset);
     }
 }
 
 impl<S: Stream> Stream for tokio_rustls::client::TlsStream<S> {
-    fn abort(&self) {
-        self.get_ref().0.abort();
+    fn reset_on_close(&self, reset: bool) {
+        self.get_ref().0.reset_on_close(reset);
     }
 }
 
@@ -117,10 +123,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tunnel<T> {
 }
 
 impl<T: Stream> Stream for Tunnel<T> {
-    fn abort(&self) {
+    fn reset_on_close(&self, reset: bool) {
         match self {
-            Self::Tls(t) => t.abort(),
-            Self::Plain(t) => t.abort(),
+            Self::Tls(t) => t.reset_on_close(reset),
+            Self::Plain(t) => t.reset_on_close(reset),
         }
     }
 }

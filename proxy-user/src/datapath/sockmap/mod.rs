@@ -171,6 +171,8 @@ pub struct Sockmap {
     flows: Mutex<HashMap<MapData, u64, Flow>>,
     credits: Mutex<HashMap<MapData, u64, Credit>>,
     pins: Option<PinDir>,
+    /// Forwards the programs' log records (aya-log) to `tracing` while the maps live.
+    logs: Option<tokio::task::AbortHandle>,
     _ebpf: Ebpf,
 }
 
@@ -249,11 +251,13 @@ impl Sockmap {
                 .pin(&path)
                 .map_err(|e| SockmapError::Pin { path: path.clone(), source: io::Error::other(e) })?;
         }
+        let logs = forward_logs(&mut ebpf);
         Ok(Self {
             socks: Mutex::new(socks),
             flows: Mutex::new(flows),
             credits: Mutex::new(credits),
             pins,
+            logs,
             _ebpf: ebpf,
         })
     }
@@ -368,8 +372,43 @@ impl Sockmap {
     }
 }
 
+/// Starts forwarding the programs' aya-log records to the `log` facade (which the tracing subscriber
+/// bridges), on the current tokio runtime; `None` without one or without the log map.
+fn forward_logs(ebpf: &mut Ebpf) -> Option<tokio::task::AbortHandle> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(error) => {
+            warn!(%error, "eBPF log records will not be shown");
+            return None;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer's descriptor and never closes or replaces it while the
+    // AsyncFd holds it.
+    #[expect(unsafe_code, reason = "tokio requires the caller to vouch for the descriptor's lifetime")]
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut logger = match registered {
+        Ok(fd) => fd,
+        Err(error) => {
+            warn!(%error, "eBPF log records will not be shown");
+            return None;
+        }
+    };
+    let task = runtime.spawn(async move {
+        while let Ok(mut ready) = logger.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+    Some(task.abort_handle())
+}
+
 impl Drop for Sockmap {
     fn drop(&mut self) {
+        if let Some(logs) = &self.logs {
+            logs.abort();
+        }
         if let Some(p) = &self.pins
             && let Err(error) = p.remove()
         {

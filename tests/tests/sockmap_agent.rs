@@ -1,0 +1,156 @@
+//! The sockmap tier in the real agent (`--datapath sockmap`, plaintext tunnel): many streams at once,
+//! churn with the pinned maps counted from outside, and pins left by a killed agent reclaimed.
+
+#[path = "../../proxy-user/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Server, agent, certs, check_pattern, echo, eventually, metric, send_pattern, server, tunnel};
+use spoke::datapath::sockmap::{DEFAULT_BPF_ROOT, PinDir, pinned_entries};
+use spoke_tests::privileged;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Longest any one test step may take.
+const STEP: Duration = Duration::from_mins(2);
+
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, f).await.unwrap_or_else(|_| panic!("{what}: no progress within {STEP:?}"))
+}
+
+/// A node name no other test (or earlier run) uses, so pin directories do not collide.
+fn node(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+fn pins(node: &str) -> PathBuf {
+    PinDir::new(Path::new(DEFAULT_BPF_ROOT), node).path().to_owned()
+}
+
+/// Removes a node's pin directory when the test ends, however it ends: the fixtures kill agents, and a
+/// killed agent leaves its pinned maps behind (the next agent of that name would reclaim them).
+struct RemovePins(PathBuf);
+
+impl Drop for RemovePins {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+}
+
+async fn plaintext_server() -> Server {
+    server(&certs()).allow_plaintext_tunnel().run().await
+}
+
+/// Open file descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Streams spliced at once by [`agent_splices_a_thousand_parallel_streams`], and bytes each way in each.
+const STREAMS: u64 = 1000;
+const LEN: u64 = 256 << 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_splices_a_thousand_parallel_streams() {
+    if !privileged("sockmap agent test") {
+        return;
+    }
+    let srv = plaintext_server().await;
+    let node = node("sockmap-1000");
+    let _cleanup = RemovePins(pins(&node));
+    let ag = agent(&srv).id(&node).plaintext("sockmap").flag("--pool-size", "64").run().await;
+    let backend = echo().await;
+    // Open all of them first, so they are all spliced at once.
+    let mut open = Vec::new();
+    for _ in 0..STREAMS {
+        open.push(bounded("open a tunnel", tunnel(&srv, backend)).await);
+    }
+    assert_eq!(metric(ag.admin_addr, "spoke_agent_streams_open").await, STREAMS, "all streams open at once");
+    let mut set = tokio::task::JoinSet::new();
+    for (i, t) in open.into_iter().enumerate() {
+        let seed = i as u64 + 1;
+        set.spawn(async move {
+            let (mut r, mut w) = tokio::io::split(t);
+            let ((), got) = tokio::join!(send_pattern(&mut w, seed, LEN), check_pattern(&mut r, seed));
+            got
+        });
+    }
+    let got = bounded("1,000 verified streams", set.join_all()).await;
+    assert!(got.iter().all(|n| *n == LEN), "every stream carried all its bytes");
+    let spliced = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
+    assert_eq!(spliced, STREAMS, "every stream took the sockmap tier\n{}", ag.proc.log());
+    eventually("no map entries left", || async { pinned_entries(&pins(&node)).ok() == Some((0, 0, 0)) })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_through_the_agent_leaves_no_entries_or_descriptors() {
+    if !privileged("sockmap agent test") {
+        return;
+    }
+    let srv = plaintext_server().await;
+    let node = node("sockmap-churn");
+    let _cleanup = RemovePins(pins(&node));
+    let ag = agent(&srv).id(&node).plaintext("sockmap").run().await;
+    let backend = echo().await;
+    let pid = ag.proc.child.id().expect("agent running");
+    let one = async || {
+        let mut t = tunnel(&srv, backend).await;
+        t.write_all(b"ping").await.unwrap();
+        t.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        t.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"ping");
+    };
+    for _ in 0..100 {
+        bounded("warm-up stream", one()).await;
+    }
+    let before = fds(pid);
+    for _ in 0..2000 {
+        bounded("churn stream", one()).await;
+    }
+    eventually("no map entries left", || async { pinned_entries(&pins(&node)).ok() == Some((0, 0, 0)) })
+        .await;
+    eventually("descriptors back to the baseline", || async { fds(pid) <= before + 2 }).await;
+    // A FIN that reaches the agent before the pair is inserted sends that stream to the copy tier.
+    let spliced = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
+    let copied = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await;
+    let early_fin = metric(ag.admin_addr, "spoke_agent_datapath_fallbacks_total{reason=\"not_established\"}").await;
+    eprintln!("{spliced} streams spliced, {copied} copied after an early FIN");
+    assert_eq!(spliced + copied, 2100, "every stream counted once\n{}", ag.proc.log());
+    assert_eq!(copied, early_fin, "only early FINs fell back");
+    assert!(spliced > 0, "streams took the sockmap tier");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_of_a_killed_agent_are_reclaimed_and_a_stopped_one_removes_its_own() {
+    if !privileged("sockmap agent test") {
+        return;
+    }
+    let srv = plaintext_server().await;
+    let node = node("sockmap-pins");
+    let dir = pins(&node);
+    let _cleanup = RemovePins(dir.clone());
+    let mut first = agent(&srv).id(&node).plaintext("sockmap").run().await;
+    assert!(dir.join("SOCKS").exists(), "maps pinned in {}", dir.display());
+    first.proc.kill().await;
+    assert!(dir.join("SOCKS").exists(), "a killed agent cannot remove its pins");
+    let second = agent(&srv).id(&node).plaintext("sockmap").run().await;
+    assert!(second.proc.log().contains("removed pins left by a previous agent"), "{}", second.proc.log());
+    // The new agent's maps work: a stream through it.
+    let backend = echo().await;
+    let mut t = tunnel(&srv, backend).await;
+    t.write_all(b"after restart").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    bounded("echo", t.read_to_end(&mut back)).await.unwrap();
+    assert_eq!(back, b"after restart");
+    second.proc.terminate();
+    eventually("pins removed on a clean stop", || async { !dir.exists() }).await;
+}
