@@ -121,7 +121,8 @@ async fn churn_through_the_agent_leaves_no_entries_or_descriptors() {
     // A FIN that reaches the agent before the pair is inserted sends that stream to the copy tier.
     let spliced = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
     let copied = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await;
-    let early_fin = metric(ag.admin_addr, "spoke_agent_datapath_fallbacks_total{reason=\"not_established\"}").await;
+    let early_fin =
+        metric(ag.admin_addr, "spoke_agent_datapath_fallbacks_total{reason=\"not_established\"}").await;
     eprintln!("{spliced} streams spliced, {copied} copied after an early FIN");
     assert_eq!(spliced + copied, 2100, "every stream counted once\n{}", ag.proc.log());
     assert_eq!(copied, early_fin, "only early FINs fell back");

@@ -32,7 +32,8 @@ const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for System {
     fn drop(&mut self) {
-        let children: Vec<&mut Child> = self.procs.iter_mut().map(|(_, c)| c).chain(self.helpers.iter_mut()).collect();
+        let children: Vec<&mut Child> =
+            self.procs.iter_mut().map(|(_, c)| c).chain(self.helpers.iter_mut()).collect();
         for child in &children {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         }
