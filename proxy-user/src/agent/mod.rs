@@ -187,6 +187,10 @@ pub async fn run_agent(
                 backlog_limit = config.sockmap_limits.backlog,
                 "sockmap datapath attached"
             );
+            warn!(
+                "--datapath sockmap is experimental: on kernel 6.18, streams moving bulk data both ways at once \
+                 while pausing often have received whole segments twice (docs/operations.md, datapath tiers)"
+            );
             datapath
         }
         DatapathMode::Auto => {
