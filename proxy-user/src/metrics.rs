@@ -87,6 +87,8 @@ pub struct AgentMetrics {
     /// Bytes of sockmap-tier streams that user space copied while a direction was paused (the rest of
     /// `datapath_bytes{tier="sockmap"}` moved kernel to kernel).
     pub sockmap_copied_bytes: Counter,
+    /// Sockmap-tier streams reset because the kernel handed the program bytes twice (DESIGN.md §5 j).
+    pub sockmap_duplicate_resets: Counter,
     /// Times a sockmap-tier direction reached its backlog limit and paused.
     pub sockmap_pauses: Counter,
     /// Largest backlog (bytes redirected but not yet in the receiving socket's send queue, memory no
@@ -116,6 +118,7 @@ impl AgentMetrics {
             datapath_bytes: Counters::default(),
             datapath_fallbacks: Counters::default(),
             sockmap_copied_bytes: Counter::default(),
+            sockmap_duplicate_resets: Counter::default(),
             sockmap_pauses: Counter::default(),
             sockmap_backlog_peak_bytes: Gauge::default(),
             bytes: Counters::default(),

@@ -188,8 +188,9 @@ pub async fn run_agent(
                 "sockmap datapath attached"
             );
             warn!(
-                "--datapath sockmap is experimental: on kernel 6.18, streams moving bulk data both ways at once \
-                 while pausing often have received whole segments twice (docs/operations.md, datapath tiers)"
+                "--datapath sockmap is experimental: on kernel 6.18 the kernel has handed segments of streams \
+                 moving bulk data both ways at once to the program twice; such streams are detected and reset \
+                 (docs/operations.md, datapath tiers)"
             );
             datapath
         }

@@ -14,7 +14,7 @@ mod tcp;
 use std::future::Future;
 
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::DatapathMode;
 use crate::metrics::{AgentMetrics, add, inc};
@@ -144,6 +144,13 @@ impl Datapath {
                             inc(&metrics.datapath_fallbacks, "reason", reason);
                             debug!(reason, "sockmap half inserted: the stream was copied");
                             tier = Tier::Copy;
+                        }
+                        if spliced.duplicated > 0 {
+                            metrics.sockmap_duplicate_resets.inc();
+                            warn!(
+                                bytes = spliced.duplicated,
+                                "sockmap: the kernel delivered bytes twice; stream reset"
+                            );
                         }
                         metrics.sockmap_copied_bytes.inc_by(spliced.copied);
                         metrics.sockmap_pauses.inc_by(spliced.pauses);

@@ -29,6 +29,22 @@ fn info(socket: &impl AsFd) -> io::Result<libc::tcp_info> {
     Ok(unsafe { info.assume_init() })
 }
 
+/// Payload bytes `socket` has received in order over its life (`tcpi_bytes_received`).
+pub fn bytes_received(socket: &impl AsFd) -> io::Result<u64> {
+    Ok(info(socket)?.tcpi_bytes_received)
+}
+
+/// Bytes received but not yet read (`SIOCINQ`); meaningful for a socket outside the sockmap.
+pub fn receive_queue(socket: &impl AsFd) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCINQ (= FIONREAD) writes one int to the pointer.
+    let rc = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), libc::FIONREAD, &raw mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(queued).unwrap_or(0))
+}
+
 /// Bytes in the send queue of `socket` not yet acknowledged (`SIOCOUTQ`).
 pub fn send_queue(socket: &impl AsFd) -> io::Result<u64> {
     let mut queued: libc::c_int = 0;

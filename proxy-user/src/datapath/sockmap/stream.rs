@@ -15,6 +15,10 @@
 //!   wrote. The program resumes redirecting at the first skb that arrives once every passed byte is
 //!   written and the credit allows, so order is kept both ways. A sender faster than this copy keeps the
 //!   direction copying until it slows down: it is then a userspace relay, as fast as the copy tier.
+//! - Duplicates: the program can never see more bytes than TCP received on the source socket
+//!   (`tcpi_bytes_received`), yet on 6.18 it sometimes does (whole segments handed to it twice, DESIGN.md
+//!   §5 j). Every refresh, and the end point, compares the two; a surplus resets both sides, so such a
+//!   stream ends as an error and never as a complete stream.
 //! - End: `recv() == 0` with every passed byte read is the end point; the FIN is passed on only after
 //!   every redirected or copied byte has entered the peer's send queue (acknowledged + `SIOCOUTQ`),
 //!   never earlier (trap e). An error on the peer (`SO_ERROR`), a failed redirect or a wait without
@@ -84,6 +88,9 @@ pub struct Spliced {
     pub resumes: u64,
     /// Largest backlog seen in one direction: bytes redirected or copied, not yet acknowledged.
     pub peak_backlog: u64,
+    /// Bytes the kernel handed to the program twice (DESIGN.md §5 j); non-zero only when that reset the
+    /// stream.
+    pub duplicated: u64,
 }
 
 /// Splices `a` and `b` through `map` until both directions have ended. `Err` means the pair could not
@@ -95,9 +102,16 @@ pub async fn relay(
     b: &TcpStream,
     limits: Limits,
 ) -> Result<Spliced, SockmapError> {
-    // What each send queue already took and had acknowledged, before any redirect can add to it.
-    let base_a = (tcp::bytes_acked(a)?, tcp::bytes_entered(a)?);
-    let base_b = (tcp::bytes_acked(b)?, tcp::bytes_entered(b)?);
+    // What each send queue already took and had acknowledged, and what each socket had read, before any
+    // redirect can add to them (bytes still queued unread will go through the program).
+    let base = |s: &TcpStream| -> Result<Base, SockmapError> {
+        Ok(Base {
+            acked: tcp::bytes_acked(s)?,
+            entered: tcp::bytes_entered(s)?,
+            read: tcp::bytes_received(s)?.saturating_sub(tcp::receive_queue(s)?),
+        })
+    };
+    let (base_a, base_b) = (base(a)?, base(b)?);
     for s in [a, b] {
         tcp::force_send_buffer(s, 2 * limits.backlog)?;
     }
@@ -109,8 +123,8 @@ pub async fn relay(
     };
     let guard = Unpair { map, pair };
     let copy_only = fallback.is_some();
-    let mut up = Direction::new(map, pair.a, a, b, base_b, limits, copy_only);
-    let mut down = Direction::new(map, pair.b, b, a, base_a, limits, copy_only);
+    let mut up = Direction::new(map, pair.a, a, b, (base_a.read, base_b), limits, copy_only);
+    let mut down = Direction::new(map, pair.b, b, a, (base_b.read, base_a), limits, copy_only);
     let result = run_both(&mut up, &mut down).await;
     if result.is_err() {
         a.abort();
@@ -124,6 +138,7 @@ pub async fn relay(
         pauses: up.pauses + down.pauses,
         resumes: up.resumes + down.resumes,
         peak_backlog: up.peak_backlog.max(down.peak_backlog),
+        duplicated: up.duplicated + down.duplicated,
     })
 }
 
@@ -134,6 +149,17 @@ async fn run_both(up: &mut Direction<'_>, down: &mut Direction<'_>) -> Result<Mo
     };
     let moved = (a_to_b.unwrap_or(up.moved()), b_to_a.unwrap_or(down.moved()));
     Err(RelayError { end, source, moved })
+}
+
+/// A socket's counters when the pair was inserted.
+#[derive(Clone, Copy, Debug)]
+struct Base {
+    /// Bytes its far end had acknowledged.
+    acked: u64,
+    /// Bytes that had entered its send queue.
+    entered: u64,
+    /// Bytes it had received and that had been read (what is still queued goes through the program).
+    read: u64,
 }
 
 /// Removes the pair from the maps however the relay ends (also when its future is dropped).
@@ -164,6 +190,8 @@ struct Direction<'a> {
     limits: Limits,
     /// Bytes that had entered `dst`'s send queue when the pair was inserted.
     entered_base: u64,
+    /// Bytes `src` had received and read before the pair was inserted.
+    read_base: u64,
     /// Bytes redirected, as of the last refresh.
     redirected: u64,
     /// Passed bytes, as of the last refresh.
@@ -184,6 +212,8 @@ struct Direction<'a> {
     pauses: u64,
     resumes: u64,
     peak_backlog: u64,
+    /// Bytes the program saw beyond what TCP received, when that ended the stream.
+    duplicated: u64,
 }
 
 impl<'a> Direction<'a> {
@@ -192,7 +222,7 @@ impl<'a> Direction<'a> {
         cookie: u64,
         src: &'a TcpStream,
         dst: &'a TcpStream,
-        (acked_base, entered_base): (u64, u64),
+        (read_base, dst_base): (u64, Base),
         limits: Limits,
         copy_only: bool,
     ) -> Self {
@@ -202,19 +232,21 @@ impl<'a> Direction<'a> {
             src,
             dst,
             limits,
-            entered_base,
+            entered_base: dst_base.entered,
+            read_base,
             redirected: 0,
             passed: 0,
             copied: 0,
             entered: 0,
             acked: 0,
-            acked_base,
+            acked_base: dst_base.acked,
             granted: Credit { allow: if copy_only { 0 } else { limits.backlog }, written: 0 },
             copy_only,
             tick: TICK_BUSY,
             pauses: 0,
             resumes: 0,
             peak_backlog: 0,
+            duplicated: 0,
         }
     }
 
@@ -236,6 +268,14 @@ impl<'a> Direction<'a> {
         let moved = self.redirected != flow.redirected;
         (self.redirected, self.passed, self.pauses, self.resumes) =
             (flow.redirected, flow.passed, flow.pauses, flow.resumes);
+        // The program cannot have seen more than TCP received (read after the counters, so a later
+        // arrival only adds to the right side). More means the kernel handed it some bytes twice
+        // (DESIGN.md §5 j): reset rather than deliver a corrupt stream as if it were whole.
+        let received = tcp::bytes_received(self.src).map_err(|e| (End::A, e))?.saturating_sub(self.read_base);
+        if self.redirected + self.passed > received {
+            self.duplicated = self.redirected + self.passed - received;
+            return Err(lost(&format!("the kernel delivered {} bytes twice", self.duplicated)));
+        }
         self.measure()?;
         self.grant()?;
         Ok(moved)
