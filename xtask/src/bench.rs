@@ -487,6 +487,11 @@ impl Report<'_> {
         ];
         let mut gaps = Vec::new();
         for sys in self.systems() {
+            // The scale scenario runs its own Spoke server and files its rows under the TLS system,
+            // also when `--systems` left that system out: such a system is not expected to have more.
+            if self.rows.iter().filter(|r| r.system == sys).all(|r| r.scenario.starts_with("scale_")) {
+                continue;
+            }
             for sc in expected {
                 if !self.rows.iter().any(|r| r.system == sys && r.scenario == sc && r.value.is_finite()) {
                     gaps.push(format!("{sys}: {sc}"));

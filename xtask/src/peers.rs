@@ -286,6 +286,9 @@ fn spoke_with(env: &Env, name: &str, tls: bool, datapath: &str) -> anyhow::Resul
         "off",
         "--pool-size",
         "16",
+        // Exits well within the stop timeout, so a sockmap agent removes its pinned maps itself.
+        "--graceful-shutdown-timeout",
+        "1s",
         "--datapath",
         datapath,
         "--tunnel-tls",
