@@ -4,11 +4,6 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd as _};
 
-/// Payload bytes the far end of `socket` has acknowledged (`tcpi_bytes_acked`).
-pub fn bytes_acked(socket: &impl AsFd) -> io::Result<u64> {
-    Ok(info(socket)?.tcpi_bytes_acked)
-}
-
 fn info(socket: &impl AsFd) -> io::Result<libc::tcp_info> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).expect("tcp_info size fits");
@@ -36,32 +31,35 @@ pub fn bytes_received(socket: &impl AsFd) -> io::Result<u64> {
 
 /// Bytes received but not yet read (`SIOCINQ`); meaningful for a socket outside the sockmap.
 pub fn receive_queue(socket: &impl AsFd) -> io::Result<u64> {
+    queue_len(socket, libc::FIONREAD)
+}
+
+/// How far a socket's sending has got, over its life.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SendProgress {
+    /// Payload bytes its far end acknowledged (`tcpi_bytes_acked`).
+    pub acked: u64,
+    /// Bytes written into its send queue: acknowledged plus still queued (`SIOCOUTQ`).
+    pub entered: u64,
+}
+
+/// Reads [`SendProgress`]: the queue first, then `TCP_INFO`. Bytes acknowledged between the two reads
+/// are then counted in neither, so `entered` never exceeds what had entered by the time it returns.
+pub fn send_progress(socket: &impl AsFd) -> io::Result<SendProgress> {
+    let queued = queue_len(socket, libc::TIOCOUTQ)?;
+    let acked = info(socket)?.tcpi_bytes_acked;
+    Ok(SendProgress { acked, entered: acked + queued })
+}
+
+/// One of the socket's queue lengths: `SIOCINQ` (= `FIONREAD`) or `SIOCOUTQ` (= `TIOCOUTQ`).
+fn queue_len(socket: &impl AsFd, request: libc::Ioctl) -> io::Result<u64> {
     let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCINQ (= FIONREAD) writes one int to the pointer.
-    let rc = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), libc::FIONREAD, &raw mut queued) };
+    // SAFETY: both requests write one int to the pointer.
+    let rc = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), request, &raw mut queued) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(u64::try_from(queued).unwrap_or(0))
-}
-
-/// Bytes in the send queue of `socket` not yet acknowledged (`SIOCOUTQ`).
-pub fn send_queue(socket: &impl AsFd) -> io::Result<u64> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int to the pointer.
-    let rc = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u64::try_from(queued).unwrap_or(0))
-}
-
-/// Bytes written into `socket` over its life: acknowledged plus still queued. The queue is read first:
-/// bytes acknowledged between the two reads are then counted in neither, so the result never exceeds
-/// what had entered by the time it returns.
-pub fn bytes_entered(socket: &impl AsFd) -> io::Result<u64> {
-    let queued = send_queue(socket)?;
-    Ok(bytes_acked(socket)? + queued)
 }
 
 /// Sets `SO_SNDBUFFORCE` (the kernel doubles it; root may exceed `wmem_max`) and checks what it got.

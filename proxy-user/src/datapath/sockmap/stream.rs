@@ -106,8 +106,7 @@ pub async fn relay(
     // redirect can add to them (bytes still queued unread will go through the program).
     let base = |s: &TcpStream| -> Result<Base, SockmapError> {
         Ok(Base {
-            acked: tcp::bytes_acked(s)?,
-            entered: tcp::bytes_entered(s)?,
+            sent: tcp::send_progress(s)?,
             read: tcp::bytes_received(s)?.saturating_sub(tcp::receive_queue(s)?),
         })
     };
@@ -154,10 +153,8 @@ async fn run_both(up: &mut Direction<'_>, down: &mut Direction<'_>) -> Result<Mo
 /// A socket's counters when the pair was inserted.
 #[derive(Clone, Copy, Debug)]
 struct Base {
-    /// Bytes its far end had acknowledged.
-    acked: u64,
-    /// Bytes that had entered its send queue.
-    entered: u64,
+    /// How far its sending had got.
+    sent: tcp::SendProgress,
     /// Bytes it had received and that had been read (what is still queued goes through the program).
     read: u64,
 }
@@ -188,8 +185,8 @@ struct Direction<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
     limits: Limits,
-    /// Bytes that had entered `dst`'s send queue when the pair was inserted.
-    entered_base: u64,
+    /// How far `dst`'s sending had got when the pair was inserted.
+    sent_base: tcp::SendProgress,
     /// Bytes `src` had received and read before the pair was inserted.
     read_base: u64,
     /// Bytes redirected, as of the last refresh.
@@ -202,8 +199,6 @@ struct Direction<'a> {
     entered: u64,
     /// Bytes `dst`'s far end acknowledged since insertion, as of the last refresh.
     acked: u64,
-    /// `dst`'s acknowledged bytes when the pair was inserted.
-    acked_base: u64,
     /// The credit last granted.
     granted: Credit,
     /// Never grant credit: the pair is only half in the map, every byte is copied.
@@ -232,14 +227,13 @@ impl<'a> Direction<'a> {
             src,
             dst,
             limits,
-            entered_base: dst_base.entered,
+            sent_base: dst_base.sent,
             read_base,
             redirected: 0,
             passed: 0,
             copied: 0,
             entered: 0,
             acked: 0,
-            acked_base: dst_base.acked,
             granted: Credit { allow: if copy_only { 0 } else { limits.backlog }, written: 0 },
             copy_only,
             tick: TICK_BUSY,
@@ -283,10 +277,9 @@ impl<'a> Direction<'a> {
 
     /// Reads what entered `dst`'s send queue and what its far end acknowledged; records the backlog.
     fn measure(&mut self) -> Result<(), Failure> {
-        let entered = tcp::bytes_entered(self.dst).map_err(|e| (End::B, e))?;
-        let acked = tcp::bytes_acked(self.dst).map_err(|e| (End::B, e))?;
-        self.entered = entered.saturating_sub(self.entered_base);
-        self.acked = acked.saturating_sub(self.acked_base);
+        let sent = tcp::send_progress(self.dst).map_err(|e| (End::B, e))?;
+        self.entered = sent.entered.saturating_sub(self.sent_base.entered);
+        self.acked = sent.acked.saturating_sub(self.sent_base.acked);
         self.peak_backlog = self.peak_backlog.max(self.backlog());
         Ok(())
     }
