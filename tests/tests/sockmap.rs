@@ -10,9 +10,9 @@ use std::io::Read as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Pattern, check_pattern, send_pattern};
+use common::{Pattern, PatternCheck, check_pattern, send_pattern};
 use spoke::datapath::sockmap::stream::{self, Limits, Spliced};
-use spoke::datapath::sockmap::{PinDir, Sockmap, pinned_entries};
+use spoke::datapath::sockmap::{PinDir, Sockmap, SockmapError, pinned_entries};
 use spoke_tests::privileged;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,6 +57,27 @@ async fn splice(map: &Arc<Sockmap>, limits: Limits) -> Setup {
     };
     inserted(map, cookies).await;
     Setup { client, server, relay }
+}
+
+/// Runs the relay over `a` and `b` in a task that closes both when it ends.
+fn spawn_relay(
+    map: &Arc<Sockmap>,
+    a: TcpStream,
+    b: TcpStream,
+    limits: Limits,
+) -> JoinHandle<Result<Spliced, SockmapError>> {
+    let map = map.clone();
+    tokio::spawn(async move { stream::relay(&map, &a, &b, limits).await })
+}
+
+/// Waits until `s` has received its peer's FIN.
+async fn fin_arrived(s: &TcpStream) {
+    bounded("FIN arrives", async {
+        while !tcp_state_is_close_wait(s) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
 }
 
 fn cookies(a: &TcpStream, b: &TcpStream) -> (u64, u64) {
@@ -165,33 +186,23 @@ enum Ending {
 
 /// Reads to the end, checking the pattern; a reset is an acceptable end, a clean end must be whole.
 async fn ending<R: tokio::io::AsyncRead + Unpin>(r: &mut R, seed: u64, len: u64) -> Ending {
-    let mut p = Pattern::new(seed);
-    let (mut buf, mut want) = (vec![0u8; 256 * 1024], vec![0u8; 256 * 1024 + 8]);
-    let (mut carry, mut total, mut bad) = (Vec::new(), 0u64, None);
+    let mut check = PatternCheck::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut bad = None;
     loop {
         let n = match r.read(&mut buf).await {
             Ok(0) => break,
             Ok(n) => n,
             Err(_) => return Ending::Reset,
         };
-        if bad.is_some() {
-            continue;
+        if bad.is_none() {
+            bad = check.feed(&buf[..n]).err();
         }
-        carry.extend_from_slice(&buf[..n]);
-        let whole = carry.len() - carry.len() % 8;
-        p.fill(&mut want[..whole]);
-        if carry[..whole] != want[..whole] {
-            bad = Some(total);
-        }
-        carry.drain(..whole);
-        total += whole as u64;
     }
-    match bad {
-        Some(at) => Ending::Corrupt(format!("wrong bytes after byte {at}, then a clean end")),
-        None if total + carry.len() as u64 != len => {
-            Ending::Corrupt(format!("clean end after {total} bytes"))
-        }
-        None => Ending::Intact,
+    match bad.map_or_else(|| check.finish(), Err) {
+        Err(at) => Ending::Corrupt(format!("wrong bytes after byte {at}, then a clean end")),
+        Ok(total) if total != len => Ending::Corrupt(format!("clean end after {total} bytes")),
+        Ok(_) => Ending::Intact,
     }
 }
 
@@ -265,10 +276,7 @@ async fn stream_goes_back_to_splicing_when_the_reader_keeps_up() {
     let (b, server) = tcp_pair().await;
     let pair = cookies(&a, &b);
     let cookie = pair.0;
-    let relay = {
-        let map = map.clone();
-        tokio::spawn(async move { stream::relay(&map, &a, &b, Limits::default()).await.map(|s| s.result) })
-    };
+    let relay = spawn_relay(&map, a, b, Limits::default());
     inserted(&map, pair).await;
     let (mut sr, mut sw) = server.into_split();
     let (mut cr, mut cw) = client.into_split();
@@ -322,7 +330,7 @@ async fn stream_goes_back_to_splicing_when_the_reader_keeps_up() {
     sw.shutdown().await.unwrap();
     let mut rest = Vec::new();
     bounded("end of stream", cr.read_to_end(&mut rest)).await.unwrap();
-    bounded("relay end", relay).await.unwrap().expect("inserted").expect("clean end");
+    bounded("relay end", relay).await.unwrap().expect("inserted").result.expect("clean end");
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
@@ -352,27 +360,24 @@ async fn slow_reader_keeps_memory_bounded_and_loses_nothing() {
     let watch = lowest.clone();
     let reader = std::thread::spawn(move || {
         let mut server = server;
-        let mut p = Pattern::new(21);
-        let (mut got, mut want) = (vec![0u8; 4096], vec![0u8; 4096]);
+        let mut check = PatternCheck::new(21);
+        let mut got = vec![0u8; 4096];
         let mut total = 0u64;
-        let mut carry = Vec::new();
         loop {
             let n = server.read(&mut got).expect("slow read");
             if n == 0 {
                 break;
             }
-            carry.extend_from_slice(&got[..n]);
-            let whole = carry.len() - carry.len() % 8;
-            p.fill(&mut want[..whole]);
-            assert!(carry[..whole] == want[..whole], "stream corrupted after byte {total}");
-            carry.drain(..whole);
-            total += whole as u64;
+            if let Err(at) = check.feed(&got[..n]) {
+                panic!("stream corrupted after byte {at}");
+            }
+            total += n as u64;
             if total % (1 << 20) < 4096 {
                 watch.fetch_min(mem_available(), std::sync::atomic::Ordering::Relaxed);
             }
             std::thread::sleep(Duration::from_micros(100));
         }
-        total + carry.len() as u64
+        check.finish().unwrap_or_else(|at| panic!("stream tail corrupted after byte {at}"))
     });
     let mut client = s.client;
     bounded("200 MiB to a slow reader", send_pattern(&mut client, 21, len)).await;
@@ -507,10 +512,7 @@ async fn bytes_queued_before_insertion_are_delivered() {
     client.write_all(&early).await.unwrap();
     // Wait until the bytes sit in a's receive queue.
     bounded("bytes queued", a.readable()).await.unwrap();
-    let relay = {
-        let map = map.clone();
-        tokio::spawn(async move { stream::relay(&map, &a, &b, Limits::default()).await.map(|s| s.result) })
-    };
+    let relay = spawn_relay(&map, a, b, Limits::default());
     let late = pattern(62, 256 << 10);
     client.write_all(&late).await.unwrap();
     client.shutdown().await.unwrap();
@@ -519,7 +521,7 @@ async fn bytes_queued_before_insertion_are_delivered() {
     assert!(got.len() == early.len() + late.len(), "got {} bytes", got.len());
     assert!(got[..early.len()] == early && got[early.len()..] == late, "order kept");
     server.shutdown().await.unwrap();
-    bounded("relay end", relay).await.unwrap().expect("inserted").expect("clean end");
+    bounded("relay end", relay).await.unwrap().expect("inserted").result.expect("clean end");
 }
 
 /// Trap c: a socket that already received FIN cannot be inserted; the relay says so (the datapath then
@@ -534,12 +536,7 @@ async fn socket_past_fin_is_refused_and_left_to_the_fallback() {
     let (b, _server) = tcp_pair().await;
     client.write_all(b"last words").await.unwrap();
     client.shutdown().await.unwrap();
-    bounded("FIN arrives", async {
-        while !tcp_state_is_close_wait(&a) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await;
+    fin_arrived(&a).await;
     let err = stream::relay(&map, &a, &b, Limits::default()).await.expect_err("insertion must fail");
     assert_eq!(err.reason(), "not_established", "{err}");
     assert_eq!(map.entries(), (0, 0, 0));
@@ -559,16 +556,8 @@ async fn half_inserted_pair_is_copied_without_loss() {
     client.write_all(&early).await.unwrap();
     server.write_all(b"bye").await.unwrap();
     server.shutdown().await.unwrap();
-    bounded("FIN arrives", async {
-        while !tcp_state_is_close_wait(&b) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await;
-    let relay = {
-        let map = map.clone();
-        tokio::spawn(async move { stream::relay(&map, &a, &b, Limits::default()).await })
-    };
+    fin_arrived(&b).await;
+    let relay = spawn_relay(&map, a, b, Limits::default());
     let late = pattern(82, 4 << 20);
     client.write_all(&late).await.unwrap();
     client.shutdown().await.unwrap();
@@ -618,12 +607,7 @@ async fn ten_thousand_streams_leave_nothing_behind() {
         let (b, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         let (b, mut server) = (b.unwrap(), accepted.unwrap().0);
         let pair = cookies(&a, &b);
-        let relay = {
-            let map = map.clone();
-            tokio::spawn(
-                async move { stream::relay(&map, &a, &b, Limits::default()).await.map(|s| s.result) },
-            )
-        };
+        let relay = spawn_relay(&map, a, b, Limits::default());
         inserted(&map, pair).await;
         client.write_all(b"ping").await.unwrap();
         client.shutdown().await.unwrap();
@@ -635,7 +619,7 @@ async fn ten_thousand_streams_leave_nothing_behind() {
         let mut back = Vec::new();
         client.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"pong");
-        relay.await.unwrap().expect("inserted").expect("clean end");
+        relay.await.unwrap().expect("inserted").result.expect("clean end");
     };
     // Warm up allocator pools and runtime structures before taking the baseline.
     for _ in 0..200 {

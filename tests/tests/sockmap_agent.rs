@@ -47,6 +47,16 @@ async fn plaintext_server() -> Server {
     server(&certs()).allow_plaintext_tunnel().run().await
 }
 
+/// One stream through the tunnel to an echo backend: sends `msg`, half-closes, expects it back.
+async fn echo_once(srv: &Server, backend: std::net::SocketAddr, msg: &[u8]) {
+    let mut t = tunnel(srv, backend).await;
+    t.write_all(msg).await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    t.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, msg);
+}
+
 /// Open file descriptors of a process.
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
@@ -107,20 +117,12 @@ async fn churn_through_the_agent_leaves_no_entries_or_descriptors() {
     let ag = agent(&srv).id(&node).plaintext("sockmap").run().await;
     let backend = echo().await;
     let pid = ag.proc.child.id().expect("agent running");
-    let one = async || {
-        let mut t = tunnel(&srv, backend).await;
-        t.write_all(b"ping").await.unwrap();
-        t.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        t.read_to_end(&mut back).await.unwrap();
-        assert_eq!(back, b"ping");
-    };
     for _ in 0..100 {
-        bounded("warm-up stream", one()).await;
+        bounded("warm-up stream", echo_once(&srv, backend, b"ping")).await;
     }
     let before = fds(pid);
     for _ in 0..2000 {
-        bounded("churn stream", one()).await;
+        bounded("churn stream", echo_once(&srv, backend, b"ping")).await;
     }
     eventually("no map entries left", || async { pinned_entries(&pins(&node)).ok() == Some((0, 0, 0)) })
         .await;
@@ -159,12 +161,7 @@ async fn pins_of_a_killed_agent_are_reclaimed_and_a_stopped_one_removes_its_own(
     assert!(second.proc.log().contains("removed pins left by a previous agent"), "{}", second.proc.log());
     // The new agent's maps work: a stream through it.
     let backend = echo().await;
-    let mut t = tunnel(&srv, backend).await;
-    t.write_all(b"after restart").await.unwrap();
-    t.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    bounded("echo", t.read_to_end(&mut back)).await.unwrap();
-    assert_eq!(back, b"after restart");
+    bounded("echo", echo_once(&srv, backend, b"after restart")).await;
     second.proc.terminate();
     eventually("pins removed on a clean stop", || async { !dir.exists() }).await;
 }

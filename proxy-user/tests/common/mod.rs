@@ -511,34 +511,60 @@ pub async fn send_pattern<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, len: u64)
     w.shutdown().await.expect("shutdown after pattern");
 }
 
+/// Checks bytes as they arrive against the pattern of a seed, in any chunking: whole 8-byte words are
+/// compared at once, a remainder waits for the next chunk (or the end).
+pub struct PatternCheck {
+    pattern: Pattern,
+    want: Vec<u8>,
+    carry: Vec<u8>,
+    total: u64,
+}
+
+impl PatternCheck {
+    pub fn new(seed: u64) -> Self {
+        Self { pattern: Pattern::new(seed), want: Vec::new(), carry: Vec::new(), total: 0 }
+    }
+
+    /// Takes the next received bytes; `Err(offset)`: the bytes from about `offset` on are wrong (lost,
+    /// duplicated or reordered before them).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), u64> {
+        self.carry.extend_from_slice(bytes);
+        let whole = self.carry.len() - self.carry.len() % 8;
+        self.want.resize(whole, 0);
+        self.pattern.fill(&mut self.want);
+        if self.carry[..whole] != self.want[..] {
+            return Err(self.total);
+        }
+        self.carry.drain(..whole);
+        self.total += whole as u64;
+        Ok(())
+    }
+
+    /// Checks the tail at the end of the stream; `Ok`: the bytes received in all.
+    pub fn finish(mut self) -> Result<u64, u64> {
+        let mut tail = vec![0u8; self.carry.len()];
+        self.pattern.fill(&mut tail);
+        if self.carry != tail {
+            return Err(self.total);
+        }
+        Ok(self.total + self.carry.len() as u64)
+    }
+}
+
 /// Reads to EOF from `r`, checking every byte against the pattern; returns the byte count.
 pub async fn check_pattern<R: AsyncRead + Unpin>(r: &mut R, seed: u64) -> u64 {
-    let mut p = Pattern::new(seed);
+    let mut check = PatternCheck::new(seed);
     let mut buf = vec![0u8; 256 * 1024];
-    let mut want = vec![0u8; 256 * 1024];
-    let mut carry = Vec::new();
-    let mut total = 0u64;
     loop {
         let n = r.read(&mut buf).await.expect("read pattern");
         if n == 0 {
             break;
         }
-        // Compare whole 8-byte words of the pattern; a remainder waits for the next read. `buf` holds
-        // 256 KiB (a multiple of 8) and `carry` at most 7 bytes before, so `whole` fits in `want`.
-        carry.extend_from_slice(&buf[..n]);
-        let whole = carry.len() - carry.len() % 8;
-        p.fill(&mut want[..whole]);
-        assert!(carry[..whole] == want[..whole], "stream corrupted after byte {total}");
-        carry.drain(..whole);
-        total += whole as u64;
+        if let Err(at) = check.feed(&buf[..n]) {
+            panic!("stream corrupted after byte {at}");
+        }
     }
-    if !carry.is_empty() {
-        let mut tail = vec![0u8; carry.len()];
-        p.fill(&mut tail);
-        assert_eq!(carry, tail, "stream tail corrupted");
-        total += carry.len() as u64;
-    }
-    total
+    check.finish().unwrap_or_else(|at| panic!("stream tail corrupted after byte {at}"))
 }
 
 /// A TLS connector for the TCP frontend presenting `cert`/`key` (none: no client certificate), trusting `ca`.
