@@ -39,9 +39,6 @@ enum Cmd {
     Test {
         /// Only run tests whose name contains this filter (skips formatting and clippy).
         filter: Option<String>,
-        /// Run only the ignored tests (reproductions of known kernel problems, never run by CI).
-        #[arg(long)]
-        ignored: bool,
     },
 }
 
@@ -127,7 +124,7 @@ pub(crate) fn build_binaries() -> anyhow::Result<PathBuf> {
     Ok(target_dir().join("debug"))
 }
 
-fn test(filter: Option<&str>, ignored: bool) -> anyhow::Result<()> {
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
     bootstrap::all()?;
     if filter.is_none() {
         run(cmd("cargo", &["fmt", "--all", "--", "--check"]))?;
@@ -136,9 +133,6 @@ fn test(filter: Option<&str>, ignored: bool) -> anyhow::Result<()> {
     let mut t = cmd("cargo", &["test", "--"]);
     if let Some(f) = filter {
         t.arg(f);
-    }
-    if ignored {
-        t.arg("--ignored");
     }
     // `cargo test` builds the binaries for proxy-user's own end-to-end tests before running anything;
     // the privileged tests crate finds the same ones here.
@@ -154,7 +148,7 @@ fn main() -> anyhow::Result<()> {
             bootstrap::all()?;
             demo::run(&datapath)
         }
-        Cmd::Test { filter, ignored } => test(filter.as_deref(), ignored),
+        Cmd::Test { filter } => test(filter.as_deref()),
         Cmd::Bench(opts) => bench::run(&opts),
     }
 }
