@@ -7,16 +7,30 @@
 //! `Credit::allow` at the peer's acknowledged bytes plus the in-flight limit. Passing instead of
 //! deleting the socket from the map is what makes the pause safe: the socket keeps its program, so no
 //! skb ever meets a missing one (DESIGN.md §5 i).
+//!
+//! The kernel hands the program whole skbs from the receive queue, but TCP queues a retransmitted
+//! segment whole when only its tail is new (and a segment the reader had half read before insertion
+//! stays whole too). So the program tracks each direction's TCP sequence number and trims bytes it has
+//! seen before (DESIGN.md §5 j).
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, sk_action},
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::{bpf_probe_read_kernel, generated::bpf_get_socket_cookie},
     macros::{map, stream_verdict},
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::error;
-use proxy_ebpf_common::{Credit, Flow, splice};
+use proxy_ebpf_common::{Credit, Flow, KernelOffsets, splice};
+
+/// Set by user space from the kernel's BTF before loading; all zero turns sequence tracking off.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets { skb_cb: 0, skb_sk: 0, copied_seq: 0, pad: 0 };
+
+/// `bpf_skb_adjust_room` removes at most this many bytes per call on an sk_skb.
+const TRIM_STEP: u32 = 4095;
+/// Calls allowed for one trim: up to 255 KiB, more than any segment TCP queues whole here.
+const TRIM_STEPS: u32 = 64;
 
 #[map]
 static SOCKS: SockHash<u64> = SockHash::with_max_entries(splice::MAX_SOCKETS, 0);
@@ -48,12 +62,13 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // Not (or no longer) paired: deliver to this socket's own receive queue, under TCP flow control.
     let flow = FLOWS.get_ptr_mut(cookie).ok_or(PASS)?;
-    // SAFETY: user space writes the credit as a whole value into a map that is not preallocated, so
-    // this reads one consistent (possibly older, hence smaller) value.
-    let credit = unsafe { CREDITS.get(cookie) }.copied().unwrap_or_default();
     // SAFETY: `flow` points into the map value, valid for this program run. Verdicts of one socket run
     // one at a time (under its lock), and only this program writes the value after insertion.
     let flow = unsafe { &mut *flow };
+    let len = new_bytes(ctx, flow, len)?;
+    // SAFETY: user space writes the credit as a whole value into a map that is not preallocated, so
+    // this reads one consistent (possibly older, hence smaller) value.
+    let credit = unsafe { CREDITS.get(cookie) }.copied().unwrap_or_default();
     let end = flow.redirected + len;
     if flow.paused != 0 {
         // Resume only once user space has copied every passed byte, so redirected bytes queue behind them.
@@ -84,4 +99,73 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         reason = "sk_action values are 0 or 1"
     )]
     Ok(action as u32)
+}
+
+/// Reads `T` at `base + offset` in kernel memory.
+fn kernel_read<T>(base: u64, offset: u32) -> Option<T> {
+    let at = base.checked_add(u64::from(offset))?;
+    // SAFETY: the helper copies from kernel memory and fails cleanly on a bad address.
+    unsafe { bpf_probe_read_kernel(at as *const T) }.ok()
+}
+
+/// How many of this skb's `len` bytes are new: drops an skb made only of bytes seen before, trims
+/// such bytes off its head, and resets the stream on a gap (which TCP never delivers in order).
+fn new_bytes(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> Result<u64, u32> {
+    // SAFETY: a volatile read of a global, so the compiler cannot fold the loader's value away.
+    let offsets = unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS) };
+    if offsets.skb_cb == 0 {
+        return Ok(len);
+    }
+    // The context of an sk_skb program is the kernel's `struct sk_buff`; TCP's control block starts
+    // with the segment's sequence number.
+    let skb = ctx.skb.skb as u64;
+    let Some(seq) = kernel_read::<u32>(skb, offsets.skb_cb) else {
+        return Ok(len);
+    };
+    if flow.tracking == 0 {
+        // The first skb since insertion: everything before the socket's `copied_seq` was read already.
+        let copied =
+            kernel_read::<u64>(skb, offsets.skb_sk).and_then(|sk| kernel_read::<u32>(sk, offsets.copied_seq));
+        flow.next_seq = copied.unwrap_or(seq);
+        flow.tracking = 1;
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "sequence numbers wrap at 32 bits")]
+    let end = seq.wrapping_add(len as u32);
+    #[expect(clippy::cast_possible_wrap, reason = "sequence space arithmetic: the sign is the order")]
+    let (old, gap) = (flow.next_seq.wrapping_sub(seq) as i32, seq.wrapping_sub(flow.next_seq) as i32);
+    if gap > 0 {
+        flow.failed += 1;
+        error!(ctx, "{} bytes missing before sequence {}", gap, seq);
+        return Err(DROP);
+    }
+    if old <= 0 {
+        flow.next_seq = end;
+        return Ok(len);
+    }
+    #[expect(clippy::cast_sign_loss, reason = "positive here")]
+    let old = old as u32;
+    if u64::from(old) >= len {
+        flow.trimmed += len;
+        return Err(DROP);
+    }
+    let mut left = old;
+    for _ in 0..TRIM_STEPS {
+        if left == 0 {
+            break;
+        }
+        let step = left.min(TRIM_STEP);
+        #[expect(clippy::cast_possible_wrap, reason = "at most TRIM_STEP")]
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            break;
+        }
+        left -= step;
+    }
+    if left != 0 {
+        flow.failed += 1;
+        error!(ctx, "could not trim {} of {} bytes seen before", left, old);
+        return Err(DROP);
+    }
+    flow.trimmed += u64::from(old);
+    flow.next_seq = end;
+    Ok(len - u64::from(old))
 }

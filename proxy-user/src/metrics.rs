@@ -87,7 +87,10 @@ pub struct AgentMetrics {
     /// Bytes of sockmap-tier streams that user space copied while a direction was paused (the rest of
     /// `datapath_bytes{tier="sockmap"}` moved kernel to kernel).
     pub sockmap_copied_bytes: Counter,
-    /// Sockmap-tier streams reset because the kernel handed the program bytes twice (DESIGN.md §5 j).
+    /// Bytes the kernel handed the sockmap program a second time, which it trimmed off (DESIGN.md §5 j).
+    pub sockmap_trimmed_bytes: Counter,
+    /// Sockmap-tier streams reset because the program forwarded more than TCP received (the check
+    /// behind the trim; it should stay 0).
     pub sockmap_duplicate_resets: Counter,
     /// Times a sockmap-tier direction reached its backlog limit and paused.
     pub sockmap_pauses: Counter,
@@ -118,6 +121,7 @@ impl AgentMetrics {
             datapath_bytes: Counters::default(),
             datapath_fallbacks: Counters::default(),
             sockmap_copied_bytes: Counter::default(),
+            sockmap_trimmed_bytes: Counter::default(),
             sockmap_duplicate_resets: Counter::default(),
             sockmap_pauses: Counter::default(),
             sockmap_backlog_peak_bytes: Gauge::default(),
@@ -142,6 +146,16 @@ impl AgentMetrics {
             "sockmap_copied_bytes",
             "Bytes of sockmap-tier streams copied in user space while paused",
             m.sockmap_copied_bytes.clone(),
+        );
+        r.register(
+            "sockmap_trimmed_bytes",
+            "Bytes the kernel handed the sockmap program twice, trimmed off",
+            m.sockmap_trimmed_bytes.clone(),
+        );
+        r.register(
+            "sockmap_duplicate_resets",
+            "Sockmap-tier streams reset because more was forwarded than TCP received",
+            m.sockmap_duplicate_resets.clone(),
         );
         r.register(
             "sockmap_pauses",

@@ -222,14 +222,13 @@ async fn send_until_reset<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, seed: u64
     let _ = w.shutdown().await;
 }
 
-/// Trap j: 2 GiB both ways at once with frequent pauses. On 6.18 about 3 runs in 8 make the kernel hand
-/// one or two whole 65,483-byte segments to the program twice (its own counters include them). The
-/// relay compares what the program saw with what TCP received and resets such a stream. So the relay
-/// either ends cleanly with both directions whole and intact, or fails because of a detected duplicate
-/// (both sides reset). (Whether a reader saw the reset as an error or as an end of stream depends on
-/// which of its socket's users took the error first, so the readers' view is not asserted then.)
+/// Trap j: 2 GiB both ways at once with frequent pauses. The relay's writes from two contexts reorder
+/// segments on loopback, the senders retransmit, and now and then a retransmitted segment spans bytes
+/// the receiver already had. TCP queues it whole and the kernel hands it whole to the program, which
+/// must trim the old head (before the trim, 3 runs in 8 delivered 65,483 bytes twice). Every run must
+/// end cleanly with both directions whole, intact and counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_ways_at_once_end_intact_or_reset() {
+async fn both_ways_at_once_arrive_intact() {
     if !privileged("sockmap test") {
         return;
     }
@@ -248,18 +247,11 @@ async fn both_ways_at_once_end_intact_or_reset() {
     })
     .await;
     let spliced = bounded("relay end", s.relay).await.unwrap();
-    eprintln!("up {up:?}, down {down:?}, duplicated {} bytes, {} pauses", spliced.duplicated, spliced.pauses);
-    match spliced.result {
-        Ok(moved) => {
-            assert_eq!(
-                (&up, &down),
-                (&Ending::Intact, &Ending::Intact),
-                "a clean relay delivered everything"
-            );
-            assert_eq!((moved.a_to_b, moved.b_to_a), (len, len), "counted once");
-        }
-        Err(e) => assert!(spliced.duplicated > 0, "only a duplicate may reset this stream: {e}"),
-    }
+    eprintln!("up {up:?}, down {down:?}, trimmed {} bytes, {} pauses", spliced.trimmed, spliced.pauses);
+    let moved = spliced.result.expect("the relay ends cleanly");
+    assert_eq!((&up, &down), (&Ending::Intact, &Ending::Intact), "everything delivered, intact");
+    assert_eq!((moved.a_to_b, moved.b_to_a), (len, len), "counted once");
+    assert_eq!(spliced.duplicated, 0);
 }
 
 /// Backpressure, then recovery: a reader that stalls makes the stream pause (the sender is held and
@@ -522,6 +514,38 @@ async fn bytes_queued_before_insertion_are_delivered() {
     assert!(got[..early.len()] == early && got[early.len()..] == late, "order kept");
     server.shutdown().await.unwrap();
     bounded("relay end", relay).await.unwrap().expect("inserted").result.expect("clean end");
+}
+
+/// A segment the reader had half read before insertion stays whole in the receive queue, and the
+/// kernel hands it whole to the program (as the agent's stream header may be read out of a segment that
+/// also carries the first payload bytes). The program starts at the socket's `copied_seq` and trims
+/// the bytes read already: each byte reaches the far end exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_half_read_before_insertion_is_trimmed() {
+    if !privileged("sockmap test") {
+        return;
+    }
+    let map = load();
+    let (mut client, mut a) = tcp_pair().await;
+    let (b, mut server) = tcp_pair().await;
+    // Smaller than one loopback segment, so it arrives as one skb.
+    let early = pattern(63, 60_000);
+    client.write_all(&early).await.unwrap();
+    let mut header = [0u8; 1000];
+    bounded("header", a.read_exact(&mut header)).await.unwrap();
+    assert_eq!(header[..], early[..1000]);
+    let relay = spawn_relay(&map, a, b, Limits::default());
+    let late = pattern(64, 256 << 10);
+    client.write_all(&late).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    bounded("all bytes", server.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got.len(), early.len() - 1000 + late.len(), "each byte once");
+    assert!(got[..early.len() - 1000] == early[1000..] && got[early.len() - 1000..] == late, "order kept");
+    server.shutdown().await.unwrap();
+    let spliced = bounded("relay end", relay).await.unwrap().expect("inserted");
+    spliced.result.expect("clean end");
+    assert_eq!((spliced.trimmed, spliced.duplicated), (1000, 0), "the read head was trimmed");
 }
 
 /// Trap c: a socket that already received FIN cannot be inserted; the relay says so (the datapath then

@@ -129,6 +129,29 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if filter.is_none() {
         run(cmd("cargo", &["fmt", "--all", "--", "--check"]))?;
         run(cmd("cargo", &["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        // The kernel programs build only for BPF, so the line above never sees them.
+        let ebpf_target = target_dir().join("ebpf-clippy");
+        let mut c = cmd(
+            "cargo",
+            &[
+                "+nightly",
+                "clippy",
+                "--package",
+                "proxy-ebpf",
+                "--bin",
+                "proxy-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--target-dir",
+            ],
+        );
+        c.arg(&ebpf_target)
+            .args(["--", "-D", "warnings"])
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER");
+        run(c)?;
     }
     let mut t = cmd("cargo", &["test", "--"]);
     if let Some(f) = filter {

@@ -18,6 +18,8 @@ pub mod splice {
     pub const CREDITS: &str = "CREDITS";
     /// Name of the stream-verdict program.
     pub const VERDICT_PROGRAM: &str = "verdict";
+    /// Name of the program's [`super::KernelOffsets`] global.
+    pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
     /// Capacity of every map: sockets spliced at once (two per stream).
     pub const MAX_SOCKETS: u32 = 65_536;
 }
@@ -38,10 +40,35 @@ pub struct Flow {
     pub pauses: u64,
     /// Times it went back to redirecting.
     pub resumes: u64,
-    /// Non-empty skbs whose redirect failed (the peer was not in the map): bytes lost.
+    /// Skbs the program could not forward as they are, so the stream is broken and user space resets
+    /// it: a failed redirect (the peer was not in the map), a head it could not trim, or a sequence gap.
     pub failed: u64,
+    /// Bytes the kernel handed to the program a second time, which it dropped or trimmed off. TCP
+    /// queues a retransmitted segment whole even when its head was received already, and the kernel's
+    /// skb reader gives the program whole skbs: without the trim those bytes would be sent twice.
+    pub trimmed: u64,
+    /// TCP sequence number of the next new byte of this direction (valid when `tracking` is 1).
+    pub next_seq: u32,
+    /// 1 once `next_seq` is set: by the first skb after insertion, from the socket's `copied_seq`.
+    pub tracking: u32,
     /// 1 while passing (paused), 0 while redirecting.
     pub paused: u32,
+    /// Explicit padding.
+    pub pad: u32,
+}
+
+/// Where the program finds two kernel fields no BPF context exposes, in bytes from the start of the
+/// kernel struct. Kernel builds differ, so user space reads them from the kernel's BTF and sets the
+/// program's [`splice::KERNEL_OFFSETS`] global before loading it; all zero leaves sequence tracking off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sk_buff`, member `cb`: the control block, which starts with TCP's `seq`.
+    pub skb_cb: u32,
+    /// `struct sk_buff`, member `sk`: the owning socket.
+    pub skb_sk: u32,
+    /// `struct tcp_sock`, member `copied_seq`: the next byte not yet consumed.
+    pub copied_seq: u32,
     /// Explicit padding.
     pub pad: u32,
 }
@@ -61,6 +88,10 @@ pub struct Credit {
 #[cfg(feature = "user")]
 // SAFETY: `Flow` is `#[repr(C)]`, `Copy`, made of integers with explicit padding, valid for any bits.
 unsafe impl aya::Pod for Flow {}
+
+#[cfg(feature = "user")]
+// SAFETY: `KernelOffsets` is `#[repr(C)]`, `Copy`, made of u32s only (no padding), valid for any bits.
+unsafe impl aya::Pod for KernelOffsets {}
 
 #[cfg(feature = "user")]
 // SAFETY: `Credit` is `#[repr(C)]`, `Copy`, made of u64s only (no padding), valid for any bit pattern.

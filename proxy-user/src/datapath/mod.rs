@@ -152,6 +152,7 @@ impl Datapath {
                                 "sockmap: the kernel delivered bytes twice; stream reset"
                             );
                         }
+                        metrics.sockmap_trimmed_bytes.inc_by(spliced.trimmed);
                         metrics.sockmap_copied_bytes.inc_by(spliced.copied);
                         metrics.sockmap_pauses.inc_by(spliced.pauses);
                         let peak = i64::try_from(spliced.peak_backlog).unwrap_or(i64::MAX);

@@ -3,6 +3,7 @@
 //! [`stream`] runs one stream through them: flow control, the copy path while paused, and the close
 //! procedure that keeps every byte (DESIGN.md §5).
 
+mod btf;
 pub mod stream;
 mod tick;
 
@@ -14,7 +15,7 @@ use std::sync::Mutex;
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
-use proxy_ebpf_common::{Credit, Flow, splice};
+use proxy_ebpf_common::{Credit, Flow, KernelOffsets, splice};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
@@ -203,6 +204,28 @@ pub struct Pair {
     pub b: u64,
 }
 
+/// The kernel struct offsets the verdict program needs to find each skb's sequence number, read from
+/// the kernel's BTF. Without them the program cannot trim bytes the kernel hands it twice; user space
+/// still detects those and resets the stream, so this is logged, not fatal.
+fn kernel_offsets() -> KernelOffsets {
+    let read = || -> Result<KernelOffsets, String> {
+        let blob = std::fs::read(btf::VMLINUX).map_err(|e| format!("{}: {e}", btf::VMLINUX))?;
+        let btf = btf::Btf::parse(&blob).map_err(|e| e.to_string())?;
+        let find =
+            |ty, member| btf.member_offset(ty, member).ok_or(format!("no {ty}::{member} in the kernel BTF"));
+        Ok(KernelOffsets {
+            skb_cb: find("sk_buff", "cb")?,
+            skb_sk: find("sk_buff", "sk")?,
+            copied_seq: find("tcp_sock", "copied_seq")?,
+            pad: 0,
+        })
+    };
+    read().unwrap_or_else(|reason| {
+        warn!(%reason, "no kernel struct offsets: bytes the kernel hands the program twice reset the stream instead of being trimmed");
+        KernelOffsets::default()
+    })
+}
+
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -223,9 +246,14 @@ impl Sockmap {
                 warn!(reclaimed, dir = %p.path().display(), "removed pins left by a previous agent");
             }
         }
+        let offsets = kernel_offsets();
         // No CO-RE relocations here: skipping the kernel BTF keeps aya from parsing several MiB of it
-        // (which left the agent's RSS 16 MiB higher).
-        let mut ebpf = aya::EbpfLoader::new().btf(None).load(OBJECT)?;
+        // (which left the agent's RSS 16 MiB higher); the three offsets the program needs come from
+        // our own small reader.
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(None)
+            .override_global(splice::KERNEL_OFFSETS, &offsets, true)
+            .load(OBJECT)?;
         let name = splice::VERDICT_PROGRAM;
         let perr = |source| SockmapError::Program { name, source };
         if let Some(p) = &pins {

@@ -88,8 +88,10 @@ pub struct Spliced {
     pub resumes: u64,
     /// Largest backlog seen in one direction: bytes redirected or copied, not yet acknowledged.
     pub peak_backlog: u64,
-    /// Bytes the kernel handed to the program twice (DESIGN.md §5 j); non-zero only when that reset the
-    /// stream.
+    /// Bytes the kernel handed to the program a second time, which it trimmed off (DESIGN.md §5 j).
+    pub trimmed: u64,
+    /// Bytes the program forwarded beyond what TCP received: non-zero only when that reset the stream.
+    /// The trim leaves none; this is the check behind it.
     pub duplicated: u64,
 }
 
@@ -137,6 +139,7 @@ pub async fn relay(
         pauses: up.pauses + down.pauses,
         resumes: up.resumes + down.resumes,
         peak_backlog: up.peak_backlog.max(down.peak_backlog),
+        trimmed: up.trimmed + down.trimmed,
         duplicated: up.duplicated + down.duplicated,
     })
 }
@@ -207,7 +210,9 @@ struct Direction<'a> {
     pauses: u64,
     resumes: u64,
     peak_backlog: u64,
-    /// Bytes the program saw beyond what TCP received, when that ended the stream.
+    /// Bytes the program trimmed off as seen before.
+    trimmed: u64,
+    /// Bytes the program forwarded beyond what TCP received, when that ended the stream.
     duplicated: u64,
 }
 
@@ -240,6 +245,7 @@ impl<'a> Direction<'a> {
             pauses: 0,
             resumes: 0,
             peak_backlog: 0,
+            trimmed: 0,
             duplicated: 0,
         }
     }
@@ -254,17 +260,19 @@ impl<'a> Direction<'a> {
     fn refresh(&mut self) -> Result<bool, Failure> {
         let flow = self.map.flow(self.cookie).ok_or_else(|| lost("flow left the map"))?;
         if flow.failed > 0 {
-            return Err(lost("a redirect failed: bytes were lost"));
+            return Err(lost(
+                "the program could not forward an skb (failed redirect, untrimmable head or gap)",
+            ));
         }
         if let Some(e) = self.dst.take_error().map_err(|e| (End::B, e))? {
             return Err((End::B, e));
         }
         let moved = self.redirected != flow.redirected;
-        (self.redirected, self.passed, self.pauses, self.resumes) =
-            (flow.redirected, flow.passed, flow.pauses, flow.resumes);
-        // The program cannot have seen more than TCP received (read after the counters, so a later
-        // arrival only adds to the right side). More means the kernel handed it some bytes twice
-        // (DESIGN.md §5 j): reset rather than deliver a corrupt stream as if it were whole.
+        (self.redirected, self.passed, self.pauses, self.resumes, self.trimmed) =
+            (flow.redirected, flow.passed, flow.pauses, flow.resumes, flow.trimmed);
+        // The program cannot have forwarded more than TCP received (read after the counters, so a later
+        // arrival only adds to the right side). It trims what the kernel hands it twice (DESIGN.md §5 j);
+        // should that ever miss, reset rather than deliver a corrupt stream as if it were whole.
         let received = tcp::bytes_received(self.src).map_err(|e| (End::A, e))?.saturating_sub(self.read_base);
         if self.redirected + self.passed > received {
             self.duplicated = self.redirected + self.passed - received;
