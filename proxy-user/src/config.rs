@@ -290,7 +290,9 @@ impl TryFrom<ServerArgs> for ServerConfig {
 /// How the agent moves a stream's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DatapathMode {
-    /// The tier measured best on this kernel for the stream: today the copy tier for every tunnel.
+    /// The best tier the kernel and the stream allow: sockmap for plaintext tunnels where the programs
+    /// load and can trim retransmitted bytes (root, BPF, kernel BTF), otherwise copy; the choice and the
+    /// reason are logged at start.
     Auto,
     /// The userspace copy (tokio and rustls, adaptive buffers up to 256 KiB).
     Copy,

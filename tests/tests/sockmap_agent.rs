@@ -165,3 +165,34 @@ async fn pins_of_a_killed_agent_are_reclaimed_and_a_stopped_one_removes_its_own(
     second.proc.terminate();
     eventually("pins removed on a clean stop", || async { !dir.exists() }).await;
 }
+
+/// `--datapath auto` with a plaintext tunnel, on a kernel whose BTF lets the program trim retransmitted
+/// bytes (this one), splices; with a TLS tunnel it copies and loads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_splices_plaintext_tunnels_where_the_kernel_allows() {
+    if !privileged("sockmap agent test") {
+        return;
+    }
+    let srv = plaintext_server().await;
+    let plain = node("sockmap-auto");
+    let dir = pins(&plain);
+    let _cleanup = RemovePins(dir.clone());
+    let ag = agent(&srv).id(&plain).plaintext("auto").run().await;
+    let backend = echo().await;
+    let msg = vec![7u8; 1 << 20];
+    bounded("echo", echo_once(&srv, backend, &msg)).await;
+    let spliced =
+        async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
+    eventually("the stream counted", || async { spliced().await == 1 }).await;
+    assert!(ag.proc.log().contains("tier=\"sockmap\""), "the choice is logged\n{}", ag.proc.log());
+    assert!(dir.join("SOCKS").exists(), "maps pinned in {}", dir.display());
+
+    let srv = server(&certs()).run().await;
+    let tls = node("sockmap-auto-tls");
+    let ag = agent(&srv).id(&tls).flag("--datapath", "auto").run().await;
+    bounded("echo over TLS", echo_once(&srv, backend, &msg)).await;
+    let copied = async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await;
+    eventually("the TLS stream counted", || async { copied().await == 1 }).await;
+    assert!(ag.proc.log().contains("TLS tunnel, which only the copy tier can carry"), "{}", ag.proc.log());
+    assert!(!pins(&tls).exists(), "nothing loaded for TLS tunnels");
+}

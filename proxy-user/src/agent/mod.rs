@@ -166,6 +166,61 @@ enum SessionEnd {
     Lost(String),
 }
 
+/// Sets up the datapath: loads the sockmap programs for `--datapath sockmap` (failing the start if they
+/// cannot load) and for `auto` with a plaintext tunnel (falling back to the copy tier, with the reason
+/// logged, if they cannot load or cannot trim bytes the kernel hands them twice).
+fn datapath(config: &AgentConfig) -> Result<Datapath, AgentError> {
+    let pins = || PinDir::new(&config.bpf_root, &config.identity.agent_id);
+    let loaded = |datapath: &Datapath| {
+        let map = datapath.sockmap();
+        let dir = map.and_then(Sockmap::pins).map(|p| p.display().to_string());
+        info!(
+            pins = dir.as_deref().unwrap_or("none"),
+            backlog_limit = config.sockmap_limits.backlog,
+            trims = map.is_some_and(Sockmap::trims),
+            "sockmap datapath attached"
+        );
+    };
+    Ok(match config.datapath {
+        DatapathMode::Sockmap => {
+            let datapath =
+                Datapath::with_sockmap(DatapathMode::Sockmap, Some(pins()), config.sockmap_limits)?;
+            loaded(&datapath);
+            datapath
+        }
+        DatapathMode::Auto if config.tunnel_tls == TunnelTls::Off => {
+            match Datapath::with_sockmap(DatapathMode::Auto, Some(pins()), config.sockmap_limits) {
+                Ok(datapath) if datapath.sockmap().is_some_and(Sockmap::trims) => {
+                    loaded(&datapath);
+                    info!(
+                        tier = "sockmap",
+                        "datapath auto: plaintext tunnel and a kernel that can splice it: streams move kernel to \
+                         kernel (docs/benchmarks.md)"
+                    );
+                    datapath
+                }
+                Ok(_) => {
+                    info!(
+                        tier = "copy",
+                        "datapath auto: the kernel's BTF lacks the offsets the sockmap program needs to trim \
+                         retransmitted bytes; copying in user space"
+                    );
+                    Datapath::new(DatapathMode::Auto)
+                }
+                Err(error) => {
+                    info!(tier = "copy", %error, "datapath auto: sockmap unavailable; copying in user space");
+                    Datapath::new(DatapathMode::Auto)
+                }
+            }
+        }
+        DatapathMode::Auto => {
+            info!(tier = "copy", "datapath auto: TLS tunnel, which only the copy tier can carry");
+            Datapath::new(DatapathMode::Auto)
+        }
+        mode => Datapath::new(mode),
+    })
+}
+
 /// Runs the agent until `shutdown` is cancelled, then drains open streams for the grace period.
 pub async fn run_agent(
     config: AgentConfig,
@@ -177,33 +232,7 @@ pub async fn run_agent(
     let connector = TlsConnector::from(tls::client_config(&config.tls)?);
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
-    let datapath = match config.datapath {
-        DatapathMode::Sockmap => {
-            let pins = PinDir::new(&config.bpf_root, &config.identity.agent_id);
-            let datapath = Datapath::with_sockmap(Some(pins), config.sockmap_limits)?;
-            let dir = datapath.sockmap().and_then(Sockmap::pins).map(|p| p.display().to_string());
-            info!(
-                pins = dir.as_deref().unwrap_or("none"),
-                backlog_limit = config.sockmap_limits.backlog,
-                "sockmap datapath attached"
-            );
-            warn!(
-                "--datapath sockmap is experimental: on kernel 6.18 the kernel has handed segments of streams \
-                 moving bulk data both ways at once to the program twice; such streams are detected and reset \
-                 (docs/operations.md, datapath tiers)"
-            );
-            datapath
-        }
-        DatapathMode::Auto => {
-            info!(
-                tier = "copy",
-                "datapath auto: the copy tier, the fastest single stream and tunnel opening measured on this \
-                 kernel (splice and sockmap are opt-in: --datapath, docs/benchmarks.md)"
-            );
-            Datapath::new(DatapathMode::Auto)
-        }
-        mode => Datapath::new(mode),
-    };
+    let datapath = datapath(&config)?;
     let agent = Arc::new(Agent {
         connector,
         server_name,

@@ -94,9 +94,14 @@ impl Datapath {
         Self { mode, sockmap: None, limits: Limits::default() }
     }
 
-    /// The sockmap datapath: loads and attaches the eBPF programs, pinned in `pins`.
-    pub fn with_sockmap(pins: Option<PinDir>, limits: Limits) -> Result<Self, SockmapError> {
-        Ok(Self { mode: DatapathMode::Sockmap, sockmap: Some(Sockmap::load(pins)?), limits })
+    /// A datapath in `mode` (`sockmap` or `auto`) with the eBPF programs loaded and attached, pinned in
+    /// `pins`.
+    pub fn with_sockmap(
+        mode: DatapathMode,
+        pins: Option<PinDir>,
+        limits: Limits,
+    ) -> Result<Self, SockmapError> {
+        Ok(Self { mode, sockmap: Some(Sockmap::load(pins)?), limits })
     }
 
     /// The loaded sockmap programs, if this datapath uses them.
@@ -112,13 +117,15 @@ impl Datapath {
     }
 
     /// The tier for a stream whose tunnel is plaintext (`plain`) or TLS, and why when it is not the
-    /// configured one. `auto` takes the copy tier: on this kernel it measured as fast as splice or
-    /// faster, at no more CPU (docs/benchmarks.md), and it is the only tier for TLS tunnels.
+    /// configured one. `auto` takes the sockmap tier for plaintext tunnels when the agent loaded it at
+    /// start (it did so only where the kernel lets it trim bytes handed over twice), and the copy tier
+    /// otherwise: the only tier for TLS, and on this kernel at least as fast as splice (docs/benchmarks.md).
     #[must_use]
     pub fn tier_for(&self, plain: bool) -> (Tier, Option<&'static str>) {
         match (self.mode, plain) {
             (DatapathMode::Splice, true) => (Tier::Splice, None),
             (DatapathMode::Sockmap, true) => (Tier::Sockmap, None),
+            (DatapathMode::Auto, true) if self.sockmap.is_some() => (Tier::Sockmap, None),
             (DatapathMode::Auto | DatapathMode::Copy, _) => (Tier::Copy, None),
             (DatapathMode::Splice | DatapathMode::Sockmap, false) => (Tier::Copy, Some("tls_tunnel")),
         }

@@ -172,6 +172,8 @@ pub struct Sockmap {
     flows: Mutex<HashMap<MapData, u64, Flow>>,
     credits: Mutex<HashMap<MapData, u64, Credit>>,
     pins: Option<PinDir>,
+    /// Whether the program found the kernel offsets it needs to trim bytes handed to it twice.
+    trims: bool,
     /// Forwards the programs' log records (aya-log) to `tracing` while the maps live.
     logs: Option<tokio::task::AbortHandle>,
     _ebpf: Ebpf,
@@ -209,8 +211,9 @@ pub struct Pair {
 /// still detects those and resets the stream, so this is logged, not fatal.
 fn kernel_offsets() -> KernelOffsets {
     let read = || -> Result<KernelOffsets, String> {
-        let blob = std::fs::read(btf::VMLINUX).map_err(|e| format!("{}: {e}", btf::VMLINUX))?;
-        let btf = btf::Btf::parse(&blob).map_err(|e| e.to_string())?;
+        let blob = btf::Slurped::read(btf::VMLINUX, btf::MAX_VMLINUX)
+            .map_err(|e| format!("{}: {e}", btf::VMLINUX))?;
+        let btf = btf::Btf::parse(blob.bytes()).map_err(|e| e.to_string())?;
         let find =
             |ty, member| btf.member_offset(ty, member).ok_or(format!("no {ty}::{member} in the kernel BTF"));
         Ok(KernelOffsets {
@@ -221,7 +224,11 @@ fn kernel_offsets() -> KernelOffsets {
         })
     };
     read().unwrap_or_else(|reason| {
-        warn!(%reason, "no kernel struct offsets: bytes the kernel hands the program twice reset the stream instead of being trimmed");
+        warn!(
+            %reason,
+            "no kernel struct offsets: bytes the kernel hands the program twice reset the stream instead of \
+             being trimmed"
+        );
         KernelOffsets::default()
     })
 }
@@ -287,9 +294,17 @@ impl Sockmap {
             flows: Mutex::new(flows),
             credits: Mutex::new(credits),
             pins,
+            trims: offsets != KernelOffsets::default(),
             logs,
             _ebpf: ebpf,
         })
+    }
+
+    /// Whether the program trims bytes the kernel hands it twice (it found the kernel's struct offsets).
+    /// Without the trim such a stream is reset instead of delivered (DESIGN.md §5 j).
+    #[must_use]
+    pub fn trims(&self) -> bool {
+        self.trims
     }
 
     /// The pin directory, if the maps are pinned.
