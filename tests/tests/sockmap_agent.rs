@@ -196,3 +196,37 @@ async fn auto_splices_plaintext_tunnels_where_the_kernel_allows() {
     assert!(ag.proc.log().contains("TLS tunnel, which only the copy tier can carry"), "{}", ag.proc.log());
     assert!(!pins(&tls).exists(), "nothing loaded for TLS tunnels");
 }
+
+/// Without `CAP_PERFMON` the verifier refuses the program's kernel-memory reads: the agent loads it without
+/// sequence tracking (a duplicate then resets the stream instead of being trimmed), says so, and `auto`
+/// copies rather than take a tier that cannot trim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_perfmon_the_program_loads_without_the_trim_and_auto_copies() {
+    if !privileged("sockmap agent test") {
+        return;
+    }
+    let caps = "-perfmon,-sys_admin";
+    let msg = vec![9u8; 100_000];
+    let srv = plaintext_server().await;
+    let backend = echo().await;
+    let forced = node("sockmap-noperfmon");
+    let _cleanup = RemovePins(pins(&forced));
+    let ag = agent(&srv).id(&forced).plaintext("sockmap").without_caps(caps).run().await;
+    let log = ag.proc.log();
+    assert!(log.contains("did not load with sequence tracking") && log.contains("trims=false"), "{log}");
+    bounded("echo", echo_once(&srv, backend, &msg)).await;
+    let spliced =
+        async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
+    eventually("the stream spliced", || async { spliced().await == 1 }).await;
+    drop(ag);
+
+    let srv = plaintext_server().await;
+    let auto = node("sockmap-noperfmon-auto");
+    let _cleanup = RemovePins(pins(&auto));
+    let ag = agent(&srv).id(&auto).plaintext("auto").without_caps(caps).run().await;
+    assert!(ag.proc.log().contains("cannot trim retransmitted bytes here"), "{}", ag.proc.log());
+    bounded("echo", echo_once(&srv, backend, &msg)).await;
+    let copied = async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await;
+    eventually("the stream copied", || async { copied().await == 1 }).await;
+    assert!(!pins(&auto).exists(), "the unused programs were unloaded and their pins removed");
+}

@@ -202,8 +202,9 @@ fn datapath(config: &AgentConfig) -> Result<Datapath, AgentError> {
                 Ok(_) => {
                     info!(
                         tier = "copy",
-                        "datapath auto: the kernel's BTF lacks the offsets the sockmap program needs to trim \
-                         retransmitted bytes; copying in user space"
+                        "datapath auto: the sockmap program cannot trim retransmitted bytes here (no struct \
+                         offsets in the kernel BTF, or no CAP_PERFMON to read kernel memory); copying in user \
+                         space"
                     );
                     Datapath::new(DatapathMode::Auto)
                 }

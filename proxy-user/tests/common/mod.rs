@@ -72,20 +72,20 @@ impl Drop for Proc {
 }
 
 /// Spawns `bin` with `args`, waits for its "started" line on stdout, returns it split in key=value pairs.
-/// With `netns`, the process runs inside that network namespace (`ip netns exec`).
+/// With a `prefix` (e.g. `ip netns exec NS`), the process runs under that command.
 async fn spawn(
     name: &'static str,
     bin: &str,
     args: &[String],
     log_dir: &Path,
-    netns: Option<&str>,
+    prefix: &[String],
 ) -> (Proc, Vec<(String, String)>) {
     let log = log_dir.join(format!("{name}-{}.log", fastrand::u32(..)));
     let log_file = std::fs::File::create(&log).expect("create log file");
-    let mut command = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, bin]);
+    let mut command = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(bin);
             c
         }
         None => Command::new(bin),
@@ -214,7 +214,7 @@ impl ServerBuilder {
             &bin(option_env!("CARGO_BIN_EXE_spoke-server"), "SPOKE_SERVER_BIN"),
             &args,
             self.certs.dir.path(),
-            None,
+            &[],
         )
         .await;
         let frontend = get(&pairs, "frontend");
@@ -245,7 +245,8 @@ pub struct AgentBuilder {
     id: String,
     identifiers: String,
     args: Vec<String>,
-    netns: Option<String>,
+    /// Command the agent runs under (a network namespace, fewer capabilities).
+    prefix: Vec<String>,
 }
 
 /// An agent for node `id` (address 127.0.0.1 unless `identifiers` says otherwise), allowed to dial
@@ -257,7 +258,7 @@ pub fn agent(server: &Server) -> AgentBuilder {
         id: "node-a".into(),
         identifiers: "ipv4=127.0.0.1&default-route=true".into(),
         args: Vec::new(),
-        netns: None,
+        prefix: Vec::new(),
     }
 }
 
@@ -296,7 +297,13 @@ impl AgentBuilder {
 
     /// Runs the agent inside this network namespace.
     pub fn netns(mut self, name: &str) -> Self {
-        self.netns = Some(name.to_owned());
+        self.prefix.extend(["ip", "netns", "exec", name].map(String::from));
+        self
+    }
+
+    /// Runs the agent without these capabilities (`setpriv` syntax, e.g. `-perfmon,-sys_admin`).
+    pub fn without_caps(mut self, caps: &str) -> Self {
+        self.prefix.extend(["setpriv", "--bounding-set", caps, "--inh-caps", caps].map(String::from));
         self
     }
 
@@ -338,7 +345,7 @@ impl AgentBuilder {
             &bin(option_env!("CARGO_BIN_EXE_spoke-agent"), "SPOKE_AGENT_BIN"),
             &args,
             self.certs.dir.path(),
-            self.netns.as_deref(),
+            &self.prefix,
         )
         .await;
         Agent { proc, admin_addr: get(&pairs, "admin").parse().expect("admin address") }

@@ -233,6 +233,28 @@ fn kernel_offsets() -> KernelOffsets {
     })
 }
 
+/// The object with its maps created and its verdict program loaded (not attached), the program's
+/// [`KernelOffsets`] global set to `offsets`.
+fn load_object(offsets: KernelOffsets) -> Result<Ebpf, SockmapError> {
+    // No CO-RE relocations here: skipping the kernel BTF keeps aya from parsing several MiB of it (which
+    // left the agent's RSS 16 MiB higher); the offsets the program needs come from our own small reader.
+    let mut ebpf = aya::EbpfLoader::new()
+        .btf(None)
+        .override_global(splice::KERNEL_OFFSETS, &offsets, true)
+        .load(OBJECT)?;
+    let name = splice::VERDICT_PROGRAM;
+    verdict(&mut ebpf)?.load().map_err(|source| SockmapError::Program { name, source })?;
+    Ok(ebpf)
+}
+
+fn verdict(ebpf: &mut Ebpf) -> Result<&mut SkSkb, SockmapError> {
+    let name = splice::VERDICT_PROGRAM;
+    ebpf.program_mut(name)
+        .ok_or(SockmapError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+        .try_into()
+        .map_err(|source| SockmapError::Program { name, source })
+}
+
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -254,13 +276,20 @@ impl Sockmap {
             }
         }
         let offsets = kernel_offsets();
-        // No CO-RE relocations here: skipping the kernel BTF keeps aya from parsing several MiB of it
-        // (which left the agent's RSS 16 MiB higher); the three offsets the program needs come from
-        // our own small reader.
-        let mut ebpf = aya::EbpfLoader::new()
-            .btf(None)
-            .override_global(splice::KERNEL_OFFSETS, &offsets, true)
-            .load(OBJECT)?;
+        let (mut ebpf, trims) = match load_object(offsets) {
+            Ok(ebpf) => (ebpf, offsets != KernelOffsets::default()),
+            // The trim reads kernel memory (bpf_probe_read_kernel), which needs CAP_PERFMON and a kernel
+            // not locked down; with zero offsets the verifier never reaches that call.
+            Err(error) if offsets != KernelOffsets::default() => {
+                warn!(
+                    %error,
+                    "the verdict program did not load with sequence tracking; loading it without: bytes \
+                     the kernel hands it twice reset the stream instead of being trimmed"
+                );
+                (load_object(KernelOffsets::default())?, false)
+            }
+            Err(error) => return Err(error),
+        };
         let name = splice::VERDICT_PROGRAM;
         let perr = |source| SockmapError::Program { name, source };
         if let Some(p) = &pins {
@@ -275,12 +304,7 @@ impl Sockmap {
         let socks: SockHash<MapData, u64> = take_map(&mut ebpf, splice::SOCKS)?;
         let flows = take_map(&mut ebpf, splice::FLOWS)?;
         let credits = take_map(&mut ebpf, splice::CREDITS)?;
-        let program: &mut SkSkb = ebpf
-            .program_mut(name)
-            .ok_or(SockmapError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
-            .try_into()
-            .map_err(perr)?;
-        program.load().map_err(perr)?;
+        let program = verdict(&mut ebpf)?;
         program.attach(socks.fd()).map_err(perr)?;
         if let Some(p) = &pins {
             let path = p.path().join(name);
@@ -294,7 +318,7 @@ impl Sockmap {
             flows: Mutex::new(flows),
             credits: Mutex::new(credits),
             pins,
-            trims: offsets != KernelOffsets::default(),
+            trims,
             logs,
             _ebpf: ebpf,
         })
