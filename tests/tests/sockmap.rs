@@ -548,6 +548,40 @@ async fn segment_half_read_before_insertion_is_trimmed() {
     assert_eq!((spliced.trimmed, spliced.duplicated), (1000, 0), "the read head was trimmed");
 }
 
+/// Bytes still unacknowledged in a socket's send queue at insertion (the agent's reply on the data
+/// connection, say) are acknowledged before any of the stream's: they must not count as the stream's
+/// bytes acknowledged. Counted as such, the relay once believed 4 redirected bytes acknowledged before
+/// they entered the queue, and its close waited for them until the stall timeout (3 streams in 300).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_unacknowledged_at_insertion_are_not_the_streams() {
+    if !privileged("sockmap test") {
+        return;
+    }
+    let map = load();
+    let (mut client, a) = tcp_pair().await;
+    let (b, mut server) = tcp_pair().await;
+    // Fill b's send queue while the server does not read, so most of it stays unacknowledged.
+    let fill = vec![5u8; 64 << 10];
+    let mut queued = 0usize;
+    while let Ok(n) = b.try_write(&fill) {
+        queued += n;
+    }
+    assert!(queued > 0);
+    let limits = Limits { stall: Duration::from_secs(5), ..Limits::default() };
+    let pair = cookies(&a, &b);
+    let relay = spawn_relay(&map, a, b, limits);
+    inserted(&map, pair).await;
+    client.write_all(b"ping").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    bounded("everything, then the end", server.read_to_end(&mut got)).await.unwrap();
+    server.shutdown().await.unwrap();
+    let spliced = bounded("relay end", relay).await.unwrap().expect("inserted");
+    spliced.result.expect("a clean end, well within the stall timeout");
+    assert_eq!(got.len(), queued + 4);
+    assert_eq!(&got[queued..], b"ping");
+}
+
 /// Trap c: a socket that already received FIN cannot be inserted; the relay says so (the datapath then
 /// copies the stream) and nothing stays in the maps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

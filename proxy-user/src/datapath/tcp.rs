@@ -43,11 +43,13 @@ pub struct SendProgress {
     pub entered: u64,
 }
 
-/// Reads [`SendProgress`]: the queue first, then `TCP_INFO`. Bytes acknowledged between the two reads
+/// Reads [`SendProgress`]: `TCP_INFO` first, then the queue. Bytes acknowledged between the two reads
 /// are then counted in neither, so `entered` never exceeds what had entered by the time it returns.
+/// (In the other order they count in both: `entered` ran ahead of the truth while acknowledgements
+/// flowed, and a FIN could be sent before bytes still on their way to the queue.)
 pub fn send_progress(socket: &impl AsFd) -> io::Result<SendProgress> {
-    let queued = queue_len(socket, libc::TIOCOUTQ)?;
     let acked = info(socket)?.tcpi_bytes_acked;
+    let queued = queue_len(socket, libc::TIOCOUTQ)?;
     Ok(SendProgress { acked, entered: acked + queued })
 }
 
