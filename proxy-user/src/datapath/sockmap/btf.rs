@@ -14,7 +14,12 @@ pub const MAX_VMLINUX: usize = 64 << 20;
 
 const MAGIC: u16 = 0xeb9f;
 const HEADER_LEN: usize = 24;
+/// `struct btf_type`: name, info, size or type.
 const TYPE_LEN: usize = 12;
+/// `struct btf_member` (name, type, offset), and the entries of `DATASEC` and `ENUM64`, are 12 bytes.
+const MEMBER_LEN: usize = 12;
+/// Anonymous structs and unions looked through, nested (the kernel nests two or three deep).
+const MAX_NESTING: u32 = 8;
 
 const KIND_INT: u32 = 1;
 const KIND_ARRAY: u32 = 3;
@@ -141,7 +146,7 @@ impl<'a> Btf<'a> {
             let extra = match (info >> 24) & 0x1f {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
                 KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => MEMBER_LEN * vlen,
                 KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
                 2 | 7..=12 | 16 | 18 => 0,
                 kind => return Err(BtfError::UnknownKind(kind)),
@@ -182,11 +187,11 @@ impl<'a> Btf<'a> {
 
     fn find_member(&self, id: u32, member: &str, depth: u32) -> Option<u32> {
         let (kind, _, vlen, kind_flag, start) = self.header(id)?;
-        if !matches!(kind, KIND_STRUCT | KIND_UNION) || depth > 8 {
+        if !matches!(kind, KIND_STRUCT | KIND_UNION) || depth > MAX_NESTING {
             return None;
         }
         (0..vlen).find_map(|i| {
-            let m = start + TYPE_LEN + 12 * i;
+            let m = start + TYPE_LEN + MEMBER_LEN * i;
             let (name_off, ty, offset) =
                 (u32_at(self.types, m)?, u32_at(self.types, m + 4)?, u32_at(self.types, m + 8)?);
             let (bits, bit_offset) =
