@@ -29,8 +29,10 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets { skb_cb: 0, skb_sk: 0, cop
 
 /// `bpf_skb_adjust_room` removes at most this many bytes per call on an sk_skb.
 const TRIM_STEP: u32 = 4095;
-/// Calls allowed for one trim: up to 255 KiB, more than any segment TCP queues whole here.
-const TRIM_STEPS: u32 = 64;
+/// Calls allowed for one trim: up to 640 KiB, more than an skb of 17 fragments (`MAX_SKB_FRAGS` here) of
+/// 32 KiB (the page fragments TCP sends from) and its head. The retransmits traced here overlapped by 1
+/// or 2 segments of 64 KiB; a longer overlap resets the stream.
+const TRIM_STEPS: u32 = 160;
 
 #[map]
 static SOCKS: SockHash<u64> = SockHash::with_max_entries(splice::MAX_SOCKETS, 0);
