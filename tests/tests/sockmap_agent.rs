@@ -62,6 +62,11 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
+/// Streams the agent counted for a datapath tier (`datapath_streams_total{tier}`).
+async fn streams_in(admin: std::net::SocketAddr, tier: &str) -> u64 {
+    metric(admin, &format!("spoke_agent_datapath_streams_total{{tier=\"{tier}\"}}")).await
+}
+
 /// Streams spliced at once by [`agent_splices_a_thousand_parallel_streams`], and bytes each way in each.
 const STREAMS: u64 = 1000;
 const LEN: u64 = 256 << 10;
@@ -98,8 +103,7 @@ async fn agent_splices_a_thousand_parallel_streams() {
     let got = bounded("1,000 verified streams", set.join_all()).await;
     assert!(got.iter().all(|n| *n == LEN), "every stream carried all its bytes");
     // (The agent counts a stream once both ends saw it end: wait for the last ones.)
-    let spliced =
-        async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
+    let spliced = async || streams_in(ag.admin_addr, "sockmap").await;
     eventually("every stream counted", || async { spliced().await >= STREAMS }).await;
     assert_eq!(spliced().await, STREAMS, "every stream took the sockmap tier\n{}", ag.proc.log());
     eventually("no map entries left", || async { pinned_entries(&pins(&node)).ok() == Some((0, 0, 0)) })
@@ -129,13 +133,10 @@ async fn churn_through_the_agent_leaves_no_entries_or_descriptors() {
     eventually("descriptors back to the baseline", || async { fds(pid) <= before + 2 }).await;
     // A FIN that reaches the agent before the pair is inserted sends that stream to the copy tier. (The
     // agent counts a stream after its client saw the end: wait for the last one.)
-    let total = async || {
-        metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await
-            + metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await
-    };
+    let total = async || streams_in(ag.admin_addr, "sockmap").await + streams_in(ag.admin_addr, "copy").await;
     eventually("every stream counted", || async { total().await >= 2100 }).await;
-    let spliced = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
-    let copied = metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await;
+    let spliced = streams_in(ag.admin_addr, "sockmap").await;
+    let copied = streams_in(ag.admin_addr, "copy").await;
     let early_fin =
         metric(ag.admin_addr, "spoke_agent_datapath_fallbacks_total{reason=\"not_established\"}").await;
     eprintln!("{spliced} streams spliced, {copied} copied after an early FIN");
@@ -181,8 +182,7 @@ async fn auto_splices_plaintext_tunnels_where_the_kernel_allows() {
     let backend = echo().await;
     let msg = vec![7u8; 1 << 20];
     bounded("echo", echo_once(&srv, backend, &msg)).await;
-    let spliced =
-        async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
+    let spliced = async || streams_in(ag.admin_addr, "sockmap").await;
     eventually("the stream counted", || async { spliced().await == 1 }).await;
     assert!(ag.proc.log().contains("tier=\"sockmap\""), "the choice is logged\n{}", ag.proc.log());
     assert!(dir.join("SOCKS").exists(), "maps pinned in {}", dir.display());
@@ -191,7 +191,7 @@ async fn auto_splices_plaintext_tunnels_where_the_kernel_allows() {
     let tls = node("sockmap-auto-tls");
     let ag = agent(&srv).id(&tls).flag("--datapath", "auto").run().await;
     bounded("echo over TLS", echo_once(&srv, backend, &msg)).await;
-    let copied = async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await;
+    let copied = async || streams_in(ag.admin_addr, "copy").await;
     eventually("the TLS stream counted", || async { copied().await == 1 }).await;
     assert!(ag.proc.log().contains("TLS tunnel, which only the copy tier can carry"), "{}", ag.proc.log());
     assert!(!pins(&tls).exists(), "nothing loaded for TLS tunnels");
@@ -215,8 +215,7 @@ async fn without_perfmon_the_program_loads_without_the_trim_and_auto_copies() {
     let log = ag.proc.log();
     assert!(log.contains("did not load with sequence tracking") && log.contains("trims=false"), "{log}");
     bounded("echo", echo_once(&srv, backend, &msg)).await;
-    let spliced =
-        async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
+    let spliced = async || streams_in(ag.admin_addr, "sockmap").await;
     eventually("the stream spliced", || async { spliced().await == 1 }).await;
     drop(ag);
 
@@ -226,7 +225,7 @@ async fn without_perfmon_the_program_loads_without_the_trim_and_auto_copies() {
     let ag = agent(&srv).id(&auto).plaintext("auto").without_caps(caps).run().await;
     assert!(ag.proc.log().contains("cannot trim retransmitted bytes here"), "{}", ag.proc.log());
     bounded("echo", echo_once(&srv, backend, &msg)).await;
-    let copied = async || metric(ag.admin_addr, "spoke_agent_datapath_streams_total{tier=\"copy\"}").await;
+    let copied = async || streams_in(ag.admin_addr, "copy").await;
     eventually("the stream copied", || async { copied().await == 1 }).await;
     assert!(!pins(&auto).exists(), "the unused programs were unloaded and their pins removed");
 }
