@@ -133,19 +133,20 @@ fn new_bytes(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> Result<u64, u32>
     }
     #[expect(clippy::cast_possible_truncation, reason = "sequence numbers wrap at 32 bits")]
     let end = seq.wrapping_add(len as u32);
+    // Bytes at the head of this skb the direction has seen before; negative is a gap.
     #[expect(clippy::cast_possible_wrap, reason = "sequence space arithmetic: the sign is the order")]
-    let (old, gap) = (flow.next_seq.wrapping_sub(seq) as i32, seq.wrapping_sub(flow.next_seq) as i32);
-    if gap > 0 {
+    let seen = flow.next_seq.wrapping_sub(seq) as i32;
+    if seen < 0 {
         flow.failed += 1;
-        error!(ctx, "{} bytes missing before sequence {}", gap, seq);
+        error!(ctx, "{} bytes missing before sequence {}", seen.unsigned_abs(), seq);
         return Err(DROP);
     }
-    if old <= 0 {
+    if seen == 0 {
         flow.next_seq = end;
         return Ok(len);
     }
     #[expect(clippy::cast_sign_loss, reason = "positive here")]
-    let old = old as u32;
+    let old = seen as u32;
     if u64::from(old) >= len {
         flow.trimmed += len;
         return Err(DROP);
