@@ -1,5 +1,6 @@
 //! Installs what building and testing Spoke needs on a fresh machine, idempotently, saying what it does:
-//! the nightly toolchain's `rust-src` (for `-Z build-std=core`), `bpf-linker` built against the nightly
+//! the nightly toolchain's `rust-src` (for `-Z build-std=core`) and `clippy` (for the eBPF crate's lint),
+//! `bpf-linker` built against the nightly
 //! toolchain's own LLVM (DESIGN.md §6), and the Debian packages the tests use.
 
 use std::path::{Path, PathBuf};
@@ -34,23 +35,28 @@ fn home() -> anyhow::Result<PathBuf> {
     std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")
 }
 
+/// Components the nightly toolchain needs beyond its minimal profile.
+const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
 /// Everything, in order.
 pub fn all() -> anyhow::Result<()> {
-    nightly_rust_src()?;
+    nightly_components()?;
     bpf_linker()?;
     debian_packages()?;
     Ok(())
 }
 
-fn nightly_rust_src() -> anyhow::Result<()> {
+fn nightly_components() -> anyhow::Result<()> {
     if !succeeds("rustc", &["+nightly", "--version"]) {
         say("installing the nightly toolchain (minimal profile)");
         run(cmd("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
     let installed = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"])?;
-    if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        say("adding rust-src to the nightly toolchain");
-        run(cmd("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    for component in NIGHTLY_COMPONENTS {
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            say(&format!("adding {component} to the nightly toolchain"));
+            run(cmd("rustup", &["component", "add", component, "--toolchain", "nightly"]))?;
+        }
     }
     Ok(())
 }
