@@ -107,9 +107,13 @@ async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (En
         let mut progressed = false;
         let mut drained_source = false;
         if !eof && in_pipe < p.capacity {
-            match src.try_with(Interest::READABLE, || {
-                Ok(splice(src, None, &p.write, None, p.capacity - in_pipe, FLAGS)?)
-            }) {
+            let fill = || Ok(splice(src, None, &p.write, None, p.capacity - in_pipe, FLAGS)?);
+            // With bytes in the pipe an EAGAIN may mean a full pipe rather than an empty source (a pipe
+            // holds one buffer per page of its capacity, fewer bytes when skbs are small). Only an empty
+            // pipe's EAGAIN clears the source's readiness: cleared wrongly, a source whose receive window
+            // closed would wake us only on its sender's next window probe, hundreds of ms later.
+            let filled = if in_pipe == 0 { src.try_with(Interest::READABLE, fill) } else { fill() };
+            match filled {
                 Ok(0) => eof = true,
                 Ok(n) => {
                     in_pipe += n;
@@ -141,16 +145,12 @@ async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (En
         if progressed {
             continue;
         }
-        // Nothing moved: wait for whichever side can make progress.
-        let can_read = !eof && in_pipe < p.capacity;
-        match (can_read, in_pipe > 0) {
-            (true, true) => tokio::select! {
-                r = src.ready_for(Interest::READABLE) => r.map_err(|e| (End::A, e))?,
-                r = dst.ready_for(Interest::WRITABLE) => r.map_err(|e| (End::B, e))?,
-            },
-            (true, false) => src.ready_for(Interest::READABLE).await.map_err(|e| (End::A, e))?,
-            (false, true) => dst.ready_for(Interest::WRITABLE).await.map_err(|e| (End::B, e))?,
-            (false, false) => unreachable!("an empty pipe at end of stream returned above"),
+        // Nothing moved. With bytes in the pipe only the destination can make progress (the pipe may be
+        // full), and a source that received FIN stays readable for good: waiting on it would spin.
+        if in_pipe > 0 {
+            dst.ready_for(Interest::WRITABLE).await.map_err(|e| (End::B, e))?;
+        } else {
+            src.ready_for(Interest::READABLE).await.map_err(|e| (End::A, e))?;
         }
     }
 }
