@@ -7,7 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Server, agent, certs, check_pattern, echo, eventually, metric, send_pattern, server, tunnel};
+use common::{
+    Server, agent, certs, check_pattern, counted, echo, eventually, metric, send_pattern, server, tunnel,
+};
 use spoke::datapath::sockmap::{DEFAULT_BPF_ROOT, PinDir, pinned_entries};
 use spoke_tests::privileged;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,9 +64,14 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
-/// Streams the agent counted for a datapath tier (`datapath_streams_total{tier}`).
+/// The agent's counter of streams carried by a datapath tier.
+fn tier_line(tier: &str) -> String {
+    format!("spoke_agent_datapath_streams_total{{tier=\"{tier}\"}}")
+}
+
+/// Streams the agent counted for a datapath tier.
 async fn streams_in(admin: std::net::SocketAddr, tier: &str) -> u64 {
-    metric(admin, &format!("spoke_agent_datapath_streams_total{{tier=\"{tier}\"}}")).await
+    metric(admin, &tier_line(tier)).await
 }
 
 /// Streams spliced at once by [`agent_splices_a_thousand_parallel_streams`], and bytes each way in each.
@@ -102,10 +109,8 @@ async fn agent_splices_a_thousand_parallel_streams() {
     }
     let got = bounded("1,000 verified streams", set.join_all()).await;
     assert!(got.iter().all(|n| *n == LEN), "every stream carried all its bytes");
-    // (The agent counts a stream once both ends saw it end: wait for the last ones.)
-    let spliced = async || streams_in(ag.admin_addr, "sockmap").await;
-    eventually("every stream counted", || async { spliced().await >= STREAMS }).await;
-    assert_eq!(spliced().await, STREAMS, "every stream took the sockmap tier\n{}", ag.proc.log());
+    let spliced = counted(ag.admin_addr, &tier_line("sockmap"), STREAMS).await;
+    assert_eq!(spliced, STREAMS, "every stream took the sockmap tier\n{}", ag.proc.log());
     eventually("no map entries left", || async { pinned_entries(&pins(&node)).ok() == Some((0, 0, 0)) })
         .await;
 }
@@ -182,8 +187,7 @@ async fn auto_splices_plaintext_tunnels_where_the_kernel_allows() {
     let backend = echo().await;
     let msg = vec![7u8; 1 << 20];
     bounded("echo", echo_once(&srv, backend, &msg)).await;
-    let spliced = async || streams_in(ag.admin_addr, "sockmap").await;
-    eventually("the stream counted", || async { spliced().await == 1 }).await;
+    assert_eq!(counted(ag.admin_addr, &tier_line("sockmap"), 1).await, 1, "the stream was spliced");
     assert!(ag.proc.log().contains("tier=\"sockmap\""), "the choice is logged\n{}", ag.proc.log());
     assert!(dir.join("SOCKS").exists(), "maps pinned in {}", dir.display());
 
@@ -191,8 +195,7 @@ async fn auto_splices_plaintext_tunnels_where_the_kernel_allows() {
     let tls = node("sockmap-auto-tls");
     let ag = agent(&srv).id(&tls).flag("--datapath", "auto").run().await;
     bounded("echo over TLS", echo_once(&srv, backend, &msg)).await;
-    let copied = async || streams_in(ag.admin_addr, "copy").await;
-    eventually("the TLS stream counted", || async { copied().await == 1 }).await;
+    assert_eq!(counted(ag.admin_addr, &tier_line("copy"), 1).await, 1, "the TLS stream was copied");
     assert!(ag.proc.log().contains("TLS tunnel, which only the copy tier can carry"), "{}", ag.proc.log());
     assert!(!pins(&tls).exists(), "nothing loaded for TLS tunnels");
 }
@@ -215,8 +218,7 @@ async fn without_perfmon_the_program_loads_without_the_trim_and_auto_copies() {
     let log = ag.proc.log();
     assert!(log.contains("did not load with sequence tracking") && log.contains("trims=false"), "{log}");
     bounded("echo", echo_once(&srv, backend, &msg)).await;
-    let spliced = async || streams_in(ag.admin_addr, "sockmap").await;
-    eventually("the stream spliced", || async { spliced().await == 1 }).await;
+    assert_eq!(counted(ag.admin_addr, &tier_line("sockmap"), 1).await, 1, "the stream was spliced");
     drop(ag);
 
     let srv = plaintext_server().await;
@@ -225,7 +227,6 @@ async fn without_perfmon_the_program_loads_without_the_trim_and_auto_copies() {
     let ag = agent(&srv).id(&auto).plaintext("auto").without_caps(caps).run().await;
     assert!(ag.proc.log().contains("cannot trim retransmitted bytes here"), "{}", ag.proc.log());
     bounded("echo", echo_once(&srv, backend, &msg)).await;
-    let copied = async || streams_in(ag.admin_addr, "copy").await;
-    eventually("the stream copied", || async { copied().await == 1 }).await;
+    assert_eq!(counted(ag.admin_addr, &tier_line("copy"), 1).await, 1, "the stream was copied");
     assert!(!pins(&auto).exists(), "the unused programs were unloaded and their pins removed");
 }
