@@ -159,12 +159,28 @@ pub struct ServerArgs {
     /// underlay is already encrypted (`WireGuard`, `IPsec`). Control channels always use mutual TLS.
     #[arg(long, env = "SPOKE_SERVER_ALLOW_PLAINTEXT_TUNNEL")]
     pub allow_plaintext_tunnel: bool,
+    /// How streams from the Unix-socket frontend over plaintext data connections are relayed (TLS ones
+    /// are always copied in user space).
+    #[arg(long, env = "SPOKE_SERVER_DATAPATH", value_enum, default_value_t = ServerDatapath::Auto)]
+    pub datapath: ServerDatapath,
     /// Log format.
     #[arg(long, env = "SPOKE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
     /// Validate the configuration (including TLS files), print it, and exit 0.
     #[arg(long)]
     pub check_config: bool,
+}
+
+/// How the server moves a stream's bytes between the frontend connection and the data connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ServerDatapath {
+    /// The best tier the stream allows: splice where both sockets carry plaintext in the kernel (a
+    /// Unix-socket client over a plaintext data connection), copy otherwise.
+    Auto,
+    /// The userspace copy, for every stream.
+    Copy,
+    /// splice(2) through a pipe where both sockets carry plaintext; the other streams are copied.
+    Splice,
 }
 
 /// Limits and timeouts of the server.
@@ -213,6 +229,8 @@ pub struct ServerConfig {
     pub server_count: u16,
     /// Whether data connections may skip TLS.
     pub allow_plaintext_tunnel: bool,
+    /// How streams are relayed.
+    pub datapath: ServerDatapath,
     /// Runtime worker threads (0: one per CPU).
     pub worker_threads: usize,
     /// Limits and timeouts.
@@ -270,6 +288,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             server_id: a.server_id,
             server_count: a.server_count,
             allow_plaintext_tunnel: a.allow_plaintext_tunnel,
+            datapath: a.datapath,
             worker_threads: a.worker_threads,
             limits: ServerLimits {
                 max_frontend_conns: positive("--max-frontend-conns", a.max_frontend_conns)?,

@@ -25,6 +25,8 @@ pub struct ServerMetrics {
     pub streams: Counters,
     /// Stream payload bytes by `direction` (up: apiserver → node, down: node → apiserver).
     pub bytes: Counters,
+    /// Streams by the `tier` that relays them (copy, splice).
+    pub streams_by_datapath: Counters,
     /// Time from a routed request to the agent's dial reply.
     pub dial_duration: Histogram,
     /// Dials waiting for a data connection or a reply.
@@ -44,6 +46,7 @@ impl ServerMetrics {
             streams_open: Gauge::default(),
             streams: Counters::default(),
             bytes: Counters::default(),
+            streams_by_datapath: Counters::default(),
             dial_duration: dial_buckets(),
             pending_dials: Gauge::default(),
             agents_connected: Gauge::default(),
@@ -54,6 +57,7 @@ impl ServerMetrics {
         r.register("streams_open", "Streams being relayed now", m.streams_open.clone());
         r.register("streams", "CONNECT requests by result", m.streams.clone());
         r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
+        r.register("datapath_streams", "Streams by datapath tier", m.streams_by_datapath.clone());
         r.register(
             "dial_duration_seconds",
             "Time from routing to the agent's dial reply",

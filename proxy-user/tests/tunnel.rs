@@ -10,13 +10,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const GIB: u64 = 1 << 30;
+/// Bound of a 1 GiB transfer each way, about 20 times what it takes here: a relay that stalls (e.g. waits
+/// for a wake-up that only a TCP window probe brings) fails instead of crawling.
+const TRANSFER_BOUND: Duration = Duration::from_mins(1);
 
 /// How the agent's data connections and datapath are set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// TLS data connections, userspace copy.
     Tls,
-    /// Plain data connections, splice(2).
+    /// Plain data connections, splice(2) on both hops.
     PlainSplice,
 }
 
@@ -25,7 +28,7 @@ async fn system(mode: Mode) -> (common::Server, common::Agent) {
     let certs = certs();
     let mut srv = server(&certs).tcp_frontend();
     if mode == Mode::PlainSplice {
-        srv = srv.allow_plaintext_tunnel();
+        srv = srv.allow_plaintext_tunnel().flag("--datapath", "splice");
     }
     let srv = srv.run().await;
     let mut a = agent(&srv);
@@ -36,12 +39,14 @@ async fn system(mode: Mode) -> (common::Server, common::Agent) {
     (srv, a)
 }
 
-/// The agent carried `streams` streams on the tier `mode` should choose. (It counts a stream once both
-/// of its ends are done, which can be just after the client saw the end.)
-async fn assert_tier(agent: &common::Agent, mode: Mode, streams: u64) {
+/// Server and agent carried `streams` streams on the tier `mode` should choose. (The agent counts a
+/// stream once both of its ends are done, which can be just after the client saw the end.)
+async fn assert_tier(srv: &common::Server, agent: &common::Agent, mode: Mode, streams: u64) {
     let tier = if mode == Mode::Tls { "copy" } else { "splice" };
-    let line = format!("spoke_agent_datapath_streams_total{{tier=\"{tier}\"}}");
-    assert_eq!(common::counted(agent.admin_addr, &line, streams).await, streams, "{line}");
+    for (admin, who) in [(srv.admin_addr, "server"), (agent.admin_addr, "agent")] {
+        let line = format!("spoke_{who}_datapath_streams_total{{tier=\"{tier}\"}}");
+        assert_eq!(common::counted(admin, &line, streams).await, streams, "{line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,10 +72,11 @@ async fn one_gib_each_way(mode: Mode) {
     });
     let client = tunnel(&srv, backend_addr).await;
     let (mut r, mut w) = tokio::io::split(client);
-    let (got, ()) = tokio::join!(check_pattern(&mut r, 2), send_pattern(&mut w, 1, GIB));
+    let both = async { tokio::join!(check_pattern(&mut r, 2), send_pattern(&mut w, 1, GIB)).0 };
+    let got = tokio::time::timeout(TRANSFER_BOUND, both).await.expect("1 GiB each way within the bound");
     assert_eq!(got, GIB, "node → apiserver bytes");
     assert_eq!(backend.await.unwrap(), GIB, "apiserver → node bytes");
-    assert_tier(&agent, mode, 1).await;
+    assert_tier(&srv, &agent, mode, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +110,7 @@ async fn two_hundred_concurrent_streams(mode: Mode) {
     }
     let ok = "spoke_server_streams_total{result=\"ok\"}";
     assert_eq!(common::counted(srv.admin_addr, ok, 200).await, 200, "{ok}");
-    assert_tier(&agent, mode, 200).await;
+    assert_tier(&srv, &agent, mode, 200).await;
     if mode != Mode::Tls {
         return;
     }
@@ -149,7 +155,8 @@ async fn half_close_client(mode: Mode) {
     client.write_all(b"request").await.unwrap();
     client.shutdown().await.unwrap();
     let mut got = Vec::new();
-    client.read_to_end(&mut got).await.unwrap();
+    let read = tokio::time::timeout(common::WAIT, client.read_to_end(&mut got)).await;
+    read.expect("the reply and its end arrive").unwrap();
     assert_eq!(got, backend.await.unwrap());
     assert!(got.starts_with(b"got request"));
 }
@@ -282,16 +289,29 @@ async fn a_stalled_reader_does_not_block_another_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_data_after_the_connect_head_is_forwarded() {
-    let certs = certs();
-    let srv = server(&certs).run().await;
-    let _agent = agent(&srv).run().await;
+    early_data(Mode::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_data_after_the_connect_head_is_forwarded_spliced() {
+    early_data(Mode::PlainSplice).await;
+}
+
+async fn early_data(mode: Mode) {
+    let (srv, agent) = system(mode).await;
     let echo = echo().await;
     let mut s = tokio::net::UnixStream::connect(&srv.uds).await.unwrap();
     // Request head and first payload bytes in one write.
     s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nhello").as_bytes()).await.unwrap();
     let (status, _) = common::read_head(&mut s).await;
     assert_eq!(status, 200);
-    let mut buf = [0u8; 5];
-    s.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"hello");
+    // Then the rest of the stream, and its end.
+    s.write_all(b", world").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"hello, world");
+    assert_tier(&srv, &agent, mode, 1).await;
+    let up = "spoke_server_bytes_total{direction=\"up\"}";
+    assert_eq!(common::counted(srv.admin_addr, up, 12).await, 12, "{up} counts the early bytes");
 }

@@ -244,24 +244,32 @@ pub fn spoke(env: &Env) -> anyhow::Result<System> {
     spoke_with(env, "spoke (TLS tunnel, copy)", true, "copy")
 }
 
-/// Spoke with plaintext data connections, spliced with splice(2) on the agent.
+/// Spoke with plaintext data connections, spliced with splice(2) on the agent and the server.
 pub fn spoke_plain_splice(env: &Env) -> anyhow::Result<System> {
     spoke_with(env, "spoke (plaintext tunnel, splice)", false, "splice")
 }
 
-/// Spoke with plaintext data connections and the userspace copy: what splice is measured against.
+/// Spoke with plaintext data connections and the userspace copy on both hops: what the kernel tiers are
+/// measured against.
 pub fn spoke_plain_copy(env: &Env) -> anyhow::Result<System> {
     spoke_with(env, "spoke (plaintext tunnel, copy)", false, "copy")
 }
 
-/// Spoke with plaintext data connections spliced by the agent's eBPF sockmap programs.
+/// Spoke with plaintext data connections spliced by the agent's eBPF sockmap programs; the server's hop
+/// takes its default tier.
 pub fn spoke_plain_sockmap(env: &Env) -> anyhow::Result<System> {
     spoke_with(env, "spoke (plaintext tunnel, sockmap)", false, "sockmap")
 }
 
 fn spoke_with(env: &Env, name: &str, tls: bool, datapath: &str) -> anyhow::Result<System> {
     let uds = env.dir.join(format!("spoke-{datapath}-{tls}.sock"));
-    let server_extra: &[&str] = if tls { &[] } else { &["--allow-plaintext-tunnel"] };
+    // The copy and splice systems use their tier on both hops; the sockmap one leaves the server's
+    // Unix-socket hop to its default (`auto`).
+    let server_extra: &[&str] = match (tls, datapath) {
+        (true, _) => &[],
+        (false, "copy" | "splice") => &["--allow-plaintext-tunnel", "--datapath", datapath],
+        (false, _) => &["--allow-plaintext-tunnel"],
+    };
     let (mut server, agent_addr, admin) = spoke_server(env, &uds, server_extra)?;
     let args: Vec<String> = [
         "--proxy-server-host",

@@ -98,7 +98,7 @@ pub async fn run_server(
         loops.spawn(accept_tls_frontend(server.clone(), tcp, tls, frontend_slots));
     }
     loops.spawn(agents::accept(server.clone(), listeners.agent, agent_tls));
-    info!(server_id = %server.config.server_id, "spoke-server running");
+    info!(server_id = %server.config.server_id, datapath = ?server.config.datapath, "spoke-server running");
 
     shutdown.cancelled().await;
     info!(grace_period = ?grace, "stopping: no new connections; open streams may finish");

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{Instrument as _, debug, info_span, warn};
@@ -12,11 +13,13 @@ use tracing::{Instrument as _, debug, info_span, warn};
 use super::Server;
 use super::registry::{AgentHandle, DataConn};
 use crate::codec::{self, CodecError};
-use crate::datapath::copy::{self, End};
+use crate::config::ServerDatapath;
+use crate::datapath::copy::{self, End, Moved, RelayError};
+use crate::datapath::splice;
 use crate::frontend::{self, ConnectRequest, ESTABLISHED};
 use crate::metrics::{add, inc};
 use crate::protocol::{DialStatus, Message};
-use crate::transport::Stream;
+use crate::transport::{Stream, Tunnel};
 
 /// Data connections tried for one request before giving up (a parked connection may have died).
 pub const MAX_DIAL_ATTEMPTS: usize = 3;
@@ -87,8 +90,24 @@ impl DialError {
     }
 }
 
+/// A frontend connection, as the relay sees it.
+pub(super) trait Client: Stream {
+    /// The Unix socket this connection is, which splice(2) can move bytes to and from directly.
+    fn unix(&self) -> Option<&UnixStream> {
+        None
+    }
+}
+
+impl Client for UnixStream {
+    fn unix(&self) -> Option<&UnixStream> {
+        Some(self)
+    }
+}
+
+impl Client for tokio_rustls::server::TlsStream<TcpStream> {}
+
 /// Serves one frontend connection to its end.
-pub(super) async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
+pub(super) async fn serve<S: Client>(server: &Arc<Server>, mut client: S) {
     let limits = &server.config.limits;
     let req = match tokio::time::timeout(limits.header_timeout, frontend::read_connect(&mut client)).await {
         Ok(Ok(req)) => req,
@@ -133,7 +152,7 @@ pub(super) async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
         // Until the relay ends cleanly, closing resets: a stream cut off by shutdown never looks complete.
         client.reset_on_close(true);
         data.reset_on_close(true);
-        let result = copy::relay(&mut client, &mut data, &req.early_data).await;
+        let result = relay(server, &mut client, &mut data, &req.early_data).await;
         if result.is_ok() {
             client.reset_on_close(false);
             data.reset_on_close(false);
@@ -155,6 +174,46 @@ pub(super) async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
     }
     .instrument(span)
     .await;
+}
+
+/// Relays an open stream on the tier the configuration and the two connections allow: splice where both
+/// carry plaintext in the kernel, copy otherwise. `early` (bytes the client sent right behind its
+/// request) goes first.
+async fn relay<S: Client>(
+    server: &Server,
+    client: &mut S,
+    data: &mut DataConn,
+    early: &[u8],
+) -> Result<Moved, RelayError> {
+    let may_splice = server.config.datapath != ServerDatapath::Copy;
+    if let (true, Some(unix), Tunnel::Plain(tcp)) = (may_splice, client.unix(), &*data) {
+        inc(&server.metrics.streams_by_datapath, "tier", "splice");
+        if let Err(source) = send_all(tcp, early).await {
+            client.abort();
+            tcp.abort();
+            return Err(RelayError { end: End::B, source, moved: (0, 0) });
+        }
+        let early = early.len() as u64;
+        return match splice::relay(unix, tcp).await {
+            Ok(m) => Ok(Moved { a_to_b: m.a_to_b + early, ..m }),
+            Err(e) => Err(RelayError { moved: (e.moved.0 + early, e.moved.1), ..e }),
+        };
+    }
+    inc(&server.metrics.streams_by_datapath, "tier", "copy");
+    copy::relay(client, data, early).await
+}
+
+/// Writes `bytes` to `tcp` (a few KiB at most, into a fresh connection's send buffer).
+async fn send_all(tcp: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Routes `req`, has an agent dial it, and returns the data connection ready for raw bytes, with the
