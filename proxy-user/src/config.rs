@@ -309,9 +309,8 @@ impl TryFrom<ServerArgs> for ServerConfig {
 /// How the agent moves a stream's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DatapathMode {
-    /// The best tier the kernel and the stream allow: sockmap for plaintext tunnels where the programs
-    /// load and can trim retransmitted bytes (root, BPF, kernel BTF), otherwise copy; the choice and the
-    /// reason are logged at start.
+    /// The fastest tier the stream allows, as measured on the kernels tried (docs/benchmarks.md): splice
+    /// for plaintext tunnels, copy for TLS ones; the choice and the reason are logged at start.
     Auto,
     /// The userspace copy (tokio and rustls, adaptive buffers up to 256 KiB).
     Copy,

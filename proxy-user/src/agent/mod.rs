@@ -167,52 +167,30 @@ enum SessionEnd {
 }
 
 /// Sets up the datapath: loads the sockmap programs for `--datapath sockmap` (failing the start if they
-/// cannot load) and for `auto` with a plaintext tunnel (falling back to the copy tier, with the reason
-/// logged, if they cannot load or cannot trim bytes the kernel hands them twice).
+/// cannot load); `auto` logs the tier it takes.
 fn datapath(config: &AgentConfig) -> Result<Datapath, AgentError> {
-    let pins = || PinDir::new(&config.bpf_root, &config.identity.agent_id);
-    let loaded = |datapath: &Datapath| {
-        let map = datapath.sockmap();
-        let dir = map.and_then(Sockmap::pins).map(|p| p.display().to_string());
-        info!(
-            pins = dir.as_deref().unwrap_or("none"),
-            backlog_limit = config.sockmap_limits.backlog,
-            trims = map.is_some_and(Sockmap::trims),
-            "sockmap datapath attached"
-        );
-    };
     Ok(match config.datapath {
         DatapathMode::Sockmap => {
-            let datapath =
-                Datapath::with_sockmap(DatapathMode::Sockmap, Some(pins()), config.sockmap_limits)?;
-            loaded(&datapath);
+            let pins = PinDir::new(&config.bpf_root, &config.identity.agent_id);
+            let datapath = Datapath::with_sockmap(DatapathMode::Sockmap, Some(pins), config.sockmap_limits)?;
+            let map = datapath.sockmap();
+            let dir = map.and_then(Sockmap::pins).map(|p| p.display().to_string());
+            info!(
+                pins = dir.as_deref().unwrap_or("none"),
+                backlog_limit = config.sockmap_limits.backlog,
+                trims = map.is_some_and(Sockmap::trims),
+                "sockmap datapath attached"
+            );
             datapath
         }
         DatapathMode::Auto if config.tunnel_tls == TunnelTls::Off => {
-            match Datapath::with_sockmap(DatapathMode::Auto, Some(pins()), config.sockmap_limits) {
-                Ok(datapath) if datapath.sockmap().is_some_and(Sockmap::trims) => {
-                    loaded(&datapath);
-                    info!(
-                        tier = "sockmap",
-                        "datapath auto: plaintext tunnel and a kernel that can splice it: streams move kernel to \
-                         kernel (docs/benchmarks.md)"
-                    );
-                    datapath
-                }
-                Ok(_) => {
-                    info!(
-                        tier = "copy",
-                        "datapath auto: the sockmap program cannot trim retransmitted bytes here (no struct \
-                         offsets in the kernel BTF, or no CAP_PERFMON to read kernel memory); copying in user \
-                         space"
-                    );
-                    Datapath::new(DatapathMode::Auto)
-                }
-                Err(error) => {
-                    info!(tier = "copy", %error, "datapath auto: sockmap unavailable; copying in user space");
-                    Datapath::new(DatapathMode::Auto)
-                }
-            }
+            info!(
+                tier = "splice",
+                "datapath auto: plaintext tunnel: splice(2), kernel to kernel; with the server's hop spliced \
+                 too it beat the sockmap tier on throughput, CPU and opening rate (docs/benchmarks.md); \
+                 --datapath sockmap selects the eBPF tier"
+            );
+            Datapath::new(DatapathMode::Auto)
         }
         DatapathMode::Auto => {
             info!(tier = "copy", "datapath auto: TLS tunnel, which only the copy tier can carry");

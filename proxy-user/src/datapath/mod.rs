@@ -94,8 +94,7 @@ impl Datapath {
         Self { mode, sockmap: None, limits: Limits::default() }
     }
 
-    /// A datapath in `mode` (`sockmap` or `auto`) with the eBPF programs loaded and attached, pinned in
-    /// `pins`.
+    /// A datapath in `mode` (`sockmap`) with the eBPF programs loaded and attached, pinned in `pins`.
     pub fn with_sockmap(
         mode: DatapathMode,
         pins: Option<PinDir>,
@@ -117,15 +116,14 @@ impl Datapath {
     }
 
     /// The tier for a stream whose tunnel is plaintext (`plain`) or TLS, and why when it is not the
-    /// configured one. `auto` takes the sockmap tier for plaintext tunnels when the agent loaded it at
-    /// start (it did so only where the kernel lets it trim bytes handed over twice), and the copy tier
-    /// otherwise: the only tier for TLS, and on this kernel at least as fast as splice (docs/benchmarks.md).
+    /// configured one. `auto` takes the splice tier for plaintext tunnels (with the server's hop spliced
+    /// too, it beat the sockmap tier on this kernel: docs/benchmarks.md) and the copy tier, the only one
+    /// TLS allows, otherwise.
     #[must_use]
     pub fn tier_for(&self, plain: bool) -> (Tier, Option<&'static str>) {
         match (self.mode, plain) {
-            (DatapathMode::Splice, true) => (Tier::Splice, None),
+            (DatapathMode::Auto | DatapathMode::Splice, true) => (Tier::Splice, None),
             (DatapathMode::Sockmap, true) => (Tier::Sockmap, None),
-            (DatapathMode::Auto, true) if self.sockmap.is_some() => (Tier::Sockmap, None),
             (DatapathMode::Auto | DatapathMode::Copy, _) => (Tier::Copy, None),
             (DatapathMode::Splice | DatapathMode::Sockmap, false) => (Tier::Copy, Some("tls_tunnel")),
         }
@@ -202,7 +200,7 @@ mod tests {
     #[test]
     fn tier_choice() {
         let auto = Datapath::new(DatapathMode::Auto);
-        assert_eq!(auto.tier_for(true), (Tier::Copy, None));
+        assert_eq!(auto.tier_for(true), (Tier::Splice, None));
         assert_eq!(auto.tier_for(false), (Tier::Copy, None));
         let splice = Datapath::new(DatapathMode::Splice);
         assert_eq!(splice.tier_for(true), (Tier::Splice, None));
