@@ -35,8 +35,9 @@ pub struct BenchOpts {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Only these systems (comma-separated names as in the table, matched by prefix).
-    #[arg(long, value_delimiter = ',')]
+    /// Only these systems: names as in the table, matched by prefix, separated by commas not followed by
+    /// a space (names themselves hold ", "), or by repeating the option.
+    #[arg(long)]
     systems: Vec<String>,
     /// Repetitions of each scenario (default 3; 1 with --quick).
     #[arg(long)]
@@ -47,6 +48,21 @@ pub struct BenchOpts {
 }
 
 type Start = fn(&Env) -> anyhow::Result<System>;
+
+/// Splits a `--systems` value at the commas not followed by a space: `direct,spoke (plaintext tunnel,
+/// sockmap)` names two systems.
+fn system_prefixes(value: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (i, _) in value.match_indices(',') {
+        if !value[i + 1..].starts_with(' ') {
+            parts.push(&value[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&value[start..]);
+    parts.into_iter().filter(|p| !p.is_empty()).collect()
+}
 
 const SYSTEMS: &[(&str, Start)] = &[
     ("direct", peers::direct),
@@ -315,8 +331,8 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
         unavailable.push(("hold 10000".into(), why));
     }
 
-    let wanted =
-        |name: &str| opts.systems.is_empty() || opts.systems.iter().any(|s| name.starts_with(s.as_str()));
+    let prefixes: Vec<&str> = opts.systems.iter().flat_map(|v| system_prefixes(v)).collect();
+    let wanted = |name: &str| prefixes.is_empty() || prefixes.iter().any(|p| name.starts_with(p));
     let mut rows = runner.systems(&wanted, &full_holds, &mut unavailable);
     if SYSTEMS.iter().any(|(n, _)| n.starts_with("spoke") && wanted(n)) {
         let agents = opts.agents.unwrap_or(if opts.quick { 50 } else { 1000 });
@@ -520,4 +536,19 @@ impl Report<'_> {
 
 fn xml(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::system_prefixes;
+
+    #[test]
+    fn system_names_keep_their_own_commas() {
+        assert_eq!(
+            system_prefixes("direct,spoke (plaintext tunnel, sockmap"),
+            ["direct", "spoke (plaintext tunnel, sockmap"]
+        );
+        assert_eq!(system_prefixes("socat"), ["socat"]);
+        assert_eq!(system_prefixes("a,,b,"), ["a", "b"]);
+    }
 }
