@@ -1,7 +1,7 @@
 //! Installs what building and testing Spoke needs on a fresh machine, idempotently, saying what it does:
 //! the nightly toolchain's `rust-src` (for `-Z build-std=core`) and `clippy` (for the eBPF crate's lint),
-//! `bpf-linker` built against the nightly
-//! toolchain's own LLVM (DESIGN.md §6), and the Debian packages the tests use.
+//! `bpf-linker` built against the nightly toolchain's own LLVM (DESIGN.md §6), and the Debian packages
+//! the tests use.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -172,7 +172,7 @@ fn datapath(config: &AgentConfig) -> Result<Datapath, AgentError> {
     Ok(match config.datapath {
         DatapathMode::Sockmap => {
             let pins = PinDir::new(&config.bpf_root, &config.identity.agent_id);
-            let datapath = Datapath::with_sockmap(DatapathMode::Sockmap, Some(pins), config.sockmap_limits)?;
+            let datapath = Datapath::with_sockmap(Some(pins), config.sockmap_limits)?;
             let map = datapath.sockmap();
             let dir = map.and_then(Sockmap::pins).map(|p| p.display().to_string());
             info!(

@@ -94,13 +94,9 @@ impl Datapath {
         Self { mode, sockmap: None, limits: Limits::default() }
     }
 
-    /// A datapath in `mode` (`sockmap`) with the eBPF programs loaded and attached, pinned in `pins`.
-    pub fn with_sockmap(
-        mode: DatapathMode,
-        pins: Option<PinDir>,
-        limits: Limits,
-    ) -> Result<Self, SockmapError> {
-        Ok(Self { mode, sockmap: Some(Sockmap::load(pins)?), limits })
+    /// The sockmap datapath: loads and attaches the eBPF programs, pinned in `pins`.
+    pub fn with_sockmap(pins: Option<PinDir>, limits: Limits) -> Result<Self, SockmapError> {
+        Ok(Self { mode: DatapathMode::Sockmap, sockmap: Some(Sockmap::load(pins)?), limits })
     }
 
     /// The loaded sockmap programs, if this datapath uses them.

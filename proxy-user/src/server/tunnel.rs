@@ -186,34 +186,21 @@ async fn relay<S: Client>(
     early: &[u8],
 ) -> Result<Moved, RelayError> {
     let may_splice = server.config.datapath != ServerDatapath::Copy;
-    if let (true, Some(unix), Tunnel::Plain(tcp)) = (may_splice, client.unix(), &*data) {
+    if let (true, Some(unix), Tunnel::Plain(tcp)) = (may_splice, client.unix(), &mut *data) {
         inc(&server.metrics.streams_by_datapath, "tier", "splice");
-        if let Err(source) = send_all(tcp, early).await {
+        if let Err(source) = tcp.write_all(early).await {
             client.abort();
             tcp.abort();
             return Err(RelayError { end: End::B, source, moved: (0, 0) });
         }
         let early = early.len() as u64;
-        return match splice::relay(unix, tcp).await {
+        return match splice::relay(unix, &*tcp).await {
             Ok(m) => Ok(Moved { a_to_b: m.a_to_b + early, ..m }),
             Err(e) => Err(RelayError { moved: (e.moved.0 + early, e.moved.1), ..e }),
         };
     }
     inc(&server.metrics.streams_by_datapath, "tier", "copy");
     copy::relay(client, data, early).await
-}
-
-/// Writes `bytes` to `tcp` (a few KiB at most, into a fresh connection's send buffer).
-async fn send_all(tcp: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        tcp.writable().await?;
-        match tcp.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Routes `req`, has an agent dial it, and returns the data connection ready for raw bytes, with the

@@ -405,18 +405,12 @@ pub async fn metric(addr: SocketAddr, prefix: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The counter at `prefix` once it has reached `want`, or its value after [`WAIT`]. For counters a
-/// process bumps when a stream ends, which may be just after the client saw that end; the caller
-/// asserts the exact value, so an overshoot still fails.
+/// The counter at `prefix` once it has reached `want` (panics after [`WAIT`]). For counters a process
+/// bumps when a stream ends, which may be just after the client saw that end; the caller asserts the
+/// exact value, so an overshoot still fails.
 pub async fn counted(addr: SocketAddr, prefix: &str, want: u64) -> u64 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let n = metric(addr, prefix).await;
-        if n >= want || tokio::time::Instant::now() >= deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("{prefix} to reach {want}"), || async { metric(addr, prefix).await >= want }).await;
+    metric(addr, prefix).await
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
