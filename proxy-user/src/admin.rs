@@ -9,9 +9,11 @@ use bytes::BytesMut;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use crate::transport::accept::{self, Accepted, Budget};
 
 /// Admin connections served at once.
 pub const MAX_ADMIN_CONNS: usize = 64;
@@ -30,34 +32,25 @@ pub async fn serve(
     ready: Readiness,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNS));
-    loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(error) => {
-                    warn!(%error, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let registry = registry.clone();
-        let ready = ready.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(ADMIN_TIMEOUT, answer(stream, &registry, &ready)).await {
+    let budget = Budget {
+        name: "admin",
+        max_conns: MAX_ADMIN_CONNS,
+        first_byte: Some(ADMIN_TIMEOUT),
+        on_silent: None,
+    };
+    // Admin requests are not waited for at shutdown: nobody holds the tracker.
+    accept::serve(listener, budget, shutdown, TaskTracker::new(), move |a: Accepted<TcpStream>| {
+        let (registry, ready) = (registry.clone(), ready.clone());
+        async move {
+            let deadline = a.at + ADMIN_TIMEOUT;
+            match tokio::time::timeout_at(deadline, answer(a.conn, &registry, &ready)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => debug!(%error, %peer, "admin request failed"),
-                Err(_) => debug!(%peer, "admin request timed out"),
+                Ok(Err(error)) => debug!(%error, "admin request failed"),
+                Err(_) => debug!("admin request timed out"),
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn answer(mut stream: TcpStream, registry: &Registry, ready: &Readiness) -> std::io::Result<()> {

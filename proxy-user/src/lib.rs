@@ -3,11 +3,14 @@
 //! `spoke-server` takes kube-apiserver's HTTP CONNECT requests and routes each to the agent of the node
 //! that serves the destination; `spoke-agent` keeps a control channel and a pool of data connections
 //! to the server, dials the targets its policy allows, and relays each stream on its own connection.
+//!
+//! Layers, each importing only the ones below it: the binaries → [`server`], [`agent`] (with [`admin`]
+//! and [`metrics`]) → [`datapath`], [`transport`], [`codec`], [`frontend`] → [`protocol`]. Leaves any
+//! layer may use: [`config`] (flag parsers), [`telemetry`], [`shutdown`], [`process`].
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod agent;
-pub mod bench;
 pub mod codec;
 pub mod config;
 pub mod datapath;

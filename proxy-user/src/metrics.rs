@@ -1,10 +1,14 @@
-//! Prometheus metrics: one set per component, each registered under its own prefix.
+//! Prometheus metrics: the stream metrics both sides share ([`StreamMetrics`], into which each side
+//! records every stream's [`Outcome`]), and each side's own, registered under `spoke_server_` or
+//! `spoke_agent_`.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::datapath::Outcome;
 
 /// One label: `[(name, value)]`.
 pub type Label = [(&'static str, &'static str); 1];
@@ -16,17 +20,148 @@ fn dial_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
+/// Adds one to the counter of `family` labelled `name=value`.
+pub fn inc(family: &Counters, name: &'static str, value: &'static str) {
+    family.get_or_create(&[(name, value)]).inc();
+}
+
+/// Adds `n` to the counter of `family` labelled `name=value`.
+pub fn add(family: &Counters, name: &'static str, value: &'static str, n: u64) {
+    family.get_or_create(&[(name, value)]).inc_by(n);
+}
+
+/// Counters of the sockmap tier (registered only where it can run: the agent).
+#[derive(Debug, Default)]
+pub struct SockmapMetrics {
+    /// Bytes of sockmap-tier streams that user space copied while a direction was paused (the rest of
+    /// `datapath_bytes{tier="sockmap"}` moved kernel to kernel).
+    pub copied_bytes: Counter,
+    /// Bytes the kernel handed the sockmap program a second time, which it trimmed off (DESIGN.md §5 j).
+    pub trimmed_bytes: Counter,
+    /// Sockmap-tier streams reset because the program forwarded more than TCP received (the check
+    /// behind the trim; it should stay 0).
+    pub duplicate_resets: Counter,
+    /// Times a sockmap-tier direction reached its backlog limit and paused.
+    pub pauses: Counter,
+    /// Largest backlog (bytes redirected but not yet in the receiving socket's send queue, memory no
+    /// socket accounts for) seen in one direction of any sockmap-tier stream since start.
+    pub backlog_peak_bytes: Gauge,
+}
+
+/// The metrics of streams, the same on both sides.
+#[derive(Debug, Default)]
+pub struct StreamMetrics {
+    /// Streams by `result`: ok, or the reason they failed (each side has its own reasons).
+    pub results: Counters,
+    /// Streams being relayed now.
+    pub open: Gauge,
+    /// Stream payload bytes by `direction` (up: apiserver → node, down: node → apiserver).
+    pub bytes: Counters,
+    /// Streams by the datapath `tier` that carried them.
+    pub by_tier: Counters,
+    /// Stream payload bytes (both directions) by datapath `tier`.
+    pub tier_bytes: Counters,
+    /// Streams that could not take the configured tier, by `reason`.
+    pub fallbacks: Counters,
+    /// The sockmap tier's counters.
+    pub sockmap: SockmapMetrics,
+}
+
+/// Counts a stream as open until dropped.
+#[derive(Debug)]
+pub struct OpenStream<'a>(&'a Gauge);
+
+impl Drop for OpenStream<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl StreamMetrics {
+    /// Creates the metrics and registers them in `r` (already prefixed); the sockmap counters only with
+    /// `sockmap`.
+    fn register(r: &mut Registry, sockmap: bool) -> Self {
+        let m = Self::default();
+        r.register("streams", "Streams by result", m.results.clone());
+        r.register("streams_open", "Streams being relayed now", m.open.clone());
+        r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
+        r.register("datapath_streams", "Streams by datapath tier", m.by_tier.clone());
+        r.register("datapath_bytes", "Stream payload bytes by datapath tier", m.tier_bytes.clone());
+        r.register(
+            "datapath_fallbacks",
+            "Streams that fell back from the configured tier, by reason",
+            m.fallbacks.clone(),
+        );
+        if sockmap {
+            let s = &m.sockmap;
+            r.register(
+                "sockmap_copied_bytes",
+                "Bytes of sockmap-tier streams copied in user space while paused",
+                s.copied_bytes.clone(),
+            );
+            r.register(
+                "sockmap_trimmed_bytes",
+                "Bytes the kernel handed the sockmap program twice, trimmed off",
+                s.trimmed_bytes.clone(),
+            );
+            r.register(
+                "sockmap_duplicate_resets",
+                "Sockmap-tier streams reset because more was forwarded than TCP received",
+                s.duplicate_resets.clone(),
+            );
+            r.register(
+                "sockmap_pauses",
+                "Sockmap-tier directions that reached the backlog limit",
+                s.pauses.clone(),
+            );
+            r.register(
+                "sockmap_backlog_peak_bytes",
+                "Largest unaccounted backlog of one sockmap-tier direction since start",
+                s.backlog_peak_bytes.clone(),
+            );
+        }
+        m
+    }
+
+    /// Counts a stream as open until the returned guard is dropped.
+    #[must_use]
+    pub fn opened(&self) -> OpenStream<'_> {
+        self.open.inc();
+        OpenStream(&self.open)
+    }
+
+    /// Records how a relayed stream ended, and logs it at debug level; `ends` names the relay's two
+    /// connections (A, B) in that log.
+    pub fn record(&self, outcome: &Outcome, ends: [&str; 2]) {
+        let tier = outcome.tier.as_str();
+        let moved = outcome.moved;
+        inc(&self.by_tier, "tier", tier);
+        add(&self.tier_bytes, "tier", tier, moved.a_to_b + moved.b_to_a);
+        add(&self.bytes, "direction", "up", moved.a_to_b);
+        add(&self.bytes, "direction", "down", moved.b_to_a);
+        if let Some(reason) = outcome.fallback {
+            inc(&self.fallbacks, "reason", reason);
+        }
+        if let Some(stats) = &outcome.sockmap {
+            let s = &self.sockmap;
+            s.copied_bytes.inc_by(stats.copied);
+            s.trimmed_bytes.inc_by(stats.trimmed);
+            s.pauses.inc_by(stats.pauses);
+            if stats.duplicated > 0 {
+                s.duplicate_resets.inc();
+            }
+            let peak = i64::try_from(stats.peak_backlog).unwrap_or(i64::MAX);
+            s.backlog_peak_bytes.set(s.backlog_peak_bytes.get().max(peak));
+        }
+        outcome.log(ends);
+    }
+}
+
 /// Metrics of `spoke-server` (prefix `spoke_server_`).
 #[derive(Debug)]
 pub struct ServerMetrics {
-    /// Streams being relayed now.
-    pub streams_open: Gauge,
-    /// CONNECT requests by `result` (ok, or the reason they failed).
-    pub streams: Counters,
-    /// Stream payload bytes by `direction` (up: apiserver → node, down: node → apiserver).
-    pub bytes: Counters,
-    /// Streams by the `tier` that relays them (copy, splice).
-    pub streams_by_datapath: Counters,
+    /// Streams: CONNECT requests by result, bytes, tiers.
+    pub stream: StreamMetrics,
     /// Time from a routed request to the agent's dial reply.
     pub dial_duration: Histogram,
     /// Dials waiting for a data connection or a reply.
@@ -42,22 +177,15 @@ pub struct ServerMetrics {
 impl ServerMetrics {
     /// Creates the metrics and registers them in `registry` under `spoke_server_`.
     pub fn register(registry: &mut Registry) -> Self {
+        let r = registry.sub_registry_with_prefix("spoke_server");
         let m = Self {
-            streams_open: Gauge::default(),
-            streams: Counters::default(),
-            bytes: Counters::default(),
-            streams_by_datapath: Counters::default(),
+            stream: StreamMetrics::register(r, false),
             dial_duration: dial_buckets(),
             pending_dials: Gauge::default(),
             agents_connected: Gauge::default(),
             data_conns_idle: Gauge::default(),
             agent_conn_failures: Counters::default(),
         };
-        let r = registry.sub_registry_with_prefix("spoke_server");
-        r.register("streams_open", "Streams being relayed now", m.streams_open.clone());
-        r.register("streams", "CONNECT requests by result", m.streams.clone());
-        r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
-        r.register("datapath_streams", "Streams by datapath tier", m.streams_by_datapath.clone());
         r.register(
             "dial_duration_seconds",
             "Time from routing to the agent's dial reply",
@@ -78,31 +206,8 @@ impl ServerMetrics {
 /// Metrics of `spoke-agent` (prefix `spoke_agent_`).
 #[derive(Debug)]
 pub struct AgentMetrics {
-    /// Streams being relayed now.
-    pub streams_open: Gauge,
-    /// Dials by `result` (ok, denied, refused, timeout, ...).
-    pub streams: Counters,
-    /// Streams by the datapath `tier` that carried them.
-    pub streams_by_datapath: Counters,
-    /// Stream payload bytes (both directions) by datapath `tier`.
-    pub datapath_bytes: Counters,
-    /// Streams that could not take the configured tier, by `reason`.
-    pub datapath_fallbacks: Counters,
-    /// Bytes of sockmap-tier streams that user space copied while a direction was paused (the rest of
-    /// `datapath_bytes{tier="sockmap"}` moved kernel to kernel).
-    pub sockmap_copied_bytes: Counter,
-    /// Bytes the kernel handed the sockmap program a second time, which it trimmed off (DESIGN.md §5 j).
-    pub sockmap_trimmed_bytes: Counter,
-    /// Sockmap-tier streams reset because the program forwarded more than TCP received (the check
-    /// behind the trim; it should stay 0).
-    pub sockmap_duplicate_resets: Counter,
-    /// Times a sockmap-tier direction reached its backlog limit and paused.
-    pub sockmap_pauses: Counter,
-    /// Largest backlog (bytes redirected but not yet in the receiving socket's send queue, memory no
-    /// socket accounts for) seen in one direction of any sockmap-tier stream since start.
-    pub sockmap_backlog_peak_bytes: Gauge,
-    /// Stream payload bytes by `direction` (up: server → target, down: target → server).
-    pub bytes: Counters,
+    /// Streams: dials by result, bytes, tiers, the sockmap tier's counters.
+    pub stream: StreamMetrics,
     /// Time to connect to a target.
     pub dial_duration: Histogram,
     /// Idle data connections parked at the server.
@@ -118,60 +223,15 @@ pub struct AgentMetrics {
 impl AgentMetrics {
     /// Creates the metrics and registers them in `registry` under `spoke_agent_`.
     pub fn register(registry: &mut Registry) -> Self {
+        let r = registry.sub_registry_with_prefix("spoke_agent");
         let m = Self {
-            streams_open: Gauge::default(),
-            streams: Counters::default(),
-            streams_by_datapath: Counters::default(),
-            datapath_bytes: Counters::default(),
-            datapath_fallbacks: Counters::default(),
-            sockmap_copied_bytes: Counter::default(),
-            sockmap_trimmed_bytes: Counter::default(),
-            sockmap_duplicate_resets: Counter::default(),
-            sockmap_pauses: Counter::default(),
-            sockmap_backlog_peak_bytes: Gauge::default(),
-            bytes: Counters::default(),
+            stream: StreamMetrics::register(r, true),
             dial_duration: dial_buckets(),
             pool_idle: Gauge::default(),
             control_connected: Gauge::default(),
             server_conn_failures: Counters::default(),
             server_handshakes: Counters::default(),
         };
-        let r = registry.sub_registry_with_prefix("spoke_agent");
-        r.register("streams_open", "Streams being relayed now", m.streams_open.clone());
-        r.register("streams", "Dials by result", m.streams.clone());
-        r.register("datapath_streams", "Streams by datapath tier", m.streams_by_datapath.clone());
-        r.register("datapath_bytes", "Stream payload bytes by datapath tier", m.datapath_bytes.clone());
-        r.register(
-            "datapath_fallbacks",
-            "Streams that fell back from the configured tier, by reason",
-            m.datapath_fallbacks.clone(),
-        );
-        r.register(
-            "sockmap_copied_bytes",
-            "Bytes of sockmap-tier streams copied in user space while paused",
-            m.sockmap_copied_bytes.clone(),
-        );
-        r.register(
-            "sockmap_trimmed_bytes",
-            "Bytes the kernel handed the sockmap program twice, trimmed off",
-            m.sockmap_trimmed_bytes.clone(),
-        );
-        r.register(
-            "sockmap_duplicate_resets",
-            "Sockmap-tier streams reset because more was forwarded than TCP received",
-            m.sockmap_duplicate_resets.clone(),
-        );
-        r.register(
-            "sockmap_pauses",
-            "Sockmap-tier directions that reached the backlog limit",
-            m.sockmap_pauses.clone(),
-        );
-        r.register(
-            "sockmap_backlog_peak_bytes",
-            "Largest unaccounted backlog of one sockmap-tier direction since start",
-            m.sockmap_backlog_peak_bytes.clone(),
-        );
-        r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
         r.register("dial_duration_seconds", "Time to connect to a target", m.dial_duration.clone());
         r.register("pool_idle", "Idle data connections parked at the server", m.pool_idle.clone());
         r.register("control_connected", "1 while the control channel is up", m.control_connected.clone());
@@ -187,14 +247,4 @@ impl AgentMetrics {
         );
         m
     }
-}
-
-/// Adds one to the counter of `family` labelled `name=value`.
-pub fn inc(family: &Counters, name: &'static str, value: &'static str) {
-    family.get_or_create(&[(name, value)]).inc();
-}
-
-/// Adds `n` to the counter of `family` labelled `name=value`.
-pub fn add(family: &Counters, name: &'static str, value: &'static str, n: u64) {
-    family.get_or_create(&[(name, value)]).inc_by(n);
 }

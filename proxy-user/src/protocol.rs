@@ -14,6 +14,15 @@ use ipnet::IpNet;
 /// [`Message::Reject`].
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// Checks a peer's protocol version; `Err` holds the reason to send back in a `Reject`.
+pub fn check_version(version: u16) -> Result<(), String> {
+    if version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(format!("unsupported protocol version {version}; this side speaks {PROTOCOL_VERSION}"))
+    }
+}
+
 /// Largest frame body (type byte and payload) either side accepts.
 pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Longest string field (identifiers, host names, reasons).

@@ -1,10 +1,17 @@
-//! Logging set-up shared by the binaries.
+//! Logging set-up shared by the binaries, and its `--log-format`.
 
 use std::io::IsTerminal as _;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Installs the global subscriber: `RUST_LOG` filter (default `info`), plain or JSON lines on stderr.
 /// Records of the `log` crate (aya, aya-log) are forwarded.

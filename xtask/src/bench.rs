@@ -298,7 +298,9 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
     let bins = if opts.quick {
         crate::build_binaries()?
     } else {
-        crate::run(crate::cmd("cargo", &["build", "--release", "--package", "proxy-user", "--bins"]))?;
+        let mut c = crate::cmd("cargo", &["build", "--release", "--bins"]);
+        c.args(crate::BIN_PACKAGES);
+        crate::run(c)?;
         crate::target_dir().join("release")
     };
     let stamp = output("date", &["-u", "+%Y%m%dT%H%M%SZ"]);

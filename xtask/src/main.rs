@@ -26,7 +26,8 @@ struct Cli {
 enum Cmd {
     /// Install what builds and tests need (nightly rust-src, bpf-linker, Debian packages).
     Bootstrap,
-    /// Run server, agent and a demo backend locally with development certificates, until Ctrl-C.
+    /// Run server, agent and a demo backend locally with development certificates, until Ctrl-C (or
+    /// SIGTERM, SIGHUP).
     Run {
         /// Datapath of the agent: auto, copy, splice or sockmap (the last two with plaintext data
         /// connections; sockmap needs root).
@@ -118,9 +119,14 @@ pub(crate) fn http_get(
     Some((text.split_whitespace().nth(1)?.parse().ok()?, text))
 }
 
+/// Cargo arguments that select every package with a Spoke binary (the product and the load generator).
+pub(crate) const BIN_PACKAGES: [&str; 4] = ["--package", "proxy-user", "--package", "proxy-bench"];
+
 /// Builds the binaries (dev profile) and returns the directory holding them.
 pub(crate) fn build_binaries() -> anyhow::Result<PathBuf> {
-    run(cmd("cargo", &["build", "--package", "proxy-user", "--bins"]))?;
+    let mut c = cmd("cargo", &["build", "--bins"]);
+    c.args(BIN_PACKAGES);
+    run(c)?;
     Ok(target_dir().join("debug"))
 }
 

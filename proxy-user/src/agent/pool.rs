@@ -59,7 +59,7 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: u64, stop
             counts.dialing.fetch_sub(1, Ordering::AcqRel);
             return;
         }
-        c = agent.connect(&hello, agent.config.tunnel_tls == crate::config::TunnelTls::On) => c,
+        c = agent.connect(&hello, agent.config.tunnel_tls == super::config::TunnelTls::On) => c,
     };
     counts.dialing.fetch_sub(1, Ordering::AcqRel);
     let mut conn = match connected {
@@ -86,7 +86,7 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: u64, stop
             let span = info_span!("stream", id = stream_id, dest = %format_args!("{host}:{port}"));
             let a = agent.clone();
             agent.streams.spawn(
-                async move { super::dial::serve(&a, conn, stream_id, &host, port, timeout_ms).await }
+                async move { super::stream::serve(&a, conn, stream_id, &host, port, timeout_ms).await }
                     .instrument(span),
             );
         }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use spoke::EXIT_CONFIG;
-use spoke::config::{AgentArgs, AgentConfig};
+use spoke::agent::config::{AgentArgs, AgentConfig};
 use spoke::transport::tls;
 use tokio::net::TcpListener;
 

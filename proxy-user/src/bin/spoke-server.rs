@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use spoke::EXIT_CONFIG;
-use spoke::config::{ServerArgs, ServerConfig};
 use spoke::server::Listeners;
+use spoke::server::config::{ServerArgs, ServerConfig};
 use spoke::transport::tls::{self, Versions};
 use tokio::net::{TcpListener, UnixListener};
 

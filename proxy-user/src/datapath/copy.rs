@@ -15,42 +15,13 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::transport::{Stream, buffer};
+use super::{End, Moved, RelayError, buffer};
+use crate::transport::Stream;
 
 /// First buffer size of each direction.
 pub const INITIAL_BUF: usize = 16 * 1024;
 /// Largest buffer of each direction.
 pub const MAX_BUF: usize = 256 * 1024;
-/// Which end of a relay failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum End {
-    /// The first stream passed to [`relay`].
-    A,
-    /// The second stream passed to [`relay`].
-    B,
-}
-
-/// A relay ended by an error; both streams were aborted.
-#[derive(Debug, thiserror::Error)]
-#[error("{end:?} side: {source}")]
-pub struct RelayError {
-    /// The stream whose read or write failed.
-    pub end: End,
-    /// The failure.
-    #[source]
-    pub source: io::Error,
-    /// Bytes moved before the failure, A → B and B → A.
-    pub moved: (u64, u64),
-}
-
-/// Bytes moved by a relay that ended cleanly: A → B and B → A.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Moved {
-    /// Bytes read from A and written to B.
-    pub a_to_b: u64,
-    /// Bytes read from B and written to A.
-    pub b_to_a: u64,
-}
 
 /// One direction's state.
 struct Pump {

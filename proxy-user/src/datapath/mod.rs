@@ -1,62 +1,47 @@
-//! How a stream's bytes move between its two sockets.
+//! How a stream's bytes move between its two connections, on the server and on the agent alike.
 //!
 //! Tiers: `sockmap` (eBPF redirect, kernel to kernel, no syscall per chunk), `splice` (splice(2)
-//! through a pipe, kernel to kernel) and `copy` (user space). A TLS tunnel is encrypted in user space,
-//! so its streams take the copy tier; plaintext tunnels (`--tunnel-tls off`) may take splice or
-//! sockmap. A stream that cannot be inserted into the sockmap (a socket already received FIN, a map is
-//! full) is copied instead, and the fallback is counted by reason.
+//! through a pipe, kernel to kernel) and `copy` (user space). A TLS connection is encrypted in user
+//! space, so a stream with one takes the copy tier; a stream whose two connections are plaintext kernel
+//! sockets may take splice, or sockmap (TCP on both ends). A stream that cannot be inserted into the
+//! sockmap (a socket already received FIN, a map is full) is copied instead, and the fallback is named
+//! in its [`Outcome`]. [`Datapath::relay`] is the one entry point: it picks the tier from one [`Mode`],
+//! runs both directions and says what happened; the caller records it.
 
+pub(crate) mod buffer;
 pub mod copy;
 pub mod sockmap;
 pub mod splice;
 mod tcp;
 
 use std::future::Future;
+use std::io;
 
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt as _;
 use tracing::{debug, info, warn};
 
-use crate::config::DatapathMode;
-use crate::metrics::{AgentMetrics, add, inc};
-use crate::transport::{Stream, Tunnel};
+use crate::transport::{Plain, Stream};
 use sockmap::stream::Limits;
 use sockmap::{PinDir, Sockmap, SockmapError};
 
-/// Runs a stream's two directions, `up` (A → B) and `down` (B → A), each ending with its byte count or
-/// a failure whose end is named from `up`'s point of view (`End::A` its source), until both have ended
-/// or one fails. A failure comes back with the counts of the directions that had finished.
-pub(crate) async fn both_directions<U, D>(
-    up: U,
-    down: D,
-) -> Result<copy::Moved, ((copy::End, std::io::Error), Option<u64>, Option<u64>)>
-where
-    U: Future<Output = Result<u64, (copy::End, std::io::Error)>>,
-    D: Future<Output = Result<u64, (copy::End, std::io::Error)>>,
-{
-    use copy::End;
-    let flip = |(end, e): (End, std::io::Error)| (if end == End::A { End::B } else { End::A }, e);
-    let down = async { down.await.map_err(flip) };
-    tokio::pin!(up, down);
-    let (mut a_to_b, mut b_to_a) = (None, None);
-    let failure = loop {
-        tokio::select! {
-            r = &mut up, if a_to_b.is_none() => match r {
-                Ok(n) => a_to_b = Some(n),
-                Err(e) => break e,
-            },
-            r = &mut down, if b_to_a.is_none() => match r {
-                Ok(n) => b_to_a = Some(n),
-                Err(e) => break e,
-            },
-        }
-        if let (Some(a_to_b), Some(b_to_a)) = (a_to_b, b_to_a) {
-            return Ok(copy::Moved { a_to_b, b_to_a });
-        }
-    };
-    Err((failure, a_to_b, b_to_a))
+/// How streams are relayed: the `--datapath` of both binaries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The fastest tier each stream allows, as measured on the kernels tried (docs/benchmarks.md):
+    /// splice where both connections are plaintext kernel sockets, copy otherwise.
+    Auto,
+    /// The userspace copy (tokio and rustls, adaptive buffers up to 256 KiB), for every stream.
+    Copy,
+    /// splice(2) through a pipe, kernel to kernel, where both connections are plaintext (streams with a
+    /// TLS end fall back to copy).
+    Splice,
+    /// eBPF sockmap redirect, kernel to kernel with no syscall per chunk, where both connections are
+    /// plaintext TCP (the others, and streams whose sockets cannot be inserted, fall back). Needs root
+    /// and BPF; agent only.
+    Sockmap,
 }
 
-/// The datapath tier chosen for a stream.
+/// The tier that carried a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
     /// Userspace copy.
@@ -79,24 +64,141 @@ impl Tier {
     }
 }
 
-/// The agent's datapath: picks a tier per stream and moves its bytes.
+/// Which end of a relay failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The first connection passed to the relay (the control-plane side).
+    A,
+    /// The second connection passed to the relay (the node side).
+    B,
+}
+
+/// A relay ended by an error; both connections were aborted.
+#[derive(Debug, thiserror::Error)]
+#[error("{end:?} side: {source}")]
+pub struct RelayError {
+    /// The connection whose read or write failed.
+    pub end: End,
+    /// The failure.
+    #[source]
+    pub source: io::Error,
+    /// Bytes moved before the failure, A → B and B → A.
+    pub moved: (u64, u64),
+}
+
+/// Bytes moved by a relay: A → B and B → A.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Bytes read from A and written to B.
+    pub a_to_b: u64,
+    /// Bytes read from B and written to A.
+    pub b_to_a: u64,
+}
+
+/// What the sockmap tier did for one stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockmapStats {
+    /// Bytes copied in user space while a direction was paused (the rest moved kernel to kernel).
+    pub copied: u64,
+    /// Bytes the kernel handed the program a second time, trimmed off (DESIGN.md §5 j).
+    pub trimmed: u64,
+    /// Bytes forwarded beyond what TCP received: non-zero only when that reset the stream.
+    pub duplicated: u64,
+    /// Times a direction ran out of credit.
+    pub pauses: u64,
+    /// Largest backlog of one direction: bytes redirected or copied, not yet acknowledged.
+    pub peak_backlog: u64,
+}
+
+/// How one stream's relay ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The tier that carried it.
+    pub tier: Tier,
+    /// Why it did not take the tier its mode asked for.
+    pub fallback: Option<&'static str>,
+    /// Bytes moved each way, up to the end or the failure.
+    pub moved: Moved,
+    /// Which end failed and how; `None` for a clean end in both directions.
+    pub failure: Option<(End, io::Error)>,
+    /// What the sockmap tier did, when it carried the stream.
+    pub sockmap: Option<SockmapStats>,
+}
+
+impl Outcome {
+    fn new(tier: Tier, fallback: Option<&'static str>, result: Result<Moved, RelayError>) -> Self {
+        let (moved, failure) = match result {
+            Ok(moved) => (moved, None),
+            Err(e) => (Moved { a_to_b: e.moved.0, b_to_a: e.moved.1 }, Some((e.end, e.source))),
+        };
+        Self { tier, fallback, moved, failure, sockmap: None }
+    }
+
+    /// Logs the end of the stream at debug level; `ends` names A and B for the reader.
+    pub fn log(&self, ends: [&str; 2]) {
+        let (up, down) = (self.moved.a_to_b, self.moved.b_to_a);
+        match &self.failure {
+            None => debug!(up, down, tier = self.tier.as_str(), "stream closed"),
+            Some((end, error)) => {
+                let side = if *end == End::A { ends[0] } else { ends[1] };
+                debug!(%error, side, up, down, tier = self.tier.as_str(), "stream aborted");
+            }
+        }
+    }
+}
+
+/// Runs a stream's two directions, `up` (A → B) and `down` (B → A), each ending with its byte count or
+/// a failure whose end is named from `up`'s point of view (`End::A` its source), until both have ended
+/// or one fails. A failure comes back with the counts of the directions that had finished.
+pub(crate) async fn both_directions<U, D>(
+    up: U,
+    down: D,
+) -> Result<Moved, ((End, io::Error), Option<u64>, Option<u64>)>
+where
+    U: Future<Output = Result<u64, (End, io::Error)>>,
+    D: Future<Output = Result<u64, (End, io::Error)>>,
+{
+    let flip = |(end, e): (End, io::Error)| (if end == End::A { End::B } else { End::A }, e);
+    let down = async { down.await.map_err(flip) };
+    tokio::pin!(up, down);
+    let (mut a_to_b, mut b_to_a) = (None, None);
+    let failure = loop {
+        tokio::select! {
+            r = &mut up, if a_to_b.is_none() => match r {
+                Ok(n) => a_to_b = Some(n),
+                Err(e) => break e,
+            },
+            r = &mut down, if b_to_a.is_none() => match r {
+                Ok(n) => b_to_a = Some(n),
+                Err(e) => break e,
+            },
+        }
+        if let (Some(a_to_b), Some(b_to_a)) = (a_to_b, b_to_a) {
+            return Ok(Moved { a_to_b, b_to_a });
+        }
+    };
+    Err((failure, a_to_b, b_to_a))
+}
+
+/// Picks a tier per stream and moves its bytes.
 #[derive(Debug)]
 pub struct Datapath {
-    mode: DatapathMode,
+    mode: Mode,
     sockmap: Option<Sockmap>,
     limits: Limits,
 }
 
 impl Datapath {
-    /// A datapath working in `mode`; `copy`, `splice` and `auto` need nothing set up.
+    /// A datapath working in `mode`; `copy`, `splice` and `auto` need nothing set up, and `sockmap`
+    /// without [`Datapath::with_sockmap`] copies.
     #[must_use]
-    pub fn new(mode: DatapathMode) -> Self {
+    pub fn new(mode: Mode) -> Self {
         Self { mode, sockmap: None, limits: Limits::default() }
     }
 
     /// The sockmap datapath: loads and attaches the eBPF programs, pinned in `pins`.
     pub fn with_sockmap(pins: Option<PinDir>, limits: Limits) -> Result<Self, SockmapError> {
-        Ok(Self { mode: DatapathMode::Sockmap, sockmap: Some(Sockmap::load(pins)?), limits })
+        Ok(Self { mode: Mode::Sockmap, sockmap: Some(Sockmap::load(pins)?), limits })
     }
 
     /// The loaded sockmap programs, if this datapath uses them.
@@ -107,85 +209,118 @@ impl Datapath {
 
     /// The configured mode.
     #[must_use]
-    pub fn mode(&self) -> DatapathMode {
+    pub fn mode(&self) -> Mode {
         self.mode
     }
 
-    /// The tier for a stream whose tunnel is plaintext (`plain`) or TLS, and why when it is not the
-    /// configured one. `auto` takes the splice tier for plaintext tunnels (with the server's hop spliced
-    /// too, it beat the sockmap tier on this kernel: docs/benchmarks.md) and the copy tier, the only one
-    /// TLS allows, otherwise.
+    /// The tier for a stream whose ends are `a` and `b` (their plaintext sockets, or why they have
+    /// none), and why when it is not the one the mode asks for. `auto` takes splice where both ends are
+    /// plaintext (with both hops spliced it beat the sockmap tier on this kernel: docs/benchmarks.md)
+    /// and copy, the only tier TLS allows, otherwise.
     #[must_use]
-    pub fn tier_for(&self, plain: bool) -> (Tier, Option<&'static str>) {
-        match (self.mode, plain) {
-            (DatapathMode::Auto | DatapathMode::Splice, true) => (Tier::Splice, None),
-            (DatapathMode::Sockmap, true) => (Tier::Sockmap, None),
-            (DatapathMode::Auto | DatapathMode::Copy, _) => (Tier::Copy, None),
-            (DatapathMode::Splice | DatapathMode::Sockmap, false) => (Tier::Copy, Some("tls_tunnel")),
+    pub fn tier_for(
+        &self,
+        a: Result<Plain<'_>, &'static str>,
+        b: Result<Plain<'_>, &'static str>,
+    ) -> (Tier, Option<&'static str>) {
+        let both = match (a, b) {
+            (Ok(a), Ok(b)) => Ok((a, b)),
+            (Err(why), _) | (_, Err(why)) => Err(why),
+        };
+        match (self.mode, both) {
+            (Mode::Copy, _) | (Mode::Auto, Err(_)) => (Tier::Copy, None),
+            (Mode::Auto | Mode::Splice, Ok(_)) => (Tier::Splice, None),
+            (Mode::Sockmap, Ok((Plain::Tcp(_), Plain::Tcp(_)))) => (Tier::Sockmap, None),
+            (Mode::Sockmap, Ok(_)) => (Tier::Splice, Some("unix_socket")),
+            (Mode::Splice | Mode::Sockmap, Err(why)) => (Tier::Copy, Some(why)),
         }
     }
 
-    /// Relays between `tunnel` (the data connection) and `target` until both directions end.
-    pub async fn relay<T: Stream>(
-        &self,
-        metrics: &AgentMetrics,
-        tunnel: &mut Tunnel<T>,
-        target: &mut TcpStream,
-    ) -> Result<copy::Moved, copy::RelayError> {
-        let (mut tier, fallback) = self.tier_for(matches!(tunnel, Tunnel::Plain(_)));
+    /// Relays between `a` (the control-plane side) and `b` (the node side) until both directions end.
+    /// `early` (bytes already read from `a`, such as what followed a request head) goes to `b` first.
+    /// Until the relay ends cleanly both connections reset when closed, so a stream cut off (by an
+    /// error, or by the end of a grace period) never looks complete to either end.
+    pub async fn relay<A: Stream, B: Stream>(&self, a: &mut A, b: &mut B, early: &[u8]) -> Outcome {
+        a.reset_on_close(true);
+        b.reset_on_close(true);
+        let (tier, fallback) = self.tier_for(a.plain(), b.plain());
         if let Some(reason) = fallback {
-            inc(&metrics.datapath_fallbacks, "reason", reason);
             info!(reason, tier = tier.as_str(), "datapath fallback");
         }
-        let result = match (tier, &mut *tunnel, &self.sockmap) {
-            (Tier::Sockmap, Tunnel::Plain(tcp), Some(map)) => {
-                match sockmap::stream::relay(map, tcp, target, self.limits).await {
-                    Ok(spliced) => {
-                        if let Some(reason) = spliced.fallback {
-                            inc(&metrics.datapath_fallbacks, "reason", reason);
+        let outcome = match tier {
+            Tier::Copy => Outcome::new(Tier::Copy, fallback, copy::relay(a, b, early).await),
+            Tier::Splice | Tier::Sockmap => self.in_kernel(tier, fallback, a, b, early).await,
+        };
+        if outcome.failure.is_none() {
+            a.reset_on_close(false);
+            b.reset_on_close(false);
+        }
+        outcome
+    }
+
+    /// A kernel tier: `early` is written first, then the sockets are spliced or paired in the sockmap
+    /// (copied instead where the pair cannot be inserted).
+    async fn in_kernel<A: Stream, B: Stream>(
+        &self,
+        tier: Tier,
+        fallback: Option<&'static str>,
+        a: &mut A,
+        b: &mut B,
+        early: &[u8],
+    ) -> Outcome {
+        if let Err(source) = b.write_all(early).await {
+            a.abort();
+            b.abort();
+            return Outcome::new(tier, fallback, Err(RelayError { end: End::B, source, moved: (0, 0) }));
+        }
+        let early = early.len() as u64;
+        let with_early = |r: Result<Moved, RelayError>| match r {
+            Ok(m) => Ok(Moved { a_to_b: m.a_to_b + early, ..m }),
+            Err(e) => Err(RelayError { moved: (e.moved.0 + early, e.moved.1), ..e }),
+        };
+        let (Ok(pa), Ok(pb)) = (a.plain(), b.plain()) else {
+            unreachable!("a kernel tier is chosen only for plaintext ends")
+        };
+        if let (Tier::Sockmap, Plain::Tcp(ta), Plain::Tcp(tb), Some(map)) = (tier, pa, pb, &self.sockmap) {
+            match sockmap::stream::relay(map, ta, tb, self.limits).await {
+                Ok(spliced) => {
+                    let stats = SockmapStats {
+                        copied: spliced.copied,
+                        trimmed: spliced.trimmed,
+                        duplicated: spliced.duplicated,
+                        pauses: spliced.pauses,
+                        peak_backlog: spliced.peak_backlog,
+                    };
+                    if stats.duplicated > 0 {
+                        warn!(
+                            bytes = stats.duplicated,
+                            "sockmap: the kernel delivered bytes twice; stream reset"
+                        );
+                    }
+                    let (tier, fallback) = match spliced.fallback {
+                        Some(reason) => {
                             debug!(reason, "sockmap half inserted: the stream was copied");
-                            tier = Tier::Copy;
+                            (Tier::Copy, Some(reason))
                         }
-                        if spliced.duplicated > 0 {
-                            metrics.sockmap_duplicate_resets.inc();
-                            warn!(
-                                bytes = spliced.duplicated,
-                                "sockmap: the kernel delivered bytes twice; stream reset"
-                            );
-                        }
-                        metrics.sockmap_trimmed_bytes.inc_by(spliced.trimmed);
-                        metrics.sockmap_copied_bytes.inc_by(spliced.copied);
-                        metrics.sockmap_pauses.inc_by(spliced.pauses);
-                        let peak = i64::try_from(spliced.peak_backlog).unwrap_or(i64::MAX);
-                        let gauge = &metrics.sockmap_backlog_peak_bytes;
-                        gauge.set(gauge.get().max(peak));
-                        Some(spliced.result)
-                    }
-                    Err(e) => {
-                        let reason = e.reason();
-                        inc(&metrics.datapath_fallbacks, "reason", reason);
-                        debug!(error = %e, reason, "sockmap insert failed: copying the stream");
-                        tier = Tier::Copy;
-                        None
-                    }
+                        None => (Tier::Sockmap, fallback),
+                    };
+                    return Outcome {
+                        sockmap: Some(stats),
+                        ..Outcome::new(tier, fallback, with_early(spliced.result))
+                    };
+                }
+                Err(e) => {
+                    let reason = e.reason();
+                    debug!(error = %e, reason, "sockmap insert failed: copying the stream");
+                    return Outcome::new(Tier::Copy, Some(reason), with_early(copy::relay(a, b, &[]).await));
                 }
             }
-            (Tier::Splice, Tunnel::Plain(tcp), _) => Some(splice::relay(tcp, target).await),
-            _ => None,
-        };
-        let result = if let Some(r) = result {
-            r
-        } else {
-            tier = Tier::Copy;
-            copy::relay(tunnel, target, &[]).await
-        };
-        inc(&metrics.streams_by_datapath, "tier", tier.as_str());
-        let moved = match &result {
-            Ok(m) => m.a_to_b + m.b_to_a,
-            Err(e) => e.moved.0 + e.moved.1,
-        };
-        add(&metrics.datapath_bytes, "tier", tier.as_str(), moved);
-        result
+        }
+        if tier == Tier::Sockmap {
+            // Sockmap asked for but not loaded (a datapath built without it): copied, as before.
+            return Outcome::new(Tier::Copy, fallback, with_early(copy::relay(a, b, &[]).await));
+        }
+        Outcome::new(Tier::Splice, fallback, with_early(splice::relay_plain(pa, pb).await))
     }
 }
 
@@ -193,17 +328,22 @@ impl Datapath {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tier_choice() {
-        let auto = Datapath::new(DatapathMode::Auto);
-        assert_eq!(auto.tier_for(true), (Tier::Splice, None));
-        assert_eq!(auto.tier_for(false), (Tier::Copy, None));
-        let splice = Datapath::new(DatapathMode::Splice);
-        assert_eq!(splice.tier_for(true), (Tier::Splice, None));
-        assert_eq!(splice.tier_for(false), (Tier::Copy, Some("tls_tunnel")));
-        assert_eq!(Datapath::new(DatapathMode::Copy).tier_for(true), (Tier::Copy, None));
-        let sockmap = Datapath::new(DatapathMode::Sockmap);
-        assert_eq!(sockmap.tier_for(true), (Tier::Sockmap, None));
-        assert_eq!(sockmap.tier_for(false), (Tier::Copy, Some("tls_tunnel")));
+    #[tokio::test]
+    async fn tier_choice() {
+        // The choice looks only at the kind of each end's socket.
+        let (a, _) = crate::transport::tcp_pair().await;
+        let tcp = || -> Result<Plain<'_>, &'static str> { Ok(Plain::Tcp(&a)) };
+        let tls = Err("tls_tunnel");
+        let auto = Datapath::new(Mode::Auto);
+        assert_eq!(auto.tier_for(tcp(), tcp()), (Tier::Splice, None));
+        assert_eq!(auto.tier_for(tls, tcp()), (Tier::Copy, None));
+        let splice = Datapath::new(Mode::Splice);
+        assert_eq!(splice.tier_for(tcp(), tcp()), (Tier::Splice, None));
+        assert_eq!(splice.tier_for(tls, tcp()), (Tier::Copy, Some("tls_tunnel")));
+        assert_eq!(Datapath::new(Mode::Copy).tier_for(tcp(), tcp()), (Tier::Copy, None));
+        let sockmap = Datapath::new(Mode::Sockmap);
+        assert_eq!(sockmap.tier_for(tcp(), tcp()), (Tier::Sockmap, None));
+        assert_eq!(sockmap.tier_for(tls, tcp()), (Tier::Copy, Some("tls_tunnel")));
+        assert_eq!(sockmap.tier_for(tcp(), Err("tls")), (Tier::Copy, Some("tls")));
     }
 }

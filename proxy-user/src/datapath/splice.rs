@@ -14,8 +14,8 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
-use super::copy::{End, Moved, RelayError};
-use crate::transport::Stream;
+use super::{End, Moved, RelayError};
+use crate::transport::{Plain, Stream};
 
 /// Capacity asked for each direction's pipe (`F_SETPIPE_SZ`); 1 MiB moved 2.3–2.4 GB/s here (DESIGN §5 k).
 pub const PIPE_SIZE: usize = 1 << 20;
@@ -162,6 +162,16 @@ pub async fn relay<A: Spliceable, B: Spliceable>(a: &A, b: &B) -> Result<Moved, 
         b.abort();
         RelayError { end, source, moved: (a_to_b.unwrap_or(0), b_to_a.unwrap_or(0)) }
     })
+}
+
+/// [`relay`] for two plaintext sockets of any kind.
+pub async fn relay_plain(a: Plain<'_>, b: Plain<'_>) -> Result<Moved, RelayError> {
+    match (a, b) {
+        (Plain::Tcp(a), Plain::Tcp(b)) => relay(a, b).await,
+        (Plain::Unix(a), Plain::Tcp(b)) => relay(a, b).await,
+        (Plain::Tcp(a), Plain::Unix(b)) => relay(a, b).await,
+        (Plain::Unix(a), Plain::Unix(b)) => relay(a, b).await,
+    }
 }
 
 #[cfg(test)]

@@ -1,30 +1,33 @@
-//! `spoke-server`: CONNECT frontends, the agent listener, routing, and the relay of each stream.
+//! `spoke-server`: wiring of the CONNECT frontends, the agent listener and the admin endpoint. Its own
+//! concerns live in [`registry`] (agents and routing), `session` (an agent's control channel and parked
+//! data connections) and `stream` (one CONNECT stream: read, route, dial, relay, record).
 
-mod agents;
+pub mod config;
 pub mod registry;
-mod tunnel;
+mod session;
+mod stream;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, debug_span, info, warn};
+use tracing::{info, warn};
 
-use crate::config::ServerConfig;
-use crate::metrics::ServerMetrics;
+use crate::datapath::Datapath;
+use crate::metrics::{ServerMetrics, inc};
+use crate::transport::accept::{self, Accepted, Budget};
 use crate::transport::tls::{self, TlsError, Versions};
+use config::ServerConfig;
 use registry::AgentRegistry;
 
-/// Agent TLS handshakes in progress at once; further agent connections wait in the listen backlog.
+/// Agent connections in set-up (TLS handshake and first frame) at once; further agent connections wait
+/// in the listen backlog.
 pub const MAX_AGENT_HANDSHAKES: usize = 1024;
-/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +44,7 @@ pub struct Listeners {
     pub uds: Option<UnixListener>,
     /// CONNECT over TCP with mutual TLS.
     pub frontend_tcp: Option<TcpListener>,
-    /// Agents' control and data connections.
+    /// Agents' control channels and data connections.
     pub agent: TcpListener,
     /// /livez, /readyz, /metrics.
     pub admin: Option<TcpListener>,
@@ -52,6 +55,7 @@ struct Server {
     config: ServerConfig,
     agents: AgentRegistry,
     metrics: ServerMetrics,
+    datapath: Datapath,
     pending_dials: Semaphore,
     next_stream_id: AtomicU64,
     /// Every connection task; waited for at shutdown.
@@ -78,6 +82,7 @@ pub async fn run_server(
         agents: AgentRegistry::new(config.strategies.clone(), config.limits.max_streams_per_agent),
         pending_dials: Semaphore::new(config.limits.max_pending_dials),
         next_stream_id: AtomicU64::new(1),
+        datapath: Datapath::new(config.datapath),
         metrics,
         config,
         tracker: TaskTracker::new(),
@@ -89,15 +94,51 @@ pub async fn run_server(
         let ready: crate::admin::Readiness = Arc::new(|| true);
         tokio::spawn(crate::admin::serve(admin, Arc::new(registry), ready, admin_stop.clone()));
     }
-    let frontend_slots = Arc::new(Semaphore::new(server.config.limits.max_frontend_conns));
+    let limits = &server.config.limits;
+    // Each listener has its own budget: a flood on one never starves another.
+    let frontend =
+        |name| Budget { name, max_conns: limits.max_frontend_conns, first_byte: None, on_silent: None };
     let mut loops = tokio::task::JoinSet::new();
     if let Some(uds) = listeners.uds {
-        loops.spawn(accept_unix(server.clone(), uds, frontend_slots.clone()));
+        // The header timeout bounds a silent client, with a 408 the apiserver can report.
+        let s = server.clone();
+        loops.spawn(accept::serve(
+            uds,
+            frontend("uds"),
+            shutdown.clone(),
+            server.tracker.clone(),
+            move |c| stream::serve_unix(s.clone(), c),
+        ));
     }
-    if let (Some(tcp), Some(tls)) = (listeners.frontend_tcp, frontend_tls) {
-        loops.spawn(accept_tls_frontend(server.clone(), tcp, tls, frontend_slots));
+    if let (Some(tcp), Some(acceptor)) = (listeners.frontend_tcp, frontend_tls) {
+        let s = server.clone();
+        let on_silent = Arc::new(move |_| inc(&s.metrics.stream.results, "result", "tls_handshake"));
+        let budget = Budget {
+            first_byte: Some(limits.handshake_timeout),
+            on_silent: Some(on_silent),
+            ..frontend("frontend")
+        };
+        let s = server.clone();
+        loops.spawn(accept::serve(tcp, budget, shutdown.clone(), server.tracker.clone(), move |c| {
+            stream::serve_tls(s.clone(), acceptor.clone(), c)
+        }));
     }
-    loops.spawn(agents::accept(server.clone(), listeners.agent, agent_tls));
+    let s = server.clone();
+    let on_silent = Arc::new(move |_| inc(&s.metrics.agent_conn_failures, "reason", "timeout"));
+    let budget = Budget {
+        name: "agent",
+        max_conns: MAX_AGENT_HANDSHAKES,
+        first_byte: Some(limits.handshake_timeout),
+        on_silent: Some(on_silent),
+    };
+    let s = server.clone();
+    loops.spawn(accept::serve(
+        listeners.agent,
+        budget,
+        shutdown.clone(),
+        server.tracker.clone(),
+        move |c: Accepted<_>| session::serve(s.clone(), agent_tls.clone(), c),
+    ));
     info!(server_id = %server.config.server_id, datapath = ?server.config.datapath, "spoke-server running");
 
     shutdown.cancelled().await;
@@ -110,83 +151,4 @@ pub async fn run_server(
     admin_stop.cancel();
     info!("spoke-server stopped");
     Ok(())
-}
-
-/// Waits for a connection slot, or `None` at shutdown.
-async fn slot(server: &Server, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
-    tokio::select! {
-        () = server.shutdown.cancelled() => None,
-        p = slots.clone().acquire_owned() => Some(p.expect("semaphore is never closed")),
-    }
-}
-
-async fn accept_unix(server: Arc<Server>, listener: UnixListener, slots: Arc<Semaphore>) {
-    loop {
-        let Some(permit) = slot(&server, &slots).await else { return };
-        let stream = tokio::select! {
-            () = server.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(error) => {
-                    warn!(%error, "accept on the Unix socket failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-        };
-        let s = server.clone();
-        server.tracker.spawn(
-            async move {
-                tunnel::serve(&s, stream).await;
-                drop(permit);
-            }
-            .instrument(debug_span!("conn", client.addr = "uds")),
-        );
-    }
-}
-
-async fn accept_tls_frontend(
-    server: Arc<Server>,
-    listener: TcpListener,
-    tls: TlsAcceptor,
-    slots: Arc<Semaphore>,
-) {
-    loop {
-        let Some(permit) = slot(&server, &slots).await else { return };
-        let (stream, peer) = tokio::select! {
-            () = server.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(error) => {
-                    warn!(%error, "accept on the TCP frontend failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-        };
-        let s = server.clone();
-        let tls = tls.clone();
-        server.tracker.spawn(
-            async move {
-                let _ = stream.set_nodelay(true);
-                let timeout = s.config.limits.handshake_timeout;
-                match tokio::time::timeout(timeout, tls.accept(stream)).await {
-                    Ok(Ok(mut stream)) => {
-                        stream.get_mut().1.set_buffer_limit(Some(crate::transport::TLS_SEND_BUFFER));
-                        tunnel::serve(&s, stream).await;
-                    }
-                    Ok(Err(error)) => {
-                        warn!(%error, "frontend TLS handshake failed");
-                        crate::metrics::inc(&s.metrics.streams, "result", "tls_handshake");
-                    }
-                    Err(_) => {
-                        warn!("frontend TLS handshake timed out");
-                        crate::metrics::inc(&s.metrics.streams, "result", "tls_handshake");
-                    }
-                }
-                drop(permit);
-            }
-            .instrument(debug_span!("conn", client.addr = %peer)),
-        );
-    }
 }

@@ -2,22 +2,47 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ipnet::IpNet;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Strategy;
 use crate::protocol::Identity;
-use crate::transport::Tunnel;
+use crate::transport::AcceptedLink;
 
 /// A data connection parked by an agent.
-pub type DataConn = Tunnel<tokio_rustls::server::TlsStream<TcpStream>>;
+pub type DataConn = AcceptedLink;
+
+/// How the server picks the agent for a destination; tried in the configured order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// An agent whose node name, host names or addresses equal the destination host.
+    DestHost,
+    /// The agent announcing the longest CIDR prefix that contains the destination address.
+    Cidr,
+    /// An agent that announced itself as a default route.
+    DefaultRoute,
+    /// Any connected agent.
+    Default,
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "destHost" => Ok(Self::DestHost),
+            "cidr" => Ok(Self::Cidr),
+            "defaultRoute" => Ok(Self::DefaultRoute),
+            "default" => Ok(Self::Default),
+            _ => Err(format!("unknown proxy strategy {s:?} (destHost, cidr, defaultRoute, default)")),
+        }
+    }
+}
 
 /// One connected agent: its identity, its pool of data connections and its stream slots.
 #[derive(Debug)]

@@ -1,20 +1,41 @@
-//! Byte streams Spoke accepts and dials: TCP, Unix sockets, and TLS over TCP, behind [`Stream`].
+//! Connections: how Spoke accepts them ([`accept`], the only accept loop), secures them ([`tls`]), and
+//! the connection types both sides use.
+//!
+//! Names used throughout: a **link** is one agent ↔ server TCP connection, TLS or (for data connections
+//! where the operator opted out) plain; the **control channel** is the link that carries an agent's
+//! session; a **data connection** is a link that carries one stream; a **stream** is one CONNECT request
+//! relayed end to end.
 
-pub mod buffer;
+pub mod accept;
 pub mod tls;
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-/// Idle time before TCP keepalive probes start on long-lived agent connections.
+/// Idle time before TCP keepalive probes start on long-lived links.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Interval between TCP keepalive probes.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered keepalive probes before the kernel drops the connection.
 pub const KEEPALIVE_RETRIES: u32 = 3;
+
+/// First byte of a TLS handshake record; Spoke frames start with a length whose first byte is 0.
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The kernel socket under a connection whose bytes cross it unencrypted: the kernel tiers can move
+/// them without user space.
+#[derive(Clone, Copy, Debug)]
+pub enum Plain<'a> {
+    /// A TCP socket.
+    Tcp(&'a TcpStream),
+    /// A Unix stream socket.
+    Unix(&'a UnixStream),
+}
 
 /// A connected byte stream that a relay can carry.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -27,6 +48,10 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn abort(&self) {
         self.reset_on_close(true);
     }
+
+    /// The kernel socket, where the stream's bytes cross it in plaintext; otherwise why not (a metric
+    /// label, such as `tls_tunnel`).
+    fn plain(&self) -> Result<Plain<'_>, &'static str>;
 }
 
 impl Stream for TcpStream {
@@ -37,15 +62,27 @@ impl Stream for TcpStream {
             tracing::debug!(%error, "set SO_LINGER");
         }
     }
+
+    fn plain(&self) -> Result<Plain<'_>, &'static str> {
+        Ok(Plain::Tcp(self))
+    }
 }
 
 impl Stream for UnixStream {
     fn reset_on_close(&self, _reset: bool) {}
+
+    fn plain(&self) -> Result<Plain<'_>, &'static str> {
+        Ok(Plain::Unix(self))
+    }
 }
 
 impl<S: Stream> Stream for tokio_rustls::server::TlsStream<S> {
     fn reset_on_close(&self, reset: bool) {
         self.get_ref().0.reset_on_close(reset);
+    }
+
+    fn plain(&self) -> Result<Plain<'_>, &'static str> {
+        Err("tls")
     }
 }
 
@@ -53,11 +90,15 @@ impl<S: Stream> Stream for tokio_rustls::client::TlsStream<S> {
     fn reset_on_close(&self, reset: bool) {
         self.get_ref().0.reset_on_close(reset);
     }
+
+    fn plain(&self) -> Result<Plain<'_>, &'static str> {
+        Err("tls")
+    }
 }
 
-/// Settings for long-lived TCP connections between agent and server: no Nagle delay (frames are small
-/// and latency-sensitive) and keepalive so a vanished peer is noticed.
-pub fn tune_tunnel_socket(stream: &TcpStream) -> io::Result<()> {
+/// Socket options of a link: no Nagle delay (frames are small and latency-sensitive) and keepalive, so
+/// that a vanished peer is noticed.
+pub fn tune_link(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -66,77 +107,68 @@ pub fn tune_tunnel_socket(stream: &TcpStream) -> io::Result<()> {
     socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
 }
 
-/// An agent ↔ server connection: TLS, or plain TCP where the operator opted out of tunnel encryption
-/// (an underlay that is already encrypted). Plain data connections let the kernel splice the stream.
+/// A link: TLS, or plain TCP where the operator opted out of encrypting data connections (an underlay
+/// that is already encrypted). Plain data connections let the kernel tiers carry the stream.
 #[derive(Debug)]
-pub enum Tunnel<T> {
+pub enum Link<T> {
     /// TLS over TCP.
     Tls(T),
     /// Plain TCP.
     Plain(TcpStream),
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Tunnel<T> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
+/// A link as the server holds it (it accepted the TLS handshake).
+pub type AcceptedLink = Link<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A link as the agent holds it (it dialed the server).
+pub type DialedLink = Link<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl<T: AsyncRead + Unpin> AsyncRead for Link<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tls(t) => std::pin::Pin::new(t).poll_read(cx, buf),
-            Self::Plain(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+            Self::Tls(t) => Pin::new(t).poll_read(cx, buf),
+            Self::Plain(t) => Pin::new(t).poll_read(cx, buf),
         }
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tunnel<T> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Link<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Tls(t) => std::pin::Pin::new(t).poll_write(cx, buf),
-            Self::Plain(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+            Self::Tls(t) => Pin::new(t).poll_write(cx, buf),
+            Self::Plain(t) => Pin::new(t).poll_write(cx, buf),
         }
     }
 
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tls(t) => std::pin::Pin::new(t).poll_flush(cx),
-            Self::Plain(t) => std::pin::Pin::new(t).poll_flush(cx),
+            Self::Tls(t) => Pin::new(t).poll_flush(cx),
+            Self::Plain(t) => Pin::new(t).poll_flush(cx),
         }
     }
 
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tls(t) => std::pin::Pin::new(t).poll_shutdown(cx),
-            Self::Plain(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+            Self::Tls(t) => Pin::new(t).poll_shutdown(cx),
+            Self::Plain(t) => Pin::new(t).poll_shutdown(cx),
         }
     }
 }
 
-impl<T: Stream> Stream for Tunnel<T> {
+impl<T: Stream> Stream for Link<T> {
     fn reset_on_close(&self, reset: bool) {
         match self {
             Self::Tls(t) => t.reset_on_close(reset),
             Self::Plain(t) => t.reset_on_close(reset),
         }
     }
+
+    fn plain(&self) -> Result<Plain<'_>, &'static str> {
+        match self {
+            Self::Tls(_) => Err("tls_tunnel"),
+            Self::Plain(t) => Ok(Plain::Tcp(t)),
+        }
+    }
 }
-
-/// Largest amount of application data rustls may hold unsent per connection (its default is 64 KiB):
-/// bulk streams then write more records per system call.
-pub const TLS_SEND_BUFFER: usize = 256 * 1024;
-
-/// First byte of a TLS handshake record; Spoke frames start with a length whose first byte is 0.
-pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// A connected pair of TCP sockets on 127.0.0.1, for unit tests.
 #[cfg(test)]

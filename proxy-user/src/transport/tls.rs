@@ -1,12 +1,21 @@
-//! rustls configurations built from PEM files: mutual TLS everywhere Spoke speaks TLS.
+//! TLS: rustls configurations built from PEM files (mutual TLS everywhere Spoke speaks TLS), and the
+//! handshakes on both sides with their deadline and the settings every TLS connection gets.
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
+
+/// Largest amount of application data rustls may hold unsent per connection (its default is 64 KiB):
+/// bulk streams then write more records per system call.
+pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -129,4 +138,44 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
         .with_client_auth_cert(read_certs(&files.cert)?, read_key(&files.key)?)
         .map_err(|source| TlsError::Rustls { context: "client certificate", source })?;
     Ok(Arc::new(config))
+}
+
+/// Why a TLS handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The peer did not finish the handshake by the deadline.
+    #[error("TLS handshake timed out")]
+    Timeout,
+    /// The handshake failed (bad certificate, protocol error, connection lost).
+    #[error("TLS handshake: {0}")]
+    Failed(#[source] io::Error),
+}
+
+/// Accepts a TLS handshake on `tcp` by `deadline`.
+pub async fn accept(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    deadline: Instant,
+) -> Result<server::TlsStream<TcpStream>, HandshakeError> {
+    let mut conn = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+        .map_err(HandshakeError::Failed)?;
+    conn.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+    Ok(conn)
+}
+
+/// Runs the client side of a TLS handshake on `tcp` by `deadline`.
+pub async fn connect(
+    connector: &TlsConnector,
+    name: ServerName<'static>,
+    tcp: TcpStream,
+    deadline: Instant,
+) -> Result<client::TlsStream<TcpStream>, HandshakeError> {
+    let mut conn = tokio::time::timeout_at(deadline, connector.connect(name, tcp))
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+        .map_err(HandshakeError::Failed)?;
+    conn.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+    Ok(conn)
 }

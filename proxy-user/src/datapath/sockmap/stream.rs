@@ -39,10 +39,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{Pair, PairError, Sockmap, SockmapError, tick};
-use crate::datapath::copy::{End, Moved, RelayError};
 use crate::datapath::splice::Spliceable as _;
-use crate::datapath::tcp;
-use crate::transport::{Stream, buffer};
+use crate::datapath::{End, Moved, RelayError, buffer, tcp};
+use crate::transport::Stream;
 
 /// Default of [`Limits::backlog`].
 pub const DEFAULT_BACKLOG: u64 = 2 << 20;

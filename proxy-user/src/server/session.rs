@@ -1,128 +1,118 @@
-//! The agent listener: control sessions and parked data connections.
+//! The agent listener's side of each agent connection: its set-up (TLS, or plain for a data connection
+//! the server allows), then a control session, or a data connection parked for a dial.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
-use super::registry::{AgentHandle, DataConn, ParkError};
-use super::{ACCEPT_ERROR_PAUSE, MAX_AGENT_HANDSHAKES, Server};
+use super::Server;
+use super::registry::{AgentHandle, ParkError};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{Identity, Message, PROTOCOL_VERSION};
-use crate::transport::{self, Tunnel};
+use crate::protocol::{self, Identity, Message, PROTOCOL_VERSION};
+use crate::transport::accept::Accepted;
+use crate::transport::tls::{self, HandshakeError};
+use crate::transport::{self, AcceptedLink, Link};
 
 /// Control frames buffered between the reader task and the session loop.
 const CONTROL_QUEUE: usize = 16;
 /// Heartbeat intervals without any frame after which an agent is considered gone.
 const MISSED_HEARTBEATS: u32 = 3;
 
-pub(super) async fn accept(server: Arc<Server>, listener: TcpListener, tls: TlsAcceptor) {
-    let handshakes = Arc::new(Semaphore::new(MAX_AGENT_HANDSHAKES));
-    loop {
-        let permit = tokio::select! {
-            () = server.shutdown.cancelled() => return,
-            p = handshakes.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            () = server.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(error) => {
-                    warn!(%error, "accept on the agent listener failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-        };
-        let s = server.clone();
-        let tls = tls.clone();
-        server.tracker.spawn(
-            async move {
-                let first = establish(&s, stream, tls).await;
-                drop(permit);
-                match first {
-                    Ok((conn, Message::Hello { version, identity })) => {
-                        control(s, conn, version, identity).await;
-                    }
-                    Ok((conn, Message::DataHello { version, session_id })) => {
-                        park(&s, conn, version, session_id).await;
-                    }
-                    Ok((mut conn, other)) => {
-                        warn!(kind = other.kind(), "agent connection opened with an unexpected frame");
-                        inc(&s.metrics.agent_conn_failures, "reason", "protocol");
-                        reject(&mut conn, "first frame must be Hello or DataHello").await;
-                    }
-                    Err(reason) => inc(&s.metrics.agent_conn_failures, "reason", reason),
-                }
-            }
-            .instrument(info_span!("agent_conn", peer = %peer)),
-        );
+/// Serves one connection on the agent listener. Its budget permit is held only through the set-up.
+pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: Accepted<TcpStream>) {
+    let deadline = accepted.at + server.config.limits.handshake_timeout;
+    let first = establish(&server, accepted.conn, &acceptor, deadline).await;
+    drop(accepted.permit);
+    let (mut conn, first) = match first {
+        Ok(established) => established,
+        Err(reason) => return inc(&server.metrics.agent_conn_failures, "reason", reason),
+    };
+    let version = match &first {
+        Message::Hello { version, .. } | Message::DataHello { version, .. } => *version,
+        other => {
+            warn!(kind = other.kind(), "agent connection opened with an unexpected frame");
+            inc(&server.metrics.agent_conn_failures, "reason", "protocol");
+            return reject(&mut conn, "first frame must be Hello or DataHello").await;
+        }
+    };
+    if let Err(reason) = protocol::check_version(version) {
+        inc(&server.metrics.agent_conn_failures, "reason", "version");
+        return reject(&mut conn, &reason).await;
+    }
+    match first {
+        Message::Hello { identity, .. } => control(server, conn, identity).await,
+        Message::DataHello { session_id, .. } => park(&server, conn, session_id).await,
+        _ => unreachable!("other first frames were refused above"),
     }
 }
 
-/// TLS handshake (or, where allowed, a plain data connection) and first frame, within the handshake
-/// timeout. A control channel is always TLS.
+/// TLS handshake (or, where allowed, a plain data connection) and first frame, by `deadline`. A control
+/// channel is always TLS.
 async fn establish(
     server: &Server,
     stream: TcpStream,
-    tls: TlsAcceptor,
-) -> Result<(DataConn, Message), &'static str> {
-    let timeout = server.config.limits.handshake_timeout;
-    let setup = async {
-        if let Err(error) = transport::tune_tunnel_socket(&stream) {
-            debug!(%error, "tune agent socket");
+    acceptor: &TlsAcceptor,
+    deadline: Instant,
+) -> Result<(AcceptedLink, Message), &'static str> {
+    if let Err(error) = transport::tune_link(&stream) {
+        debug!(%error, "tune agent socket");
+    }
+    let mut first_byte = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first_byte)).await {
+        Err(_) => {
+            warn!("agent connection set-up timed out");
+            return Err("timeout");
         }
-        let mut first_byte = [0u8; 1];
-        if stream.peek(&mut first_byte).await.map_err(|_| "protocol")? == 0 {
+        Ok(Ok(0) | Err(_)) => return Err("protocol"),
+        Ok(Ok(_)) => {}
+    }
+    let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
+        match tls::accept(acceptor, stream, deadline).await {
+            Ok(conn) => Link::Tls(conn),
+            Err(HandshakeError::Timeout) => {
+                warn!("agent connection set-up timed out");
+                return Err("timeout");
+            }
+            Err(error) => {
+                warn!(%error, "agent TLS handshake failed");
+                return Err("tls_handshake");
+            }
+        }
+    } else if server.config.allow_plaintext_tunnel {
+        Link::Plain(stream)
+    } else {
+        warn!("plaintext agent connection refused (--allow-plaintext-tunnel is off)");
+        return Err("plaintext_refused");
+    };
+    let first = match tokio::time::timeout_at(deadline, codec::read_message(&mut conn)).await {
+        Err(_) => {
+            warn!("agent connection set-up timed out");
+            return Err("timeout");
+        }
+        Ok(Err(error)) => {
+            warn!(%error, "agent sent no valid first frame");
             return Err("protocol");
         }
-        let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
-            let mut conn = tls.accept(stream).await.map_err(|error| {
-                warn!(%error, "agent TLS handshake failed");
-                "tls_handshake"
-            })?;
-            conn.get_mut().1.set_buffer_limit(Some(transport::TLS_SEND_BUFFER));
-            Tunnel::Tls(conn)
-        } else if server.config.allow_plaintext_tunnel {
-            Tunnel::Plain(stream)
-        } else {
-            warn!("plaintext agent connection refused (--allow-plaintext-tunnel is off)");
-            return Err("plaintext_refused");
-        };
-        let first = codec::read_message(&mut conn).await.map_err(|error| {
-            warn!(%error, "agent sent no valid first frame");
-            "protocol"
-        })?;
-        if matches!((&conn, &first), (Tunnel::Plain(_), Message::Hello { .. })) {
-            warn!("control channel refused: it must use TLS");
-            reject(&mut conn, "the control channel requires TLS").await;
-            return Err("plaintext_refused");
-        }
-        Ok((conn, first))
+        Ok(Ok(first)) => first,
     };
-    tokio::time::timeout(timeout, setup).await.unwrap_or_else(|_| {
-        warn!("agent connection set-up timed out");
-        Err("timeout")
-    })
+    if matches!((&conn, &first), (Link::Plain(_), Message::Hello { .. })) {
+        warn!("control channel refused: it must use TLS");
+        reject(&mut conn, "the control channel requires TLS").await;
+        return Err("plaintext_refused");
+    }
+    Ok((conn, first))
 }
 
-async fn reject(conn: &mut DataConn, reason: &str) {
+async fn reject(conn: &mut AcceptedLink, reason: &str) {
     let _ = codec::write_message(conn, &Message::Reject { reason: reason.to_owned() }).await;
 }
 
-async fn park(server: &Server, mut conn: DataConn, version: u16, session_id: u64) {
-    if version != PROTOCOL_VERSION {
-        inc(&server.metrics.agent_conn_failures, "reason", "version");
-        return reject(
-            &mut conn,
-            &format!("unsupported protocol version {version}; server speaks {PROTOCOL_VERSION}"),
-        )
-        .await;
-    }
+async fn park(server: &Server, mut conn: AcceptedLink, session_id: u64) {
     let Some(agent) = server.agents.session(session_id) else {
         inc(&server.metrics.agent_conn_failures, "reason", "unknown_session");
         return reject(&mut conn, "unknown or expired session").await;
@@ -137,16 +127,8 @@ async fn park(server: &Server, mut conn: DataConn, version: u16, session_id: u64
     }
 }
 
-async fn control(server: Arc<Server>, mut conn: DataConn, version: u16, identity: Identity) {
+async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity) {
     let limits = &server.config.limits;
-    if version != PROTOCOL_VERSION {
-        inc(&server.metrics.agent_conn_failures, "reason", "version");
-        return reject(
-            &mut conn,
-            &format!("unsupported protocol version {version}; server speaks {PROTOCOL_VERSION}"),
-        )
-        .await;
-    }
     if identity.agent_id.is_empty() {
         inc(&server.metrics.agent_conn_failures, "reason", "protocol");
         return reject(&mut conn, "empty agent id").await;
@@ -201,7 +183,11 @@ async fn control(server: Arc<Server>, mut conn: DataConn, version: u16, identity
 }
 
 /// Runs a control session until it ends; `Ok` for an orderly end, `Err` for a lost channel.
-async fn session(server: &Server, conn: DataConn, agent: &AgentHandle) -> Result<&'static str, CodecError> {
+async fn session(
+    server: &Server,
+    conn: AcceptedLink,
+    agent: &AgentHandle,
+) -> Result<&'static str, CodecError> {
     let (rd, mut wr) = tokio::io::split(conn);
     let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
     let silence = server.config.limits.heartbeat_interval * MISSED_HEARTBEATS;

@@ -10,14 +10,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
-use crate::frontend::ESTABLISHED;
+use spoke::frontend::ESTABLISHED;
 
 /// A bidirectional byte stream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// A tunnel as the benchmark uses it.
-pub type Tunnel = Box<dyn Io>;
+/// One stream opened through the proxy under test (or straight to the backend, for direct TCP).
+pub type ProxiedStream = Box<dyn Io>;
 
 /// Where tunnels are opened.
 #[derive(Clone)]
@@ -63,7 +63,7 @@ async fn connect_handshake<S: Io>(mut s: S, target: &str) -> anyhow::Result<S> {
 
 impl Opener {
     /// Opens one tunnel.
-    pub async fn open(&self) -> anyhow::Result<Tunnel> {
+    pub async fn open(&self) -> anyhow::Result<ProxiedStream> {
         Ok(match &self.via {
             Via::Forward(addr) => {
                 let s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;

@@ -1,4 +1,4 @@
-//! One stream on the node side: policy, resolve, connect, reply, relay.
+//! One stream on the node side: policy, resolve, dial the target, reply, relay, record.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -12,10 +12,12 @@ use tracing::debug;
 use super::Agent;
 use super::policy::Policy;
 use crate::codec;
-use crate::datapath::copy::End;
-use crate::metrics::{add, inc};
+use crate::metrics::inc;
 use crate::protocol::{DialStatus, Message};
-use crate::transport::Stream as _;
+use crate::transport::DialedLink;
+
+/// The relay's ends, as its log names them.
+const ENDS: [&str; 2] = ["downstream (server)", "upstream (target)"];
 
 /// A failed dial: the status for the server and a detail.
 struct DialFailure {
@@ -103,7 +105,7 @@ async fn open(agent: &Agent, host: &str, port: u16, timeout: Duration) -> Result
 /// Serves one `Dial` that arrived on `conn`.
 pub(super) async fn serve(
     agent: &Agent,
-    mut conn: super::ServerConn,
+    mut conn: DialedLink,
     stream_id: u64,
     host: &str,
     port: u16,
@@ -120,7 +122,7 @@ pub(super) async fn serve(
             (f.status, f.message, None)
         }
     };
-    inc(&agent.metrics.streams, "result", status.as_str());
+    inc(&agent.metrics.stream.results, "result", status.as_str());
     if let Err(error) =
         codec::write_message(&mut conn, &Message::DialReply { stream_id, status, message }).await
     {
@@ -128,28 +130,9 @@ pub(super) async fn serve(
         return;
     }
     let Some(mut target) = target else { return };
-    agent.metrics.streams_open.inc();
-    // Until the relay ends cleanly, closing either socket resets it: a stream cut off when the agent
-    // stops (its task dropped at the end of the grace period) must not look complete to either end.
-    conn.reset_on_close(true);
-    target.reset_on_close(true);
-    let result = agent.datapath.relay(&agent.metrics, &mut conn, &mut target).await;
-    if result.is_ok() {
-        conn.reset_on_close(false);
-        target.reset_on_close(false);
-    }
-    agent.metrics.streams_open.dec();
-    let (up, down) = match &result {
-        Ok(m) => (m.a_to_b, m.b_to_a),
-        Err(e) => e.moved,
+    let outcome = {
+        let _open = agent.metrics.stream.opened();
+        agent.datapath.relay(&mut conn, &mut target, &[]).await
     };
-    add(&agent.metrics.bytes, "direction", "up", up);
-    add(&agent.metrics.bytes, "direction", "down", down);
-    match result {
-        Ok(_) => debug!(up, down, "stream closed"),
-        Err(e) => {
-            let side = if e.end == End::A { "downstream (server)" } else { "upstream (target)" };
-            debug!(error = %e.source, side, up, down, "stream aborted");
-        }
-    }
+    agent.metrics.stream.record(&outcome, ENDS);
 }

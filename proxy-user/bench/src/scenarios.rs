@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::backend::{ECHO, GENERATE, HOLD, SINK, header};
-use super::client::{Opener, Tunnel};
+use super::client::{Opener, ProxiedStream};
 use super::procstat;
 
 /// One measured figure.
@@ -175,7 +175,7 @@ pub async fn bulk_up(ctx: &Ctx) -> anyhow::Result<Vec<Sample>> {
     Ok(bulk_samples(ctx, &before, got, elapsed))
 }
 
-async fn receive(t: &mut Tunnel) -> anyhow::Result<u64> {
+async fn receive(t: &mut ProxiedStream) -> anyhow::Result<u64> {
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
@@ -235,7 +235,7 @@ fn micros(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1e3
 }
 
-async fn round_trips(t: &mut Tunnel, rounds: usize) -> anyhow::Result<Histogram<u64>> {
+async fn round_trips(t: &mut ProxiedStream, rounds: usize) -> anyhow::Result<Histogram<u64>> {
     let msg = [0x42_u8; 64];
     let mut back = [0u8; 64];
     let mut h = histogram();
@@ -262,7 +262,7 @@ pub async fn round_trip(ctx: &Ctx) -> anyhow::Result<Vec<Sample>> {
 }
 
 /// Opens a tunnel and checks it with a 1-byte echo.
-async fn open_checked(opener: &Opener) -> anyhow::Result<Tunnel> {
+async fn open_checked(opener: &Opener) -> anyhow::Result<ProxiedStream> {
     let mut t = opener.open().await?;
     t.write_all(&header(ECHO, 0)).await?;
     t.write_all(b"x").await?;
@@ -315,7 +315,7 @@ pub async fn hold(ctx: &Ctx, count: usize) -> anyhow::Result<Vec<Sample>> {
     /// Tunnels being opened at once.
     const OPENING: usize = 64;
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-    let mut held: Vec<Tunnel> = Vec::with_capacity(count);
+    let mut held: Vec<ProxiedStream> = Vec::with_capacity(count);
     let opening = Arc::new(tokio::sync::Semaphore::new(OPENING));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..count {

@@ -1,4 +1,5 @@
-//! One CONNECT request: read it, route it, have the agent dial, reply, relay.
+//! One CONNECT stream on the server: read the request, route it, have the agent dial, reply, relay,
+//! record.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,18 +9,21 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::Server;
 use super::registry::{AgentHandle, DataConn};
 use crate::codec::{self, CodecError};
-use crate::config::ServerDatapath;
-use crate::datapath::copy::{self, End, Moved, RelayError};
-use crate::datapath::splice;
 use crate::frontend::{self, ConnectRequest, ESTABLISHED};
-use crate::metrics::{add, inc};
+use crate::metrics::inc;
 use crate::protocol::{DialStatus, Message};
-use crate::transport::{Stream, Tunnel};
+use crate::transport::Stream;
+use crate::transport::accept::Accepted;
+use crate::transport::tls::{self, HandshakeError};
+
+/// The relay's ends, as its log names them.
+const ENDS: [&str; 2] = ["downstream (client)", "upstream (agent)"];
 
 /// Data connections tried for one request before giving up (a parked connection may have died).
 pub const MAX_DIAL_ATTEMPTS: usize = 3;
@@ -90,30 +94,39 @@ impl DialError {
     }
 }
 
-/// A frontend connection, as the relay sees it.
-pub(super) trait Client: Stream {
-    /// The Unix socket this connection is, which splice(2) can move bytes to and from directly.
-    fn unix(&self) -> Option<&UnixStream> {
-        None
-    }
+/// Serves a connection from the Unix-socket frontend; its budget permit is held to the end.
+pub(super) async fn serve_unix(server: Arc<Server>, accepted: Accepted<UnixStream>) {
+    serve(&server, accepted.conn).await;
+    drop(accepted.permit);
 }
 
-impl Client for UnixStream {
-    fn unix(&self) -> Option<&UnixStream> {
-        Some(self)
+/// Serves a connection from the TCP frontend: the TLS handshake (client certificate required), then the
+/// stream. Its budget permit is held to the end.
+pub(super) async fn serve_tls(server: Arc<Server>, acceptor: TlsAcceptor, accepted: Accepted<TcpStream>) {
+    let _ = accepted.conn.set_nodelay(true);
+    let deadline = accepted.at + server.config.limits.handshake_timeout;
+    match tls::accept(&acceptor, accepted.conn, deadline).await {
+        Ok(client) => serve(&server, client).await,
+        Err(error) => {
+            if matches!(error, HandshakeError::Timeout) {
+                warn!("frontend TLS handshake timed out");
+            } else {
+                warn!(%error, "frontend TLS handshake failed");
+            }
+            inc(&server.metrics.stream.results, "result", "tls_handshake");
+        }
     }
+    drop(accepted.permit);
 }
-
-impl Client for tokio_rustls::server::TlsStream<TcpStream> {}
 
 /// Serves one frontend connection to its end.
-pub(super) async fn serve<S: Client>(server: &Arc<Server>, mut client: S) {
+async fn serve<S: Stream>(server: &Server, mut client: S) {
     let limits = &server.config.limits;
     let req = match tokio::time::timeout(limits.header_timeout, frontend::read_connect(&mut client)).await {
         Ok(Ok(req)) => req,
         Ok(Err(e)) => {
             debug!(error = %e, "bad request");
-            inc(&server.metrics.streams, "result", e.reason());
+            inc(&server.metrics.stream.results, "result", e.reason());
             if let Some(status) = e.status() {
                 refuse(&mut client, status, &e.to_string()).await;
             }
@@ -121,7 +134,7 @@ pub(super) async fn serve<S: Client>(server: &Arc<Server>, mut client: S) {
         }
         Err(_) => {
             debug!("request head timed out");
-            inc(&server.metrics.streams, "result", "header_timeout");
+            inc(&server.metrics.stream.results, "result", "header_timeout");
             refuse(&mut client, 408, "request head not received in time").await;
             return;
         }
@@ -134,7 +147,7 @@ pub(super) async fn serve<S: Client>(server: &Arc<Server>, mut client: S) {
             Ok(opened) => opened,
             Err(e) => {
                 debug!(error = %e, "dial failed");
-                inc(&server.metrics.streams, "result", e.reason());
+                inc(&server.metrics.stream.results, "result", e.reason());
                 refuse(&mut client, e.status(), &e.to_string()).await;
                 return;
             }
@@ -142,65 +155,20 @@ pub(super) async fn serve<S: Client>(server: &Arc<Server>, mut client: S) {
         server.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
         if let Err(error) = client.write_all(ESTABLISHED).await.and(client.flush().await) {
             debug!(%error, "client left before the stream opened");
-            inc(&server.metrics.streams, "result", "client_closed");
+            inc(&server.metrics.stream.results, "result", "client_closed");
             data.abort();
             return;
         }
-        inc(&server.metrics.streams, "result", "ok");
-        server.metrics.streams_open.inc();
+        inc(&server.metrics.stream.results, "result", "ok");
         debug!(agent = %agent.identity.agent_id, "stream open");
-        // Until the relay ends cleanly, closing resets: a stream cut off by shutdown never looks complete.
-        client.reset_on_close(true);
-        data.reset_on_close(true);
-        let result = relay(server, &mut client, &mut data, &req.early_data).await;
-        if result.is_ok() {
-            client.reset_on_close(false);
-            data.reset_on_close(false);
-        }
-        server.metrics.streams_open.dec();
-        let (up, down) = match &result {
-            Ok(m) => (m.a_to_b, m.b_to_a),
-            Err(e) => e.moved,
+        let outcome = {
+            let _open = server.metrics.stream.opened();
+            server.datapath.relay(&mut client, &mut data, &req.early_data).await
         };
-        add(&server.metrics.bytes, "direction", "up", up);
-        add(&server.metrics.bytes, "direction", "down", down);
-        match result {
-            Ok(_) => debug!(up, down, "stream closed"),
-            Err(e) => {
-                let side = if e.end == End::A { "downstream (client)" } else { "upstream (agent)" };
-                debug!(error = %e.source, side, up, down, "stream aborted");
-            }
-        }
+        server.metrics.stream.record(&outcome, ENDS);
     }
     .instrument(span)
     .await;
-}
-
-/// Relays an open stream on the tier the configuration and the two connections allow: splice where both
-/// carry plaintext in the kernel, copy otherwise. `early` (bytes the client sent right behind its
-/// request) goes first.
-async fn relay<S: Client>(
-    server: &Server,
-    client: &mut S,
-    data: &mut DataConn,
-    early: &[u8],
-) -> Result<Moved, RelayError> {
-    let may_splice = server.config.datapath != ServerDatapath::Copy;
-    if let (true, Some(unix), Tunnel::Plain(tcp)) = (may_splice, client.unix(), &mut *data) {
-        inc(&server.metrics.streams_by_datapath, "tier", "splice");
-        if let Err(source) = tcp.write_all(early).await {
-            client.abort();
-            tcp.abort();
-            return Err(RelayError { end: End::B, source, moved: (0, 0) });
-        }
-        let early = early.len() as u64;
-        return match splice::relay(unix, &*tcp).await {
-            Ok(m) => Ok(Moved { a_to_b: m.a_to_b + early, ..m }),
-            Err(e) => Err(RelayError { moved: (e.moved.0 + early, e.moved.1), ..e }),
-        };
-    }
-    inc(&server.metrics.streams_by_datapath, "tier", "copy");
-    copy::relay(client, data, early).await
 }
 
 /// Routes `req`, has an agent dial it, and returns the data connection ready for raw bytes, with the

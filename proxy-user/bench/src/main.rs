@@ -1,4 +1,5 @@
 //! `spoke-bench`: a load generator that behaves like kube-apiserver, and the backend it talks to.
+//! Its own crate, so that the product library carries no benchmark-only dependencies.
 //!
 //! It measures any HTTP-CONNECT proxy (a Unix socket or TCP, optionally with a TLS client certificate)
 //! or any port forwarder, so an operator can measure what they run today before switching. `cargo xtask
@@ -8,14 +9,15 @@
     reason = "measurements are reported as f64; counts stay far below 2^52"
 )]
 
-pub mod backend;
-pub mod client;
-pub mod procstat;
-pub mod scenarios;
+mod backend;
+mod client;
+mod procstat;
+mod scenarios;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -23,15 +25,16 @@ use rustls_pki_types::ServerName;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::policy::{AllowRule, Policy};
-use crate::config::{AgentConfig, DatapathMode, TunnelTls};
-use crate::protocol::Identity;
-use crate::transport::tls::TlsFiles;
 use client::{Opener, Via};
 use scenarios::{Ctx, Sample, Sizes};
+use spoke::agent::config::{AgentConfig, TunnelTls};
+use spoke::agent::policy::{AllowRule, Policy};
+use spoke::datapath::{self, Mode};
+use spoke::protocol::Identity;
+use spoke::transport::tls::TlsFiles;
 
 /// Every scenario, in run order.
-pub const SCENARIOS: &[&str] = &[
+const SCENARIOS: &[&str] = &[
     "bulk_up",
     "bulk_down",
     "bulk_parallel",
@@ -46,7 +49,7 @@ pub const SCENARIOS: &[&str] = &[
 /// Command line of `spoke-bench`.
 #[derive(Debug, Parser)]
 #[command(name = "spoke-bench", version, about = "Load generator and benchmark for HTTP-CONNECT proxies")]
-pub struct BenchArgs {
+struct BenchArgs {
     #[command(subcommand)]
     command: Command,
 }
@@ -144,23 +147,23 @@ struct AgentsArgs {
 
 /// One result row of the JSON output.
 #[derive(Debug, Serialize)]
-pub struct Row {
+struct Row {
     /// System under test.
-    pub system: String,
+    system: String,
     /// Scenario.
-    pub scenario: String,
+    scenario: String,
     /// Metric.
-    pub metric: String,
+    metric: String,
     /// Median over the repetitions.
-    pub value: f64,
+    value: f64,
     /// Unit.
-    pub unit: String,
+    unit: String,
     /// Smallest repetition.
-    pub min: f64,
+    min: f64,
     /// Largest repetition.
-    pub max: f64,
+    max: f64,
     /// Repetitions.
-    pub reps: usize,
+    reps: usize,
 }
 
 fn summarize(system: &str, scenario: &str, runs: Vec<Vec<Sample>>) -> Vec<Row> {
@@ -204,7 +207,7 @@ fn opener(a: &RunArgs) -> anyhow::Result<Opener> {
                 (None, None, None) => None,
                 (Some(ca), Some(cert), Some(key)) => {
                     let files = TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
-                    let config = crate::transport::tls::client_config(&files)?;
+                    let config = spoke::transport::tls::client_config(&files)?;
                     let name = ServerName::try_from(a.tls_name.clone()).context("--tls-name")?;
                     Some((tokio_rustls::TlsConnector::from(config), name))
                 }
@@ -286,7 +289,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
-    let shutdown = crate::shutdown::on_signals()?;
+    let shutdown = spoke::shutdown::on_signals()?;
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..a.count {
@@ -316,13 +319,13 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
             reconnect: (std::time::Duration::from_millis(200), std::time::Duration::from_secs(5)),
             grace_period: std::time::Duration::from_secs(1),
             admin_bind: None,
-            datapath: DatapathMode::Copy,
-            sockmap_limits: crate::datapath::sockmap::stream::Limits::default(),
-            bpf_root: crate::datapath::sockmap::DEFAULT_BPF_ROOT.into(),
+            datapath: Mode::Copy,
+            sockmap_limits: datapath::sockmap::stream::Limits::default(),
+            bpf_root: datapath::sockmap::DEFAULT_BPF_ROOT.into(),
             tunnel_tls: TunnelTls::On,
             worker_threads: 0,
         };
-        tasks.spawn(crate::run_agent(config, None, stop.child_token()));
+        tasks.spawn(spoke::run_agent(config, None, stop.child_token()));
     }
     println!("spoke-bench agents started count={}", a.count);
     shutdown.cancelled().await;
@@ -331,8 +334,13 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Entry point of the `spoke-bench` binary.
-pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    let args = BenchArgs::parse();
+    spoke::telemetry::init_logging(spoke::telemetry::LogFormat::Plain);
+    spoke::process::run_main("spoke-bench", 0, serve(args))
+}
+
+async fn serve(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         Command::Backend { listen } => {
             let listener =

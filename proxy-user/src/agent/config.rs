@@ -1,0 +1,337 @@
+//! `spoke-agent`'s flags (with `SPOKE_AGENT_*` environment fallbacks) and the validated configuration
+//! built from them. Only [`AgentConfig`] travels past `main`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+
+use super::policy::{AllowRule, Policy};
+use crate::config::{ConfigError, err, nonzero_duration, parse_admin_bind, parse_duration, parse_size};
+use crate::datapath::Mode;
+use crate::datapath::sockmap::stream::Limits;
+use crate::protocol::{Identity, MAX_LIST_LEN, MAX_STRING_LEN};
+use crate::telemetry::LogFormat;
+use crate::transport::tls::TlsFiles;
+
+/// Whether the agent's data connections use TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TunnelTls {
+    /// Mutual TLS 1.3 (the default).
+    On,
+    /// Plain TCP, for an underlay that is already encrypted; the server must allow it.
+    Off,
+}
+
+/// `spoke-agent`: dials out to spoke-server and connects the server's streams to node-local targets.
+#[derive(Debug, Parser)]
+#[command(name = "spoke-agent", version, about)]
+pub struct AgentArgs {
+    /// Host name or address of spoke-server's agent listener.
+    #[arg(long, env = "SPOKE_AGENT_PROXY_SERVER_HOST")]
+    pub proxy_server_host: String,
+    /// Port of spoke-server's agent listener.
+    #[arg(long, env = "SPOKE_AGENT_PROXY_SERVER_PORT", default_value_t = 8091)]
+    pub proxy_server_port: u16,
+    /// Name the server's certificate must carry (default: --proxy-server-host).
+    #[arg(long, env = "SPOKE_AGENT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// CA bundle that the server's certificate must chain to.
+    #[arg(long, env = "SPOKE_AGENT_CA_CERT")]
+    pub ca_cert: PathBuf,
+    /// Certificate presented to the server.
+    #[arg(long, env = "SPOKE_AGENT_AGENT_CERT")]
+    pub agent_cert: PathBuf,
+    /// Private key of --agent-cert.
+    #[arg(long, env = "SPOKE_AGENT_AGENT_KEY")]
+    pub agent_key: PathBuf,
+    /// Unique agent name (default: --node-name).
+    #[arg(long, env = "SPOKE_AGENT_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// Kubernetes node name (default: this machine's host name).
+    #[arg(long, env = "SPOKE_AGENT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// What this agent serves, as `host=NAME&ipv4=ADDR&ipv6=ADDR&cidr=NET&default-route=true` (each key
+    /// may repeat). ipv4/ipv6 are the node's addresses (kubelet), cidr the pod CIDR(s).
+    #[arg(long, env = "SPOKE_AGENT_AGENT_IDENTIFIERS", default_value = "")]
+    pub agent_identifiers: String,
+    /// Service CIDR(s) this agent may dial into (any port); announced for cidr routing.
+    #[arg(long, env = "SPOKE_AGENT_SERVICE_CIDR", value_delimiter = ',')]
+    pub service_cidr: Vec<IpNet>,
+    /// Port of the kubelet on the node's own addresses.
+    #[arg(long, env = "SPOKE_AGENT_KUBELET_PORT", default_value_t = 10250)]
+    pub kubelet_port: u16,
+    /// Extra allowed destinations, `NET` or `NET@PORT` or `NET@LOW-HIGH` (comma-separated or repeated).
+    /// The only way to reach loopback or link-local addresses.
+    #[arg(long, env = "SPOKE_AGENT_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<AllowRule>,
+    /// Idle data connections kept parked at the server, ready for dials.
+    #[arg(long, env = "SPOKE_AGENT_POOL_SIZE", default_value_t = 8)]
+    pub pool_size: usize,
+    /// Longest time a target dial may take (the server's timeout applies when shorter).
+    #[arg(long, env = "SPOKE_AGENT_DIAL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+    /// Time a connection to the server (TCP, TLS and first frame) may take.
+    #[arg(long, env = "SPOKE_AGENT_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// First reconnect delay; doubles up to --reconnect-max, with jitter.
+    #[arg(long, env = "SPOKE_AGENT_RECONNECT_MIN", default_value = "200ms", value_parser = parse_duration)]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    #[arg(long, env = "SPOKE_AGENT_RECONNECT_MAX", default_value = "30s", value_parser = parse_duration)]
+    pub reconnect_max: Duration,
+    /// How long open streams may go on after SIGTERM.
+    #[arg(long, env = "SPOKE_AGENT_GRACEFUL_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub graceful_shutdown_timeout: Duration,
+    /// Address of /livez, /readyz and /metrics; "off" disables it.
+    #[arg(long, env = "SPOKE_AGENT_ADMIN_BIND", default_value = "127.0.0.1:8094")]
+    pub admin_bind: String,
+    /// Datapath tier for streams.
+    #[arg(long, env = "SPOKE_AGENT_DATAPATH", value_enum, default_value_t = Mode::Auto)]
+    pub datapath: Mode,
+    /// Sockmap tier: bytes one direction of a stream may hold in the kernel on their way out (redirected
+    /// or copied, not yet acknowledged by the receiver); beyond it the direction pauses, holding its
+    /// sender through TCP flow control. Spliced sockets get a send buffer of four times this.
+    /// Ki/Mi/Gi suffixes.
+    #[arg(long, env = "SPOKE_AGENT_SOCKMAP_BACKLOG_LIMIT", default_value = "2Mi", value_parser = parse_size)]
+    pub sockmap_backlog_limit: u64,
+    /// Sockmap tier: a stream whose receiver takes no bytes for this long while the agent waits to pass
+    /// on its end is reset.
+    #[arg(long, env = "SPOKE_AGENT_SOCKMAP_STALL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub sockmap_stall_timeout: Duration,
+    /// Sockmap tier: the BPF filesystem (mounted there if needed); maps and programs are pinned in
+    /// `<bpf-root>/spoke/<agent id>`, and pins left there by a killed agent are removed at start.
+    #[arg(long, env = "SPOKE_AGENT_BPF_ROOT", default_value = crate::datapath::sockmap::DEFAULT_BPF_ROOT)]
+    pub bpf_root: PathBuf,
+    /// Runtime worker threads; 0 means one per CPU.
+    #[arg(long, env = "SPOKE_AGENT_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+    /// TLS on data connections. `off` sends stream bytes unencrypted between node and control plane:
+    /// only for networks whose underlay is already encrypted. The control channel always uses TLS.
+    #[arg(long, env = "SPOKE_AGENT_TUNNEL_TLS", value_enum, default_value_t = TunnelTls::On)]
+    pub tunnel_tls: TunnelTls,
+    /// Log format.
+    #[arg(long, env = "SPOKE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+    /// Validate the configuration (including TLS files), print it, and exit 0.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// Validated configuration of `spoke-agent`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Server host (to dial).
+    pub server_host: String,
+    /// Server port.
+    pub server_port: u16,
+    /// Name the server certificate must carry.
+    pub tls_server_name: String,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// What the agent announces.
+    pub identity: Identity,
+    /// Which destinations it dials.
+    pub policy: Policy,
+    /// Idle data connections to keep parked.
+    pub pool_size: usize,
+    /// Longest target dial.
+    pub dial_timeout: Duration,
+    /// Longest server connection set-up.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff bounds.
+    pub reconnect: (Duration, Duration),
+    /// Drain time after SIGTERM.
+    pub grace_period: Duration,
+    /// Admin listener.
+    pub admin_bind: Option<SocketAddr>,
+    /// Datapath tier.
+    pub datapath: Mode,
+    /// Bounds of streams in the sockmap tier.
+    pub sockmap_limits: Limits,
+    /// BPF filesystem for the sockmap tier's pins.
+    pub bpf_root: PathBuf,
+    /// TLS on data connections.
+    pub tunnel_tls: TunnelTls,
+    /// Runtime worker threads (0: one per CPU).
+    pub worker_threads: usize,
+}
+
+/// Smallest `--sockmap-backlog-limit`: one full-sized skb must fit.
+pub const MIN_SOCKMAP_BACKLOG: u64 = 64 * 1024;
+/// Largest `--sockmap-backlog-limit` (spliced sockets get four times this as send buffer).
+pub const MAX_SOCKMAP_BACKLOG: u64 = 64 << 20;
+
+/// Most idle data connections an agent may keep parked (the server's default per-agent limit).
+pub const MAX_POOL_SIZE: usize = 256;
+
+fn parse_identifiers(s: &str, identity: &mut Identity) -> Result<(), ConfigError> {
+    for pair in s.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| ConfigError(format!("--agent-identifiers: {pair:?} is not key=value")))?;
+        let bad = |what: &str| ConfigError(format!("--agent-identifiers: {key}={value:?} is not {what}"));
+        match key {
+            "host" => {
+                if value.is_empty() || value.len() > MAX_STRING_LEN {
+                    return Err(bad("a host name"));
+                }
+                identity.hostnames.push(value.to_ascii_lowercase());
+            }
+            "ipv4" => identity.addresses.push(IpAddr::V4(value.parse().map_err(|_| bad("an IPv4 address"))?)),
+            "ipv6" => identity.addresses.push(IpAddr::V6(value.parse().map_err(|_| bad("an IPv6 address"))?)),
+            "cidr" => identity.cidrs.push(value.parse::<IpNet>().map_err(|_| bad("a CIDR"))?.trunc()),
+            "default-route" => identity.default_route = value.parse().map_err(|_| bad("true or false"))?,
+            _ => {
+                return err(format!(
+                    "--agent-identifiers: unknown key {key:?} (host, ipv4, ipv6, cidr, default-route)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn machine_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+impl TryFrom<AgentArgs> for AgentConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: AgentArgs) -> Result<Self, ConfigError> {
+        let node_name = match a.node_name.or_else(machine_hostname) {
+            Some(n) if !n.is_empty() && n.len() <= MAX_STRING_LEN => n.to_ascii_lowercase(),
+            _ => return err("--node-name is missing (and the host name could not be read)"),
+        };
+        let agent_id = a.agent_id.unwrap_or_else(|| node_name.clone());
+        if agent_id.is_empty() || agent_id.len() > MAX_STRING_LEN {
+            return err("--agent-id must be 1 to 1024 bytes");
+        }
+        let mut identity = Identity {
+            agent_id,
+            node_name,
+            hostnames: Vec::new(),
+            addresses: Vec::new(),
+            cidrs: Vec::new(),
+            default_route: false,
+        };
+        parse_identifiers(&a.agent_identifiers, &mut identity)?;
+        let pod_cidrs = identity.cidrs.clone();
+        identity.cidrs.extend(a.service_cidr.iter().map(IpNet::trunc));
+        if identity.hostnames.len() > MAX_LIST_LEN
+            || identity.addresses.len() > MAX_LIST_LEN
+            || identity.cidrs.len() > MAX_LIST_LEN
+        {
+            return err(format!("--agent-identifiers: at most {MAX_LIST_LEN} of each kind"));
+        }
+        if a.proxy_server_host.is_empty() {
+            return err("--proxy-server-host is empty");
+        }
+        if a.proxy_server_port == 0 {
+            return err("--proxy-server-port must not be 0");
+        }
+        if a.pool_size == 0 || a.pool_size > MAX_POOL_SIZE {
+            return err(format!("--pool-size must be 1 to {MAX_POOL_SIZE}"));
+        }
+        if a.reconnect_min.is_zero() || a.reconnect_min > a.reconnect_max {
+            return err("--reconnect-min must be above 0 and at most --reconnect-max");
+        }
+        if !(MIN_SOCKMAP_BACKLOG..=MAX_SOCKMAP_BACKLOG).contains(&a.sockmap_backlog_limit) {
+            return err(format!(
+                "--sockmap-backlog-limit must be {MIN_SOCKMAP_BACKLOG} to {MAX_SOCKMAP_BACKLOG} bytes"
+            ));
+        }
+        let sockmap_limits = Limits {
+            backlog: a.sockmap_backlog_limit,
+            stall: nonzero_duration("--sockmap-stall-timeout", a.sockmap_stall_timeout)?,
+        };
+        let policy = Policy {
+            allow: a.allow,
+            node_addresses: identity.addresses.clone(),
+            kubelet_port: a.kubelet_port,
+            served: pod_cidrs.into_iter().chain(a.service_cidr.iter().map(IpNet::trunc)).collect(),
+        };
+        Ok(Self {
+            tls_server_name: a.tls_server_name.unwrap_or_else(|| a.proxy_server_host.clone()),
+            server_host: a.proxy_server_host,
+            server_port: a.proxy_server_port,
+            tls: TlsFiles { ca: a.ca_cert, cert: a.agent_cert, key: a.agent_key },
+            identity,
+            policy,
+            pool_size: a.pool_size,
+            dial_timeout: nonzero_duration("--dial-timeout", a.dial_timeout)?,
+            connect_timeout: nonzero_duration("--connect-timeout", a.connect_timeout)?,
+            reconnect: (a.reconnect_min, a.reconnect_max),
+            grace_period: a.graceful_shutdown_timeout,
+            admin_bind: parse_admin_bind(&a.admin_bind)?,
+            datapath: a.datapath,
+            sockmap_limits,
+            bpf_root: a.bpf_root,
+            tunnel_tls: a.tunnel_tls,
+            worker_threads: a.worker_threads,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(extra: &[&str]) -> Result<AgentConfig, String> {
+        let base = [
+            "spoke-agent",
+            "--proxy-server-host",
+            "cp.example",
+            "--ca-cert",
+            "ca.pem",
+            "--agent-cert",
+            "a.pem",
+            "--agent-key",
+            "k.pem",
+            "--node-name",
+            "Node-A",
+        ];
+        let args = AgentArgs::try_parse_from(base.iter().chain(extra)).map_err(|e| e.to_string())?;
+        AgentConfig::try_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn agent_identifiers_and_policy() {
+        let c = agent(&[
+            "--agent-identifiers",
+            "host=node-a.example&ipv4=10.0.0.5&ipv6=fd00::5&cidr=10.244.1.7/24&default-route=true",
+            "--service-cidr",
+            "10.96.0.0/12",
+            "--allow",
+            "127.0.0.0/8,169.254.0.0/16@80-81",
+        ])
+        .unwrap();
+        assert_eq!(c.identity.node_name, "node-a");
+        assert_eq!(c.identity.agent_id, "node-a");
+        assert_eq!(c.identity.hostnames, vec!["node-a.example"]);
+        assert_eq!(c.identity.addresses.len(), 2);
+        let cidrs: Vec<String> = c.identity.cidrs.iter().map(ToString::to_string).collect();
+        assert_eq!(cidrs, vec!["10.244.1.0/24", "10.96.0.0/12"]);
+        assert!(c.identity.default_route);
+        assert_eq!(c.policy.allow.len(), 2);
+        assert_eq!(c.tls_server_name, "cp.example");
+    }
+
+    #[test]
+    fn agent_rejects_bad_values() {
+        assert!(agent(&["--agent-identifiers", "ipv4=fd00::1"]).unwrap_err().contains("IPv4"));
+        assert!(agent(&["--agent-identifiers", "zone=a"]).unwrap_err().contains("unknown key"));
+        assert!(agent(&["--agent-identifiers", "cidr"]).unwrap_err().contains("key=value"));
+        assert!(agent(&["--pool-size", "0"]).unwrap_err().contains("--pool-size"));
+        assert!(agent(&["--allow", "10.0.0.0/8@0-5"]).is_err());
+        assert!(
+            agent(&["--reconnect-min", "1m", "--reconnect-max", "1s"]).unwrap_err().contains("reconnect")
+        );
+    }
+}

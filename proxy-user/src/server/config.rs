@@ -1,0 +1,290 @@
+//! `spoke-server`'s flags (with `SPOKE_SERVER_*` environment fallbacks) and the validated configuration
+//! built from them. Only [`ServerConfig`] travels past `main`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use clap::builder::{PossibleValuesParser, TypedValueParser as _};
+
+use super::registry::Strategy;
+use crate::config::{ConfigError, err, nonzero_duration, parse_admin_bind, parse_duration, positive};
+use crate::datapath::Mode;
+use crate::protocol::MAX_STRING_LEN;
+use crate::telemetry::LogFormat;
+use crate::transport::tls::TlsFiles;
+
+/// The server's `--datapath` values: every mode but sockmap, which only the agent runs.
+fn server_mode() -> impl clap::builder::TypedValueParser<Value = Mode> {
+    PossibleValuesParser::new(["auto", "copy", "splice"])
+        .map(|s| <Mode as clap::ValueEnum>::from_str(&s, false).expect("every possible value is a mode"))
+}
+
+/// `spoke-server`: takes kube-apiserver's CONNECT requests and routes each through the agent of the node
+/// that serves the destination.
+#[derive(Debug, Parser)]
+#[command(name = "spoke-server", version, about)]
+pub struct ServerArgs {
+    /// Unix socket for the apiserver's CONNECT requests (created 0600; a stale file is replaced).
+    #[arg(long, env = "SPOKE_SERVER_UDS_NAME")]
+    pub uds_name: Option<PathBuf>,
+    /// TCP address for CONNECT requests over mutual TLS (needs --server-cert, --server-key, --server-ca-cert).
+    #[arg(long, env = "SPOKE_SERVER_FRONTEND_BIND")]
+    pub frontend_bind: Option<SocketAddr>,
+    /// CA bundle that CONNECT clients' certificates must chain to.
+    #[arg(long, env = "SPOKE_SERVER_SERVER_CA_CERT")]
+    pub server_ca_cert: Option<PathBuf>,
+    /// Certificate of the TCP frontend.
+    #[arg(long, env = "SPOKE_SERVER_SERVER_CERT")]
+    pub server_cert: Option<PathBuf>,
+    /// Private key of the TCP frontend.
+    #[arg(long, env = "SPOKE_SERVER_SERVER_KEY")]
+    pub server_key: Option<PathBuf>,
+    /// Address agents connect to (TLS 1.3, client certificates from the cluster CA).
+    #[arg(long, env = "SPOKE_SERVER_AGENT_BIND", default_value = "0.0.0.0:8091")]
+    pub agent_bind: SocketAddr,
+    /// CA bundle that agents' certificates must chain to.
+    #[arg(long, env = "SPOKE_SERVER_CLUSTER_CA_CERT")]
+    pub cluster_ca_cert: PathBuf,
+    /// Certificate presented to agents.
+    #[arg(long, env = "SPOKE_SERVER_CLUSTER_CERT")]
+    pub cluster_cert: PathBuf,
+    /// Private key of --cluster-cert.
+    #[arg(long, env = "SPOKE_SERVER_CLUSTER_KEY")]
+    pub cluster_key: PathBuf,
+    /// Address of /livez, /readyz and /metrics; "off" disables it.
+    #[arg(long, env = "SPOKE_SERVER_ADMIN_BIND", default_value = "127.0.0.1:8095")]
+    pub admin_bind: String,
+    /// Routing strategies, tried in order: destHost, cidr, defaultRoute, default.
+    #[arg(
+        long,
+        env = "SPOKE_SERVER_PROXY_STRATEGIES",
+        default_value = "destHost,cidr,defaultRoute",
+        value_delimiter = ','
+    )]
+    pub proxy_strategies: Vec<Strategy>,
+    /// Identifier of this server replica, told to agents.
+    #[arg(long, env = "SPOKE_SERVER_SERVER_ID", default_value = "spoke-server-0")]
+    pub server_id: String,
+    /// Number of server replicas agents should connect to.
+    #[arg(long, env = "SPOKE_SERVER_SERVER_COUNT", default_value_t = 1)]
+    pub server_count: u16,
+    /// Most CONNECT connections open at once (reading, dialing or relaying).
+    #[arg(long, env = "SPOKE_SERVER_MAX_FRONTEND_CONNS", default_value_t = 16_384)]
+    pub max_frontend_conns: usize,
+    /// Most streams relayed through one agent at once; beyond it requests get 503.
+    #[arg(long, env = "SPOKE_SERVER_MAX_STREAMS_PER_AGENT", default_value_t = 4096)]
+    pub max_streams_per_agent: usize,
+    /// Most dials waiting for an agent at once; beyond it requests get 503.
+    #[arg(long, env = "SPOKE_SERVER_MAX_PENDING_DIALS", default_value_t = 1024)]
+    pub max_pending_dials: usize,
+    /// Most agents connected at once.
+    #[arg(long, env = "SPOKE_SERVER_MAX_AGENTS", default_value_t = 10_000)]
+    pub max_agents: usize,
+    /// Most idle data connections one agent may park.
+    #[arg(long, env = "SPOKE_SERVER_MAX_IDLE_PER_AGENT", default_value_t = 256)]
+    pub max_idle_per_agent: usize,
+    /// Time a client has to send its whole CONNECT head; then 408.
+    #[arg(long, env = "SPOKE_SERVER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Time the node side has to connect to the destination; then 504.
+    #[arg(long, env = "SPOKE_SERVER_BACKEND_DIAL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub backend_dial_timeout: Duration,
+    /// Time a TLS handshake (and an agent's first frame) may take.
+    #[arg(long, env = "SPOKE_SERVER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// How often agents send heartbeats; an agent silent for three intervals is dropped.
+    #[arg(long, env = "SPOKE_SERVER_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// How long open streams may go on after SIGTERM.
+    #[arg(long, env = "SPOKE_SERVER_GRACEFUL_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub graceful_shutdown_timeout: Duration,
+    /// Runtime worker threads; 0 means one per CPU.
+    #[arg(long, env = "SPOKE_SERVER_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+    /// Accept data connections without TLS (agents started with `--tunnel-tls off`), for networks whose
+    /// underlay is already encrypted (`WireGuard`, `IPsec`). Control channels always use mutual TLS.
+    #[arg(long, env = "SPOKE_SERVER_ALLOW_PLAINTEXT_TUNNEL")]
+    pub allow_plaintext_tunnel: bool,
+    /// How streams from the Unix-socket frontend over plaintext data connections are relayed (TLS ones
+    /// are always copied in user space).
+    #[arg(long, env = "SPOKE_SERVER_DATAPATH", default_value = "auto", value_parser = server_mode())]
+    pub datapath: Mode,
+    /// Log format.
+    #[arg(long, env = "SPOKE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+    /// Validate the configuration (including TLS files), print it, and exit 0.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// Limits and timeouts of the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// See [`ServerArgs::max_frontend_conns`].
+    pub max_frontend_conns: usize,
+    /// See [`ServerArgs::max_streams_per_agent`].
+    pub max_streams_per_agent: usize,
+    /// See [`ServerArgs::max_pending_dials`].
+    pub max_pending_dials: usize,
+    /// See [`ServerArgs::max_agents`].
+    pub max_agents: usize,
+    /// See [`ServerArgs::max_idle_per_agent`].
+    pub max_idle_per_agent: usize,
+    /// See [`ServerArgs::header_timeout`].
+    pub header_timeout: Duration,
+    /// See [`ServerArgs::backend_dial_timeout`].
+    pub dial_timeout: Duration,
+    /// See [`ServerArgs::handshake_timeout`].
+    pub handshake_timeout: Duration,
+    /// See [`ServerArgs::heartbeat_interval`].
+    pub heartbeat_interval: Duration,
+    /// See [`ServerArgs::graceful_shutdown_timeout`].
+    pub grace_period: Duration,
+}
+
+/// Validated configuration of `spoke-server`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Unix socket path of the CONNECT frontend.
+    pub uds_name: Option<PathBuf>,
+    /// TCP address of the mTLS CONNECT frontend, with its TLS files.
+    pub frontend: Option<(SocketAddr, TlsFiles)>,
+    /// Agent listener address.
+    pub agent_bind: SocketAddr,
+    /// TLS files of the agent listener.
+    pub agent_tls: TlsFiles,
+    /// Admin listener address.
+    pub admin_bind: Option<SocketAddr>,
+    /// Routing strategies in order.
+    pub strategies: Vec<Strategy>,
+    /// This replica's id.
+    pub server_id: String,
+    /// Replicas agents should reach.
+    pub server_count: u16,
+    /// Whether data connections may skip TLS.
+    pub allow_plaintext_tunnel: bool,
+    /// How streams are relayed.
+    pub datapath: Mode,
+    /// Runtime worker threads (0: one per CPU).
+    pub worker_threads: usize,
+    /// Limits and timeouts.
+    pub limits: ServerLimits,
+}
+
+impl TryFrom<ServerArgs> for ServerConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: ServerArgs) -> Result<Self, ConfigError> {
+        if a.uds_name.is_none() && a.frontend_bind.is_none() {
+            return err("no frontend: give --uds-name, --frontend-bind, or both");
+        }
+        let frontend = match (a.frontend_bind, a.server_ca_cert, a.server_cert, a.server_key) {
+            (None, None, None, None) => None,
+            (Some(addr), Some(ca), Some(cert), Some(key)) => Some((addr, TlsFiles { ca, cert, key })),
+            (Some(_), ..) => {
+                return err("--frontend-bind needs --server-ca-cert, --server-cert and --server-key (mTLS)");
+            }
+            (None, ..) => {
+                return err("--server-ca-cert/--server-cert/--server-key given without --frontend-bind");
+            }
+        };
+        if a.proxy_strategies.is_empty() {
+            return err("--proxy-strategies is empty");
+        }
+        if a.server_id.is_empty() || a.server_id.len() > MAX_STRING_LEN {
+            return err("--server-id must be 1 to 1024 bytes");
+        }
+        if a.server_count == 0 {
+            return err("--server-count must be at least 1");
+        }
+        Ok(Self {
+            uds_name: a.uds_name,
+            frontend,
+            agent_bind: a.agent_bind,
+            agent_tls: TlsFiles { ca: a.cluster_ca_cert, cert: a.cluster_cert, key: a.cluster_key },
+            admin_bind: parse_admin_bind(&a.admin_bind)?,
+            strategies: a.proxy_strategies,
+            server_id: a.server_id,
+            server_count: a.server_count,
+            allow_plaintext_tunnel: a.allow_plaintext_tunnel,
+            datapath: a.datapath,
+            worker_threads: a.worker_threads,
+            limits: ServerLimits {
+                max_frontend_conns: positive("--max-frontend-conns", a.max_frontend_conns)?,
+                max_streams_per_agent: positive("--max-streams-per-agent", a.max_streams_per_agent)?,
+                max_pending_dials: positive("--max-pending-dials", a.max_pending_dials)?,
+                max_agents: positive("--max-agents", a.max_agents)?,
+                max_idle_per_agent: positive("--max-idle-per-agent", a.max_idle_per_agent)?,
+                header_timeout: nonzero_duration("--header-timeout", a.header_timeout)?,
+                dial_timeout: nonzero_duration("--backend-dial-timeout", a.backend_dial_timeout)?,
+                handshake_timeout: nonzero_duration("--handshake-timeout", a.handshake_timeout)?,
+                heartbeat_interval: nonzero_duration("--heartbeat-interval", a.heartbeat_interval)?,
+                grace_period: a.graceful_shutdown_timeout,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(extra: &[&str]) -> Result<ServerConfig, String> {
+        let base = [
+            "spoke-server",
+            "--cluster-ca-cert",
+            "ca.pem",
+            "--cluster-cert",
+            "c.pem",
+            "--cluster-key",
+            "k.pem",
+        ];
+        let args = ServerArgs::try_parse_from(base.iter().chain(extra)).map_err(|e| e.to_string())?;
+        ServerConfig::try_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn server_needs_a_frontend_and_complete_tls() {
+        assert!(server(&[]).unwrap_err().contains("no frontend"));
+        let ok = server(&["--uds-name", "/run/spoke.sock"]).unwrap();
+        assert_eq!(ok.strategies, vec![Strategy::DestHost, Strategy::Cidr, Strategy::DefaultRoute]);
+        assert_eq!(ok.limits.dial_timeout, Duration::from_secs(5));
+        assert!(server(&["--frontend-bind", "127.0.0.1:8090"]).unwrap_err().contains("mTLS"));
+        let tcp = server(&[
+            "--frontend-bind",
+            "127.0.0.1:8090",
+            "--server-ca-cert",
+            "a",
+            "--server-cert",
+            "b",
+            "--server-key",
+            "c",
+        ])
+        .unwrap();
+        assert!(tcp.frontend.is_some());
+        assert!(
+            server(&["--uds-name", "s", "--server-cert", "b"])
+                .unwrap_err()
+                .contains("without --frontend-bind")
+        );
+    }
+
+    #[test]
+    fn server_rejects_bad_values() {
+        assert!(
+            server(&["--uds-name", "s", "--proxy-strategies", "destHost,nearest"])
+                .unwrap_err()
+                .contains("nearest")
+        );
+        assert!(server(&["--uds-name", "s", "--max-pending-dials", "0"]).unwrap_err().contains("at least 1"));
+        assert!(
+            server(&["--uds-name", "s", "--backend-dial-timeout", "0s"])
+                .unwrap_err()
+                .contains("longer than 0")
+        );
+        assert!(server(&["--uds-name", "s", "--admin-bind", "nowhere"]).unwrap_err().contains("admin-bind"));
+        assert_eq!(server(&["--uds-name", "s", "--admin-bind", "off"]).unwrap().admin_bind, None);
+    }
+}

@@ -1,0 +1,276 @@
+//! The accept loop every listener of Spoke runs (the server's Unix-socket and TCP frontends, its agent
+//! listener, both admin endpoints).
+//!
+//! - A permit from the listener's own budget is taken **before** `accept()`, so a listener at its limit
+//!   leaves connections in the kernel's backlog instead of taking them on; each listener has its own
+//!   budget, so a flood on one never starves another. The handler gets the permit and holds it for as
+//!   long as the connection counts against the budget (its whole life, or only its handshake).
+//! - A failed accept (out of descriptors, for example) is logged and retried after a pause that
+//!   doubles while failures repeat, so the loop never spins.
+//! - Where the listener sets one, a peer that sends nothing within the first-byte deadline is dropped
+//!   before any handler state (a TLS session, a request buffer) exists for it.
+//! - Every connection runs in its own task, tracked for the shutdown, inside a span naming the listener
+//!   and the peer.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument as _, info_span, warn};
+
+/// First pause after a failed accept.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause after repeated failed accepts.
+pub const MAX_ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Where a connection came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A TCP peer.
+    Tcp(std::net::SocketAddr),
+    /// A peer on a Unix socket (unnamed; its credentials are the socket file's permissions).
+    Unix,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(addr) => addr.fmt(f),
+            Self::Unix => f.write_str("uds"),
+        }
+    }
+}
+
+/// A listening socket the loop can accept from.
+pub trait Listener: Send + Sync + 'static {
+    /// The accepted connection.
+    type Conn: Send + 'static;
+    /// Accepts one connection.
+    fn accept_conn(&self) -> impl Future<Output = io::Result<(Self::Conn, Peer)>> + Send;
+    /// Waits until `conn` has a byte to read (or has ended), leaving the byte unread. (Readiness alone
+    /// will not do: tokio presets an accepted socket as readable.)
+    fn first_byte(conn: &Self::Conn) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Conn = TcpStream;
+
+    async fn accept_conn(&self) -> io::Result<(TcpStream, Peer)> {
+        self.accept().await.map(|(conn, addr)| (conn, Peer::Tcp(addr)))
+    }
+
+    async fn first_byte(conn: &TcpStream) -> io::Result<()> {
+        conn.peek(&mut [0u8; 1]).await.map(drop)
+    }
+}
+
+impl Listener for UnixListener {
+    type Conn = UnixStream;
+
+    async fn accept_conn(&self) -> io::Result<(UnixStream, Peer)> {
+        self.accept().await.map(|(conn, _)| (conn, Peer::Unix))
+    }
+
+    async fn first_byte(conn: &UnixStream) -> io::Result<()> {
+        let mut byte = [std::mem::MaybeUninit::uninit()];
+        loop {
+            conn.readable().await?;
+            let peek = || socket2::SockRef::from(conn).peek(&mut byte);
+            match conn.try_io(tokio::io::Interest::READABLE, peek) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Called for each peer dropped at the first-byte deadline (to count it).
+pub type OnSilent = Arc<dyn Fn(Peer) + Send + Sync>;
+
+/// The budget and deadlines of one listener.
+#[derive(Clone)]
+pub struct Budget {
+    /// The listener's name in logs and spans (`uds`, `frontend`, `agent`, `admin`).
+    pub name: &'static str,
+    /// Connections that may hold a permit at once.
+    pub max_conns: usize,
+    /// Time a new peer has to send its first byte; `None` leaves it to the handler.
+    pub first_byte: Option<Duration>,
+    /// Told of each peer dropped at the first-byte deadline.
+    pub on_silent: Option<OnSilent>,
+}
+
+impl fmt::Debug for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Budget")
+            .field("name", &self.name)
+            .field("max_conns", &self.max_conns)
+            .field("first_byte", &self.first_byte)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection handed to a handler.
+#[derive(Debug)]
+pub struct Accepted<C> {
+    /// The connection.
+    pub conn: C,
+    /// Where it came from.
+    pub peer: Peer,
+    /// When it was accepted: handshake and request deadlines count from here.
+    pub at: Instant,
+    /// Its place in the listener's budget; dropping it frees the place.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Accepts from `listener` until `stop` is cancelled, running `handler` for each connection in a task
+/// of `tracker`.
+pub async fn serve<L, H, F>(
+    listener: L,
+    budget: Budget,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    handler: H,
+) where
+    L: Listener,
+    H: Fn(Accepted<L::Conn>) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(budget.max_conns));
+    let handler = Arc::new(handler);
+    let mut pause = ACCEPT_ERROR_PAUSE;
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (conn, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept_conn() => match r {
+                Ok(c) => c,
+                Err(error) => {
+                    warn!(%error, listener = budget.name, "accept failed");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(MAX_ACCEPT_ERROR_PAUSE);
+                    continue;
+                }
+            },
+        };
+        pause = ACCEPT_ERROR_PAUSE;
+        let accepted = Accepted { conn, peer, at: Instant::now(), permit };
+        let span = info_span!("conn", listener = budget.name, peer = %peer);
+        let (handler, first_byte, on_silent) = (handler.clone(), budget.first_byte, budget.on_silent.clone());
+        tracker.spawn(
+            async move {
+                if let Some(deadline) = first_byte
+                    && tokio::time::timeout(deadline, L::first_byte(&accepted.conn)).await.is_err()
+                {
+                    warn!(?deadline, "peer sent nothing within the first-byte deadline: closed");
+                    if let Some(on_silent) = on_silent {
+                        on_silent(accepted.peer);
+                    }
+                    return;
+                }
+                handler(accepted).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    fn budget(max_conns: usize, first_byte: Option<Duration>, silent: &Arc<AtomicUsize>) -> Budget {
+        let silent = silent.clone();
+        Budget {
+            name: "test",
+            max_conns,
+            first_byte,
+            on_silent: Some(Arc::new(move |_| {
+                silent.fetch_add(1, Ordering::SeqCst);
+            })),
+        }
+    }
+
+    /// Echoes one read back, holding its permit until the peer closes.
+    async fn echo_once(mut a: Accepted<TcpStream>) {
+        let mut buf = [0u8; 16];
+        if let Ok(n) = a.conn.read(&mut buf).await {
+            let _ = a.conn.write_all(&buf[..n]).await;
+            let _ = a.conn.read(&mut buf).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_budget_holds_further_peers_in_the_backlog() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let silent = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(serve(listener, budget(1, None, &silent), stop.clone(), TaskTracker::new(), echo_once));
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first.write_all(b"1").await.unwrap();
+        let mut buf = [0u8; 1];
+        first.read_exact(&mut buf).await.unwrap();
+        // The second peer connects (the kernel's backlog) but is not served while the first holds the
+        // only permit.
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        second.write_all(b"2").await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(200), second.read_exact(&mut buf)).await;
+        assert!(early.is_err(), "served beyond the budget");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(10), second.read_exact(&mut buf))
+            .await
+            .expect("served once the permit is free")
+            .unwrap();
+        assert_eq!(&buf, b"2");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_dropped_at_the_first_byte_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let silent = Arc::new(AtomicUsize::new(0));
+        let deadline = Some(Duration::from_millis(100));
+        tokio::spawn(serve(
+            listener,
+            budget(4, deadline, &silent),
+            stop.clone(),
+            TaskTracker::new(),
+            echo_once,
+        ));
+        let mut quiet = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), quiet.read(&mut buf))
+            .await
+            .expect("closed by the server")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a silent peer gets nothing and is closed");
+        assert_eq!(silent.load(Ordering::SeqCst), 1);
+        // A peer that speaks is served.
+        let mut talker = TcpStream::connect(addr).await.unwrap();
+        talker.write_all(b"x").await.unwrap();
+        talker.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"x");
+        stop.cancel();
+    }
+}
