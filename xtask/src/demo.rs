@@ -1,5 +1,6 @@
 //! `cargo xtask run`: the whole system on loopback — a demo backend, spoke-server and spoke-agent with
-//! development certificates — checked end to end, then left running until Ctrl-C.
+//! development certificates — checked end to end, then left running until Ctrl-C, SIGTERM or SIGHUP (a
+//! `timeout`, a closed terminal, a process manager), each of which stops what it started.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener};
@@ -15,7 +16,7 @@ use anyhow::{Context as _, bail};
 
 /// Longest wait for a process to start or become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long server and agent get to stop after Ctrl-C before they are killed.
+/// How long server and agent get to stop after a stop signal before they are killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Socket timeouts of the demo's own requests.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,7 +42,7 @@ fn start(
 ) -> anyhow::Result<(Running, Vec<(String, String)>)> {
     let mut child = Command::new(program)
         .args(args)
-        // Own process group: Ctrl-C reaches only xtask, which then stops the children in order.
+        // Own process group: Ctrl-C and a hang-up reach only xtask, which then stops the children in order.
         .process_group(0)
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
@@ -171,7 +172,8 @@ fn agent_args(server_port: u16, datapath: &str, cert: &dyn Fn(&str) -> String) -
 pub fn run(datapath: &str) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("install the Ctrl-C handler")?;
+    // SIGINT, SIGTERM and SIGHUP (ctrlc's `termination` feature) all end the demo the same way.
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("install the signal handler")?;
 
     if !matches!(datapath, "auto" | "copy" | "splice" | "sockmap") {
         bail!("unknown datapath {datapath:?}: auto, copy, splice or sockmap");
@@ -180,6 +182,9 @@ pub fn run(datapath: &str) -> anyhow::Result<()> {
         eprintln!("[xtask] --datapath {datapath}: data connections are plaintext (loopback only here)");
     }
     let bins = crate::build_binaries()?;
+    if stop.load(Ordering::SeqCst) {
+        return Ok(());
+    }
     let dir = crate::target_dir().join("spoke-dev");
     let certs = dir.join("certs");
     crate::run({
@@ -200,6 +205,9 @@ pub fn run(datapath: &str) -> anyhow::Result<()> {
     let agent_admin: SocketAddr = crate::value(&a, "admin")?.parse()?;
     let deadline = Instant::now() + START_TIMEOUT;
     while crate::http_get(agent_admin, "/readyz", IO_TIMEOUT).map(|(status, _)| status) != Some(200) {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(()); // the children are stopped when dropped
+        }
         if Instant::now() > deadline {
             bail!("the agent did not become ready (see its log above)");
         }
@@ -215,7 +223,7 @@ pub fn run(datapath: &str) -> anyhow::Result<()> {
          \x20   curl -p --proxy https://localhost:{port} --proxy-cacert {certs_shown}/frontend-ca.pem \\\n\
          \x20        --proxy-cert {certs_shown}/client.pem --proxy-key {certs_shown}/client-key.pem http://{backend}/\n\
          Metrics: http://{server_admin}/metrics (server), http://{agent_admin}/metrics (agent)\n\
-         Press Ctrl-C to stop.",
+         Press Ctrl-C to stop (SIGTERM and SIGHUP stop it too).",
         answer = answer.trim(),
         uds = uds.display(),
         port = frontend.rsplit(':').next().unwrap_or_default(),
@@ -229,7 +237,8 @@ pub fn run(datapath: &str) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("[xtask] stopping: SIGTERM to spoke-agent and spoke-server");
+    // After a hang-up stderr may be gone: a failed write must not stop the stopping.
+    let _ = writeln!(std::io::stderr(), "[xtask] stopping: SIGTERM to spoke-agent and spoke-server");
     for c in &children {
         let _ = Command::new("kill").arg("-TERM").arg(c.child.id().to_string()).status();
     }
