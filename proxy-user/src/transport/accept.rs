@@ -273,4 +273,34 @@ mod tests {
         assert_eq!(&buf, b"x");
         stop.cancel();
     }
+
+    #[tokio::test]
+    async fn a_unix_socket_peer_is_held_to_the_same_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let stop = CancellationToken::new();
+        let silent = Arc::new(AtomicUsize::new(0));
+        let deadline = Some(Duration::from_millis(100));
+        let echo = |mut a: Accepted<UnixStream>| async move {
+            let mut buf = [0u8; 1];
+            if a.conn.read_exact(&mut buf).await.is_ok() {
+                let _ = a.conn.write_all(&buf).await;
+            }
+        };
+        tokio::spawn(serve(listener, budget(4, deadline, &silent), stop.clone(), TaskTracker::new(), echo));
+        let mut quiet = UnixStream::connect(&path).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), quiet.read(&mut buf))
+            .await
+            .expect("closed by the server")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a silent peer gets nothing and is closed");
+        assert_eq!(silent.load(Ordering::SeqCst), 1);
+        let mut talker = UnixStream::connect(&path).await.unwrap();
+        talker.write_all(b"y").await.unwrap();
+        talker.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"y", "the peeked byte is still there for the handler");
+        stop.cancel();
+    }
 }
