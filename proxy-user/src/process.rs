@@ -31,6 +31,28 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
     builder.enable_all().build()
 }
 
+/// A binary's configuration, checked by `validate` (the flags, then the files they name, such as TLS
+/// material). A failure is printed as `NAME: configuration: ERROR` and ends the process with
+/// `EX_USAGE`; with `check_only` (`--check-config`) the configuration is printed on stdout and the
+/// process ends with success. Otherwise the configuration comes back to run.
+pub fn configure<C: std::fmt::Debug>(
+    name: &str,
+    check_only: bool,
+    validate: impl FnOnce() -> anyhow::Result<C>,
+) -> Result<C, std::process::ExitCode> {
+    match validate() {
+        Err(e) => {
+            eprintln!("{name}: configuration: {e:#}");
+            Err(std::process::ExitCode::from(crate::EXIT_CONFIG))
+        }
+        Ok(config) if check_only => {
+            println!("{config:#?}");
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Ok(config) => Ok(config),
+    }
+}
+
 /// Runs `main` to completion on a runtime of `worker_threads` workers (0: one per CPU), after raising
 /// the open-file limit; reports a failure on stderr and in the exit status.
 pub fn run_main<F>(name: &str, worker_threads: usize, main: F) -> std::process::ExitCode

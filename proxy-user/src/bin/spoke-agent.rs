@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use spoke::EXIT_CONFIG;
 use spoke::agent::config::{AgentArgs, AgentConfig};
 use spoke::transport::tls;
 use tokio::net::TcpListener;
@@ -13,21 +12,15 @@ fn main() -> ExitCode {
     let args = AgentArgs::parse();
     spoke::telemetry::init_logging(args.log_format);
     let check_only = args.check_config;
-    let config = match AgentConfig::try_from(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("spoke-agent: configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let config = spoke::process::configure("spoke-agent", check_only, || {
+        let config = AgentConfig::try_from(args)?;
+        tls::client_config(&config.tls).context("TLS")?;
+        Ok(config)
+    });
+    let config = match config {
+        Ok(config) => config,
+        Err(exit) => return exit,
     };
-    if let Err(e) = tls::client_config(&config.tls) {
-        eprintln!("spoke-agent: configuration: TLS: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    if check_only {
-        println!("{config:#?}");
-        return ExitCode::SUCCESS;
-    }
     spoke::process::run_main("spoke-agent", config.worker_threads, serve(config))
 }
 

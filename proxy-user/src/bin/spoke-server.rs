@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use spoke::EXIT_CONFIG;
 use spoke::server::Listeners;
 use spoke::server::config::{ServerArgs, ServerConfig};
 use spoke::transport::tls::{self, Versions};
@@ -60,21 +59,15 @@ fn main() -> ExitCode {
     let args = ServerArgs::parse();
     spoke::telemetry::init_logging(args.log_format);
     let check_only = args.check_config;
-    let config = match ServerConfig::try_from(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("spoke-server: configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let config = spoke::process::configure("spoke-server", check_only, || {
+        let config = ServerConfig::try_from(args)?;
+        check_tls(&config)?;
+        Ok(config)
+    });
+    let config = match config {
+        Ok(config) => config,
+        Err(exit) => return exit,
     };
-    if let Err(e) = check_tls(&config) {
-        eprintln!("spoke-server: configuration: {e:#}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    if check_only {
-        println!("{config:#?}");
-        return ExitCode::SUCCESS;
-    }
     spoke::process::run_main("spoke-server", config.worker_threads, serve(config))
 }
 

@@ -193,7 +193,7 @@ pub async fn serve<L, H, F>(
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
     use super::*;
 
@@ -244,52 +244,26 @@ mod tests {
         stop.cancel();
     }
 
-    #[tokio::test]
-    async fn a_silent_peer_is_dropped_at_the_first_byte_deadline() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+    /// A peer that says nothing is closed at the first-byte deadline and counted; the next one, which
+    /// speaks at once, is served with its first byte still unread.
+    async fn silent_peers_are_dropped<L, C, F>(listener: L, connect: impl Fn() -> F)
+    where
+        L: Listener,
+        L::Conn: AsyncRead + AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + Unpin,
+        F: Future<Output = C>,
+    {
         let stop = CancellationToken::new();
         let silent = Arc::new(AtomicUsize::new(0));
         let deadline = Some(Duration::from_millis(100));
-        tokio::spawn(serve(
-            listener,
-            budget(4, deadline, &silent),
-            stop.clone(),
-            TaskTracker::new(),
-            echo_once,
-        ));
-        let mut quiet = TcpStream::connect(addr).await.unwrap();
-        let mut buf = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(10), quiet.read(&mut buf))
-            .await
-            .expect("closed by the server")
-            .unwrap_or(0);
-        assert_eq!(n, 0, "a silent peer gets nothing and is closed");
-        assert_eq!(silent.load(Ordering::SeqCst), 1);
-        // A peer that speaks is served.
-        let mut talker = TcpStream::connect(addr).await.unwrap();
-        talker.write_all(b"x").await.unwrap();
-        talker.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"x");
-        stop.cancel();
-    }
-
-    #[tokio::test]
-    async fn a_unix_socket_peer_is_held_to_the_same_deadline() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let stop = CancellationToken::new();
-        let silent = Arc::new(AtomicUsize::new(0));
-        let deadline = Some(Duration::from_millis(100));
-        let echo = |mut a: Accepted<UnixStream>| async move {
+        let echo = |mut a: Accepted<L::Conn>| async move {
             let mut buf = [0u8; 1];
             if a.conn.read_exact(&mut buf).await.is_ok() {
                 let _ = a.conn.write_all(&buf).await;
             }
         };
         tokio::spawn(serve(listener, budget(4, deadline, &silent), stop.clone(), TaskTracker::new(), echo));
-        let mut quiet = UnixStream::connect(&path).await.unwrap();
+        let mut quiet = connect().await;
         let mut buf = [0u8; 1];
         let n = tokio::time::timeout(Duration::from_secs(10), quiet.read(&mut buf))
             .await
@@ -297,10 +271,29 @@ mod tests {
             .unwrap_or(0);
         assert_eq!(n, 0, "a silent peer gets nothing and is closed");
         assert_eq!(silent.load(Ordering::SeqCst), 1);
-        let mut talker = UnixStream::connect(&path).await.unwrap();
+        let mut talker = connect().await;
         talker.write_all(b"y").await.unwrap();
         talker.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"y", "the peeked byte is still there for the handler");
         stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_silent_tcp_peer_is_dropped_at_the_first_byte_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        silent_peers_are_dropped(listener, || async move { TcpStream::connect(addr).await.unwrap() }).await;
+    }
+
+    #[tokio::test]
+    async fn a_silent_unix_socket_peer_is_dropped_at_the_first_byte_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let connect = || {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.unwrap() }
+        };
+        silent_peers_are_dropped(listener, connect).await;
     }
 }
