@@ -37,6 +37,7 @@ pub async fn serve(
         max_conns: MAX_ADMIN_CONNS,
         first_byte: Some(ADMIN_TIMEOUT),
         on_silent: None,
+        peer_in_logs: false,
     };
     // Admin requests are not waited for at shutdown: nobody holds the tracker.
     accept::serve(listener, budget, shutdown, TaskTracker::new(), move |a: Accepted<TcpStream>| {

@@ -96,8 +96,14 @@ pub async fn run_server(
     }
     let limits = &server.config.limits;
     // Each listener has its own budget: a flood on one never starves another.
-    let frontend =
-        |name| Budget { name, max_conns: limits.max_frontend_conns, first_byte: None, on_silent: None };
+    // Frontend connections log under their stream's span (request and destination), not their own.
+    let frontend = |name| Budget {
+        name,
+        max_conns: limits.max_frontend_conns,
+        first_byte: None,
+        on_silent: None,
+        peer_in_logs: false,
+    };
     let mut loops = tokio::task::JoinSet::new();
     if let Some(uds) = listeners.uds {
         // The header timeout bounds a silent client, with a 408 the apiserver can report.
@@ -130,6 +136,7 @@ pub async fn run_server(
         max_conns: MAX_AGENT_HANDSHAKES,
         first_byte: Some(limits.handshake_timeout),
         on_silent: Some(on_silent),
+        peer_in_logs: true,
     };
     let s = server.clone();
     loops.spawn(accept::serve(

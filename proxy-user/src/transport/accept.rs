@@ -23,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, info_span, warn};
+use tracing::{Instrument as _, debug_span, info_span, warn};
 
 /// First pause after a failed accept.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -106,6 +106,10 @@ pub struct Budget {
     pub first_byte: Option<Duration>,
     /// Told of each peer dropped at the first-byte deadline.
     pub on_silent: Option<OnSilent>,
+    /// Whether the connection's span is at the default level (`info`), so that its warnings name the
+    /// listener and the peer; otherwise `debug` (an enabled span costs memory for the connection's
+    /// life, which matters for listeners holding thousands of streams).
+    pub peer_in_logs: bool,
 }
 
 impl fmt::Debug for Budget {
@@ -114,6 +118,7 @@ impl fmt::Debug for Budget {
             .field("name", &self.name)
             .field("max_conns", &self.max_conns)
             .field("first_byte", &self.first_byte)
+            .field("peer_in_logs", &self.peer_in_logs)
             .finish_non_exhaustive()
     }
 }
@@ -169,7 +174,11 @@ pub async fn serve<L, H, F>(
         };
         pause = ACCEPT_ERROR_PAUSE;
         let accepted = Accepted { conn, peer, at: Instant::now(), permit };
-        let span = info_span!("conn", listener = budget.name, peer = %peer);
+        let span = if budget.peer_in_logs {
+            info_span!("conn", listener = budget.name, peer = %peer)
+        } else {
+            debug_span!("conn", listener = budget.name, peer = %peer)
+        };
         let (handler, first_byte, on_silent) = (handler.clone(), budget.first_byte, budget.on_silent.clone());
         tracker.spawn(
             async move {
@@ -203,6 +212,7 @@ mod tests {
             name: "test",
             max_conns,
             first_byte,
+            peer_in_logs: true,
             on_silent: Some(Arc::new(move |_| {
                 silent.fetch_add(1, Ordering::SeqCst);
             })),
