@@ -112,7 +112,7 @@ impl Agent {
                 _ => "full",
             };
             inc(&self.metrics.server_handshakes, "kind", kind);
-            Link::Tls(conn)
+            Link::Tls(Box::new(conn))
         } else {
             Link::Plain(tcp)
         };

@@ -113,7 +113,9 @@ pub(super) async fn serve(
 ) {
     let timeout = Duration::from_millis(timeout_ms.into()).min(agent.config.dial_timeout);
     let started = Instant::now();
-    let opened = open(agent, host, port, timeout).await;
+    // The dial runs boxed: a task's state is as large as its largest phase and is held for the stream's
+    // whole life, which is mostly the relay (thousands of idle streams are held at once).
+    let opened = Box::pin(open(agent, host, port, timeout)).await;
     agent.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
     let (status, message, target) = match opened {
         Ok(t) => (DialStatus::Ok, String::new(), Some(t)),
@@ -123,9 +125,8 @@ pub(super) async fn serve(
         }
     };
     inc(&agent.metrics.stream.results, "result", status.as_str());
-    if let Err(error) =
-        codec::write_message(&mut conn, &Message::DialReply { stream_id, status, message }).await
-    {
+    let reply = Message::DialReply { stream_id, status, message };
+    if let Err(error) = Box::pin(codec::write_message(&mut conn, &reply)).await {
         debug!(%error, "server left before the dial reply");
         return;
     }

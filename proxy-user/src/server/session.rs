@@ -73,7 +73,7 @@ async fn establish(
     }
     let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
         match tls::accept(acceptor, stream, deadline).await {
-            Ok(conn) => Link::Tls(conn),
+            Ok(conn) => Link::Tls(Box::new(conn)),
             Err(HandshakeError::Timeout) => {
                 warn!("agent connection set-up timed out");
                 return Err("timeout");

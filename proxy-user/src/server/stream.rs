@@ -122,20 +122,23 @@ pub(super) async fn serve_tls(server: Arc<Server>, acceptor: TlsAcceptor, accept
 /// Serves one frontend connection to its end.
 async fn serve<S: Stream>(server: &Server, mut client: S) {
     let limits = &server.config.limits;
-    let req = match tokio::time::timeout(limits.header_timeout, frontend::read_connect(&mut client)).await {
+    // The phases before the relay run boxed: a task's state is as large as its largest phase and is held
+    // for the stream's whole life, which is mostly the relay (thousands of idle streams are held at once).
+    let head = Box::pin(tokio::time::timeout(limits.header_timeout, frontend::read_connect(&mut client)));
+    let req = match head.await {
         Ok(Ok(req)) => req,
         Ok(Err(e)) => {
             debug!(error = %e, "bad request");
             inc(&server.metrics.stream.results, "result", e.reason());
             if let Some(status) = e.status() {
-                refuse(&mut client, status, &e.to_string()).await;
+                Box::pin(refuse(&mut client, status, &e.to_string())).await;
             }
             return;
         }
         Err(_) => {
             debug!("request head timed out");
             inc(&server.metrics.stream.results, "result", "header_timeout");
-            refuse(&mut client, 408, "request head not received in time").await;
+            Box::pin(refuse(&mut client, 408, "request head not received in time")).await;
             return;
         }
     };
@@ -143,12 +146,12 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
     let span = info_span!("stream", id = stream_id, dest = %req);
     async move {
         let started = Instant::now();
-        let (mut data, agent, _slot) = match open(server, &req, stream_id).await {
+        let (mut data, agent, _slot) = match Box::pin(open(server, &req, stream_id)).await {
             Ok(opened) => opened,
             Err(e) => {
                 debug!(error = %e, "dial failed");
                 inc(&server.metrics.stream.results, "result", e.reason());
-                refuse(&mut client, e.status(), &e.to_string()).await;
+                Box::pin(refuse(&mut client, e.status(), &e.to_string())).await;
                 return;
             }
         };

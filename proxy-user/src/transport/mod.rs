@@ -111,8 +111,9 @@ pub fn tune_link(stream: &TcpStream) -> io::Result<()> {
 /// that is already encrypted). Plain data connections let the kernel tiers carry the stream.
 #[derive(Debug)]
 pub enum Link<T> {
-    /// TLS over TCP.
-    Tls(T),
+    /// TLS over TCP. Boxed: a TLS session's state is over 1 KiB, and a plain link, held by every
+    /// stream of a plaintext tunnel, should not carry room for it.
+    Tls(Box<T>),
     /// Plain TCP.
     Plain(TcpStream),
 }
@@ -177,4 +178,17 @@ pub(crate) async fn tcp_pair() -> (TcpStream, TcpStream) {
     let addr = listener.local_addr().expect("local address");
     let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
     (client.expect("connect"), accepted.expect("accept").0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every stream holds a link for its life; a plain one must not carry room for a TLS session. A
+    /// structural guard; memory itself is measured by the benchmark.
+    #[test]
+    fn a_link_is_small_whatever_it_carries() {
+        assert!(size_of::<AcceptedLink>() <= 64, "{} bytes", size_of::<AcceptedLink>());
+        assert!(size_of::<DialedLink>() <= 64, "{} bytes", size_of::<DialedLink>());
+    }
 }
