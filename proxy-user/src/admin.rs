@@ -36,7 +36,8 @@ pub async fn serve(
         name: "admin",
         max_conns: MAX_ADMIN_CONNS,
         first_byte: Some(ADMIN_TIMEOUT),
-        on_silent: None,
+        per_source: None,
+        on_refused: None,
         peer_in_logs: false,
     };
     // Admin requests are not waited for at shutdown: nobody holds the tracker.

@@ -182,3 +182,31 @@ async fn a_control_channel_without_tls_is_refused_even_when_plaintext_is_allowed
     assert!(matches!(reply, Ok(Message::Reject { .. })), "{reply:?}");
     assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_from_one_host_does_not_keep_agents_out() {
+    let certs = certs();
+    // Few set-up places and a long handshake timeout: without the per-source share, the flood below
+    // would hold every place for a minute.
+    let srv = server(&certs)
+        .flag("--max-agent-handshakes", "64")
+        .flag("--max-handshakes-per-source", "8")
+        .flag("--handshake-timeout", "60s")
+        .run()
+        .await;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.2:0".parse().unwrap()).expect("bind 127.0.0.2");
+        flood.push(socket.connect(srv.agent_addr).await.expect("connect"));
+    }
+    eventually("connections past the share refused", || async {
+        metric(srv.admin_addr, "spoke_server_agent_conn_failures_total{reason=\"source_busy\"}").await >= 150
+    })
+    .await;
+    // An agent from another address connects and serves while the flood still holds its share.
+    let echo = echo().await;
+    let _agent = agent(&srv).run().await;
+    round_trip(&srv, echo).await;
+    drop(flood);
+}

@@ -82,6 +82,15 @@ pub struct ServerArgs {
     /// Most agents connected at once.
     #[arg(long, env = "SPOKE_SERVER_MAX_AGENTS", default_value_t = 10_000)]
     pub max_agents: usize,
+    /// Agent connections in set-up (TLS handshake and first frame) at once; further ones wait in the
+    /// listen backlog.
+    #[arg(long, env = "SPOKE_SERVER_MAX_AGENT_HANDSHAKES", default_value_t = 1024)]
+    pub max_agent_handshakes: usize,
+    /// Of those, the most one source address may hold, so that idle or garbage connections from one
+    /// host cannot keep agents from connecting; past it a connection is closed at once. Agents behind
+    /// one NAT address share it.
+    #[arg(long, env = "SPOKE_SERVER_MAX_HANDSHAKES_PER_SOURCE", default_value_t = 64)]
+    pub max_handshakes_per_source: usize,
     /// Most idle data connections one agent may park.
     #[arg(long, env = "SPOKE_SERVER_MAX_IDLE_PER_AGENT", default_value_t = 256)]
     pub max_idle_per_agent: usize,
@@ -130,6 +139,10 @@ pub struct ServerLimits {
     pub max_pending_dials: usize,
     /// See [`ServerArgs::max_agents`].
     pub max_agents: usize,
+    /// See [`ServerArgs::max_agent_handshakes`].
+    pub max_agent_handshakes: usize,
+    /// See [`ServerArgs::max_handshakes_per_source`].
+    pub max_handshakes_per_source: usize,
     /// See [`ServerArgs::max_idle_per_agent`].
     pub max_idle_per_agent: usize,
     /// See [`ServerArgs::header_timeout`].
@@ -216,6 +229,11 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 max_streams_per_agent: positive("--max-streams-per-agent", a.max_streams_per_agent)?,
                 max_pending_dials: positive("--max-pending-dials", a.max_pending_dials)?,
                 max_agents: positive("--max-agents", a.max_agents)?,
+                max_agent_handshakes: positive("--max-agent-handshakes", a.max_agent_handshakes)?,
+                max_handshakes_per_source: positive(
+                    "--max-handshakes-per-source",
+                    a.max_handshakes_per_source,
+                )?,
                 max_idle_per_agent: positive("--max-idle-per-agent", a.max_idle_per_agent)?,
                 header_timeout: nonzero_duration("--header-timeout", a.header_timeout)?,
                 dial_timeout: nonzero_duration("--backend-dial-timeout", a.backend_dial_timeout)?,

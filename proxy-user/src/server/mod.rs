@@ -20,14 +20,10 @@ use tracing::{info, warn};
 
 use crate::datapath::Datapath;
 use crate::metrics::{ServerMetrics, inc};
-use crate::transport::accept::{self, Accepted, Budget};
+use crate::transport::accept::{self, Accepted, Budget, Refused};
 use crate::transport::tls::{self, TlsError, Versions};
 use config::ServerConfig;
 use registry::AgentRegistry;
-
-/// Agent connections in set-up (TLS handshake and first frame) at once; further agent connections wait
-/// in the listen backlog.
-pub const MAX_AGENT_HANDSHAKES: usize = 1024;
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +97,8 @@ pub async fn run_server(
         name,
         max_conns: limits.max_frontend_conns,
         first_byte: None,
-        on_silent: None,
+        per_source: None,
+        on_refused: None,
         peer_in_logs: false,
     };
     let mut loops = tokio::task::JoinSet::new();
@@ -118,10 +115,10 @@ pub async fn run_server(
     }
     if let (Some(tcp), Some(acceptor)) = (listeners.frontend_tcp, frontend_tls) {
         let s = server.clone();
-        let on_silent = Arc::new(move |_| inc(&s.metrics.stream.results, "result", "tls_handshake"));
+        let on_refused = Arc::new(move |_, _| inc(&s.metrics.stream.results, "result", "tls_handshake"));
         let budget = Budget {
             first_byte: Some(limits.handshake_timeout),
-            on_silent: Some(on_silent),
+            on_refused: Some(on_refused),
             ..frontend("frontend")
         };
         let s = server.clone();
@@ -130,12 +127,14 @@ pub async fn run_server(
         }));
     }
     let s = server.clone();
-    let on_silent = Arc::new(move |_| inc(&s.metrics.agent_conn_failures, "reason", "timeout"));
+    let on_refused =
+        Arc::new(move |_, why: Refused| inc(&s.metrics.agent_conn_failures, "reason", why.as_str()));
     let budget = Budget {
         name: "agent",
-        max_conns: MAX_AGENT_HANDSHAKES,
+        max_conns: limits.max_agent_handshakes,
         first_byte: Some(limits.handshake_timeout),
-        on_silent: Some(on_silent),
+        per_source: Some(limits.max_handshakes_per_source),
+        on_refused: Some(on_refused),
         peer_in_logs: true,
     };
     let s = server.clone();

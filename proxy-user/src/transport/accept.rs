@@ -9,13 +9,21 @@
 //!   doubles while failures repeat, so the loop never spins.
 //! - Where the listener sets one, a peer that sends nothing within the first-byte deadline is dropped
 //!   before any handler state (a TLS session, a request buffer) exists for it.
+//! - Where the listener sets one, a source address may hold only so many of its permits at once: a
+//!   flood of idle or garbage connections from one host (or one NAT) cannot take every permit from the
+//!   others. Connections past it are closed at once.
+//! - Refusals are counted through the listener's hook and warned about at most once per
+//!   [`WARN_INTERVAL`], with the number left unsaid, so that a flood cannot flood the log too.
 //! - Every connection runs in its own task, tracked for the shutdown, inside a span naming the listener
 //!   and the peer.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -29,6 +37,8 @@ use tracing::{Instrument as _, debug_span, info_span, warn};
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Longest pause after repeated failed accepts.
 pub const MAX_ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Shortest time between two warnings about refused peers of one listener.
+pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Where a connection came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,8 +102,28 @@ impl Listener for UnixListener {
     }
 }
 
-/// Called for each peer dropped at the first-byte deadline (to count it).
-pub type OnSilent = Arc<dyn Fn(Peer) + Send + Sync>;
+/// Why the loop closed a connection before its handler saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The peer sent nothing by the first-byte deadline.
+    Silent,
+    /// Its source address already held all the permits one source may hold.
+    SourceBusy,
+}
+
+impl Refused {
+    /// Metric label.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Silent => "timeout",
+            Self::SourceBusy => "source_busy",
+        }
+    }
+}
+
+/// Told of each connection the loop refused (to count it).
+pub type OnRefused = Arc<dyn Fn(Peer, Refused) + Send + Sync>;
 
 /// The budget and deadlines of one listener.
 #[derive(Clone)]
@@ -104,8 +134,11 @@ pub struct Budget {
     pub max_conns: usize,
     /// Time a new peer has to send its first byte; `None` leaves it to the handler.
     pub first_byte: Option<Duration>,
-    /// Told of each peer dropped at the first-byte deadline.
-    pub on_silent: Option<OnSilent>,
+    /// Permits one source address may hold at once; `None` for no such limit (and for Unix sockets,
+    /// whose peers have no address).
+    pub per_source: Option<usize>,
+    /// Told of each connection the loop refused.
+    pub on_refused: Option<OnRefused>,
     /// Whether the connection's span is at the default level (`info`), so that its warnings name the
     /// listener and the peer; otherwise `debug` (an enabled span costs memory for the connection's
     /// life, which matters for listeners holding thousands of streams).
@@ -118,6 +151,7 @@ impl fmt::Debug for Budget {
             .field("name", &self.name)
             .field("max_conns", &self.max_conns)
             .field("first_byte", &self.first_byte)
+            .field("per_source", &self.per_source)
             .field("peer_in_logs", &self.peer_in_logs)
             .finish_non_exhaustive()
     }
@@ -133,7 +167,87 @@ pub struct Accepted<C> {
     /// When it was accepted: handshake and request deadlines count from here.
     pub at: Instant,
     /// Its place in the listener's budget; dropping it frees the place.
-    pub permit: OwnedSemaphorePermit,
+    pub permit: Permit,
+}
+
+/// A connection's place in its listener's budget, and in its source address's share of it.
+#[derive(Debug)]
+pub struct Permit {
+    _slot: OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
+}
+
+/// One permit held by a source address; given back when dropped.
+#[derive(Debug)]
+struct SourceSlot {
+    held: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().expect("source table lock poisoned");
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Takes one of `max` places for `ip`, or `None` when it holds them all.
+fn take_source_slot(held: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+    let mut table = held.lock().expect("source table lock poisoned");
+    let n = table.entry(ip).or_default();
+    if *n >= max {
+        return None;
+    }
+    *n += 1;
+    Some(SourceSlot { held: held.clone(), ip })
+}
+
+/// Counts refusals and lets a warning through at most once per [`WARN_INTERVAL`].
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Milliseconds since `epoch` of the last warning (0: none yet).
+    last_warned_ms: AtomicU64,
+    unsaid: AtomicU64,
+}
+
+impl Refusals {
+    /// Records a refusal; `Some(n)` when a warning is due, `n` refusals since the last one.
+    fn note(&self, epoch: Instant) -> Option<u64> {
+        let unsaid = self.unsaid.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+        let last = self.last_warned_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(WARN_INTERVAL.as_millis()).expect("a short interval");
+        if last != 0 && now - last < interval {
+            return None;
+        }
+        if self.last_warned_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return None;
+        }
+        self.unsaid.fetch_sub(unsaid, Ordering::Relaxed);
+        Some(unsaid)
+    }
+}
+
+/// Counts a refused connection and warns about it when a warning is due.
+fn refuse(budget: &Budget, refusals: &Refusals, epoch: Instant, peer: Peer, why: Refused) {
+    if let Some(on_refused) = &budget.on_refused {
+        on_refused(peer, why);
+    }
+    if let Some(count) = refusals.note(epoch) {
+        match why {
+            Refused::Silent => {
+                warn!(listener = budget.name, %peer, count, deadline = ?budget.first_byte, "peers sent nothing by the first-byte deadline: closed");
+            }
+            Refused::SourceBusy => {
+                warn!(listener = budget.name, %peer, count, per_source = ?budget.per_source, "peers over their source address's share: closed");
+            }
+        }
+    }
 }
 
 /// Accepts from `listener` until `stop` is cancelled, running `handler` for each connection in a task
@@ -150,6 +264,10 @@ pub async fn serve<L, H, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(budget.max_conns));
+    let sources = Arc::new(Mutex::new(HashMap::new()));
+    let refusals = Arc::new(Refusals::default());
+    let epoch = Instant::now();
+    let budget = Arc::new(budget);
     let handler = Arc::new(handler);
     let mut pause = ACCEPT_ERROR_PAUSE;
     loop {
@@ -173,22 +291,30 @@ pub async fn serve<L, H, F>(
             },
         };
         pause = ACCEPT_ERROR_PAUSE;
+        let source = match (budget.per_source, peer) {
+            (Some(max), Peer::Tcp(addr)) => {
+                let Some(slot) = take_source_slot(&sources, addr.ip(), max) else {
+                    refuse(&budget, &refusals, epoch, peer, Refused::SourceBusy);
+                    continue;
+                };
+                Some(slot)
+            }
+            _ => None,
+        };
+        let permit = Permit { _slot: permit, _source: source };
         let accepted = Accepted { conn, peer, at: Instant::now(), permit };
         let span = if budget.peer_in_logs {
             info_span!("conn", listener = budget.name, peer = %peer)
         } else {
             debug_span!("conn", listener = budget.name, peer = %peer)
         };
-        let (handler, first_byte, on_silent) = (handler.clone(), budget.first_byte, budget.on_silent.clone());
+        let (handler, budget, refusals) = (handler.clone(), budget.clone(), refusals.clone());
         tracker.spawn(
             async move {
-                if let Some(deadline) = first_byte
+                if let Some(deadline) = budget.first_byte
                     && tokio::time::timeout(deadline, L::first_byte(&accepted.conn)).await.is_err()
                 {
-                    warn!(?deadline, "peer sent nothing within the first-byte deadline: closed");
-                    if let Some(on_silent) = on_silent {
-                        on_silent(accepted.peer);
-                    }
+                    refuse(&budget, &refusals, epoch, accepted.peer, Refused::Silent);
                     return;
                 }
                 handler(accepted).await;
@@ -200,7 +326,7 @@ pub async fn serve<L, H, F>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
@@ -212,8 +338,10 @@ mod tests {
             name: "test",
             max_conns,
             first_byte,
+            per_source: None,
             peer_in_logs: true,
-            on_silent: Some(Arc::new(move |_| {
+            on_refused: Some(Arc::new(move |_, why| {
+                assert_eq!(why, Refused::Silent);
                 silent.fetch_add(1, Ordering::SeqCst);
             })),
         }
@@ -305,5 +433,60 @@ mod tests {
             async move { UnixStream::connect(path).await.unwrap() }
         };
         silent_peers_are_dropped(listener, connect).await;
+    }
+
+    #[tokio::test]
+    async fn one_source_cannot_take_every_permit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let busy = Arc::new(AtomicUsize::new(0));
+        let counted = busy.clone();
+        let budget = Budget {
+            name: "test",
+            max_conns: 8,
+            first_byte: None,
+            per_source: Some(2),
+            peer_in_logs: true,
+            on_refused: Some(Arc::new(move |peer, why| {
+                assert_eq!(why, Refused::SourceBusy);
+                assert!(matches!(peer, Peer::Tcp(a) if a.ip().to_string() == "127.0.0.2"));
+                counted.fetch_add(1, Ordering::SeqCst);
+            })),
+        };
+        tokio::spawn(serve(listener, budget, stop.clone(), TaskTracker::new(), echo_once));
+        // Six idle connections from 127.0.0.2: two hold their places, four are closed at once.
+        let mut flood = Vec::new();
+        for _ in 0..6 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            flood.push(socket.connect(addr).await.unwrap());
+        }
+        let mut closed = 0;
+        for conn in &mut flood {
+            let mut buf = [0u8; 1];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(500), conn.read(&mut buf)).await
+            {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, 4, "only the source's share is held");
+        assert_eq!(busy.load(Ordering::SeqCst), 4);
+        // Another source is served while the flood still holds its two places.
+        let mut good = TcpStream::connect(addr).await.unwrap();
+        good.write_all(b"g").await.unwrap();
+        let mut buf = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), good.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"g");
+        // A place the source gives back can be taken again.
+        drop(flood);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut again = socket.connect(addr).await.unwrap();
+        again.write_all(b"a").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), again.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"a");
+        stop.cancel();
     }
 }
