@@ -9,7 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::{Identity, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_STRING_LEN, Message, kind};
+use crate::protocol::{Identity, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_STRING_LEN, Message, SessionId, kind};
 
 /// Why a frame could not be read, written or understood.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +80,7 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
             out.put_u16(*version);
             put_str(out, server_id)?;
             out.put_u16(*server_count);
-            out.put_u64(*session_id);
+            out.put_u128(session_id.0);
             out.put_u32(*heartbeat_ms);
         }
         Message::Ping { nonce } | Message::Pong { nonce } => out.put_u64(*nonce),
@@ -88,7 +88,7 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
         Message::GoAway { reason } | Message::Reject { reason } => put_str(out, reason)?,
         Message::DataHello { version, session_id } => {
             out.put_u16(*version);
-            out.put_u64(*session_id);
+            out.put_u128(session_id.0);
         }
         Message::Dial { stream_id, host, port, timeout_ms } => {
             out.put_u64(*stream_id);
@@ -136,7 +136,7 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
             version: get_u16(b, "version")?,
             server_id: get_str(b, "server id")?,
             server_count: get_u16(b, "server count")?,
-            session_id: get_u64(b, "session id")?,
+            session_id: get_session_id(b)?,
             heartbeat_ms: get_u32(b, "heartbeat")?,
         },
         kind::PING => Message::Ping { nonce: get_u64(b, "nonce")? },
@@ -145,7 +145,7 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
         kind::GO_AWAY => Message::GoAway { reason: get_str(b, "reason")? },
         kind::REJECT => Message::Reject { reason: get_str(b, "reason")? },
         kind::DATA_HELLO => {
-            Message::DataHello { version: get_u16(b, "version")?, session_id: get_u64(b, "session id")? }
+            Message::DataHello { version: get_u16(b, "version")?, session_id: get_session_id(b)? }
         }
         kind::DIAL => Message::Dial {
             stream_id: get_u64(b, "stream id")?,
@@ -268,6 +268,11 @@ fn get_u32(b: &mut Bytes, what: &'static str) -> Result<u32> {
     Ok(b.get_u32())
 }
 
+fn get_session_id(b: &mut Bytes) -> Result<SessionId> {
+    need(b, 16, "session id")?;
+    Ok(SessionId(b.get_u128()))
+}
+
 fn get_u64(b: &mut Bytes, what: &'static str) -> Result<u64> {
     need(b, 8, what)?;
     Ok(b.get_u64())
@@ -349,14 +354,14 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 server_id: "server-0".into(),
                 server_count: 3,
-                session_id: u64::MAX - 7,
+                session_id: SessionId(u128::MAX - 7),
                 heartbeat_ms: 5000,
             },
             Message::Ping { nonce: 42 },
             Message::Pong { nonce: 42 },
             Message::Drain,
             Message::GoAway { reason: "shutting down".into() },
-            Message::DataHello { version: PROTOCOL_VERSION, session_id: 9 },
+            Message::DataHello { version: PROTOCOL_VERSION, session_id: SessionId(9) },
             Message::Dial { stream_id: 1, host: "kubelet.example".into(), port: 10250, timeout_ms: 5000 },
             Message::DialReply { stream_id: 1, status: DialStatus::Refused, message: "refused".into() },
             Message::DialReply { stream_id: 2, status: DialStatus::Ok, message: String::new() },

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 /// Version of the wire format spoken by this build. A peer announcing another version is refused with
 /// [`Message::Reject`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Checks a peer's protocol version; `Err` holds the reason to send back in a `Reject`.
 pub fn check_version(version: u16) -> Result<(), String> {
@@ -20,6 +20,26 @@ pub fn check_version(version: u16) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("unsupported protocol version {version}; this side speaks {PROTOCOL_VERSION}"))
+    }
+}
+
+/// Names an agent's control session; a data connection quotes it to join the session. 128 bits from
+/// the operating system's secure random source, so that it cannot be guessed. It is a credential: logs
+/// show only its first 32 bits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub u128);
+
+impl SessionId {
+    /// The first 32 bits in hex: enough to tell sessions apart in logs, too few to join one.
+    #[must_use]
+    pub fn label(self) -> String {
+        format!("{:08x}", self.0 >> 96)
+    }
+}
+
+impl std::fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionId({}…)", self.label())
     }
 }
 
@@ -115,7 +135,7 @@ pub enum Message {
         /// How many server replicas the agent should keep a control channel to.
         server_count: u16,
         /// Names this control session; data connections quote it.
-        session_id: u64,
+        session_id: SessionId,
         /// How often the agent must send `Ping` (milliseconds).
         heartbeat_ms: u32,
     },
@@ -141,7 +161,7 @@ pub enum Message {
         /// Wire format version the agent speaks.
         version: u16,
         /// The agent's current control session (`HelloAck::session_id`).
-        session_id: u64,
+        session_id: SessionId,
     },
     /// Server → agent on a data connection: connect to this destination.
     Dial {

@@ -210,3 +210,35 @@ async fn a_flood_of_idle_connections_from_one_host_does_not_keep_agents_out() {
     round_trip(&srv, echo).await;
     drop(flood);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_connection_with_a_guessed_session_id_is_refused() {
+    use spoke::protocol::{Message, PROTOCOL_VERSION, SessionId};
+    use spoke::transport::tls::{TlsFiles, client_config};
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let echo = echo().await;
+    let _victim = agent(&srv).run().await;
+    // A holder of a certificate from the cluster CA, guessing session ids: 128 random bits each.
+    let f = &certs.files;
+    let files = TlsFiles { ca: f.cluster_ca.clone(), cert: f.agent_cert.clone(), key: f.agent_key.clone() };
+    let connector = tokio_rustls::TlsConnector::from(client_config(&files).expect("client config"));
+    for _ in 0..20 {
+        let tcp = TcpStream::connect(srv.agent_addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut s = connector.connect(name, tcp).await.expect("TLS with a CA certificate");
+        let guess =
+            Message::DataHello { version: PROTOCOL_VERSION, session_id: SessionId(fastrand::u128(..)) };
+        spoke::codec::write_message(&mut s, &guess).await.unwrap();
+        let reply = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut s))
+            .await
+            .expect("reply in time");
+        assert!(matches!(&reply, Ok(Message::Reject { reason }) if reason.contains("session")), "{reply:?}");
+    }
+    assert_eq!(
+        metric(srv.admin_addr, "spoke_server_agent_conn_failures_total{reason=\"unknown_session\"}").await,
+        20
+    );
+    // The victim's streams are untouched.
+    round_trip(&srv, echo).await;
+}

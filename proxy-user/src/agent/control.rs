@@ -114,7 +114,7 @@ async fn session(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<Ses
         Message::Reject { reason } => return Err(ConnectError::Rejected(reason)),
         other => return Err(ConnectError::Unexpected(other.kind())),
     };
-    let span = info_span!("session", id = session_id, server = %server_id);
+    let span = info_span!("session", id = %session_id.label(), server = %server_id);
     async move {
         info!(server_count, heartbeat = ?heartbeat, "connected to server");
         agent.metrics.control_connected.set(1);

@@ -13,7 +13,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 use super::Agent;
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{Message, PROTOCOL_VERSION};
+use crate::protocol::{Message, PROTOCOL_VERSION, SessionId};
 
 /// Pause after a data connection failed before it is replaced (keeps a broken server from being
 /// hammered; the control channel's own backoff handles outages).
@@ -27,7 +27,7 @@ struct Counts {
 }
 
 /// Keeps `pool_size` data connections parked for `session_id` until `stop` is cancelled.
-pub(super) async fn run(agent: Arc<Agent>, session_id: u64, stop: CancellationToken) {
+pub(super) async fn run(agent: Arc<Agent>, session_id: SessionId, stop: CancellationToken) {
     let counts = Arc::new(Counts::default());
     loop {
         while counts.idle.load(Ordering::Acquire) + counts.dialing.load(Ordering::Acquire)
@@ -52,7 +52,7 @@ async fn pause_then_wake(counts: &Counts, stop: &CancellationToken) {
 }
 
 /// One data connection: dial, park, wait for a dial, hand over to the stream.
-async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: u64, stop: CancellationToken) {
+async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: SessionId, stop: CancellationToken) {
     let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id };
     let connected = tokio::select! {
         () = stop.cancelled() => {

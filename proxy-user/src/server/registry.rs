@@ -12,7 +12,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::Identity;
+use crate::protocol::{Identity, SessionId};
 use crate::transport::AcceptedLink;
 
 /// A data connection parked by an agent.
@@ -50,7 +50,7 @@ pub struct AgentHandle {
     /// What the agent announced.
     pub identity: Identity,
     /// Its control session; data connections must quote it.
-    pub session_id: u64,
+    pub session_id: SessionId,
     /// Set when the agent asked to drain: no new streams go to it.
     pub draining: AtomicBool,
     /// Stream slots (the per-agent stream limit).
@@ -77,7 +77,7 @@ impl AgentHandle {
     #[must_use]
     pub fn new(
         identity: Identity,
-        session_id: u64,
+        session_id: SessionId,
         max_streams: usize,
         max_idle: usize,
         idle_gauge: Gauge,
@@ -152,7 +152,7 @@ impl AgentHandle {
 #[derive(Debug, Default)]
 struct Index {
     by_id: HashMap<String, Arc<AgentHandle>>,
-    by_session: HashMap<u64, Arc<AgentHandle>>,
+    by_session: HashMap<SessionId, Arc<AgentHandle>>,
     by_host: HashMap<String, Vec<Arc<AgentHandle>>>,
     cidrs: Vec<(IpNet, Arc<AgentHandle>)>,
     default_routes: Vec<Arc<AgentHandle>>,
@@ -253,7 +253,7 @@ impl AgentRegistry {
     }
 
     /// The agent of a live control session.
-    pub fn session(&self, session_id: u64) -> Option<Arc<AgentHandle>> {
+    pub fn session(&self, session_id: SessionId) -> Option<Arc<AgentHandle>> {
         self.index.read().expect("registry lock poisoned").by_session.get(&session_id).cloned()
     }
 
@@ -316,7 +316,7 @@ mod tests {
                 cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
                 default_route,
             },
-            fastrand::u64(..),
+            SessionId(fastrand::u128(..)),
             16,
             4,
             Gauge::default(),

@@ -13,7 +13,7 @@ use super::Server;
 use super::registry::{AgentHandle, ParkError};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{self, Identity, Message, PROTOCOL_VERSION};
+use crate::protocol::{self, Identity, Message, PROTOCOL_VERSION, SessionId};
 use crate::transport::accept::Accepted;
 use crate::transport::tls::{self, HandshakeError};
 use crate::transport::{self, AcceptedLink, Link};
@@ -22,6 +22,16 @@ use crate::transport::{self, AcceptedLink, Link};
 const CONTROL_QUEUE: usize = 16;
 /// Heartbeat intervals without any frame after which an agent is considered gone.
 const MISSED_HEARTBEATS: u32 = 3;
+
+/// A session id from the operating system's secure random source (through the TLS provider's).
+fn new_session_id() -> SessionId {
+    let mut bytes = [0u8; 16];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .expect("the system's secure random source works");
+    SessionId(u128::from_be_bytes(bytes))
+}
 
 /// Serves one connection on the agent listener. Its budget permit is held only through the set-up.
 pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: Accepted<TcpStream>) {
@@ -112,7 +122,7 @@ async fn reject(conn: &mut AcceptedLink, reason: &str) {
     let _ = codec::write_message(conn, &Message::Reject { reason: reason.to_owned() }).await;
 }
 
-async fn park(server: &Server, mut conn: AcceptedLink, session_id: u64) {
+async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId) {
     let Some(agent) = server.agents.session(session_id) else {
         inc(&server.metrics.agent_conn_failures, "reason", "unknown_session");
         return reject(&mut conn, "unknown or expired session").await;
@@ -137,7 +147,7 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         inc(&server.metrics.agent_conn_failures, "reason", "max_agents");
         return reject(&mut conn, "server is at its agent limit").await;
     }
-    let session_id = fastrand::u64(1..);
+    let session_id = new_session_id();
     let heartbeat_ms = u32::try_from(limits.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
     let ack = Message::HelloAck {
         version: PROTOCOL_VERSION,
@@ -165,7 +175,7 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         return;
     }
     server.metrics.agents_connected.set(i64::try_from(server.agents.len()).unwrap_or(i64::MAX));
-    let span = info_span!("agent", id = %agent.identity.agent_id, session = session_id);
+    let span = info_span!("agent", id = %agent.identity.agent_id, session = %session_id.label());
     async {
         info!(node = %agent.identity.node_name, addresses = ?agent.identity.addresses, cidrs = ?agent.identity.cidrs, "agent connected");
         let reason = session(&server, conn, &agent).await;
