@@ -1,7 +1,7 @@
 //! Installs what building and testing Spoke needs on a fresh machine, idempotently, saying what it does:
 //! the nightly toolchain's `rust-src` (for `-Z build-std=core`) and `clippy` (for the eBPF crate's lint),
-//! `bpf-linker` built against the nightly toolchain's own LLVM (DESIGN.md §6), and the Debian packages
-//! the tests use.
+//! `bpf-linker` built against the nightly toolchain's own LLVM (DESIGN.md §6), `cargo-fuzz` for the
+//! fuzz targets, and the Debian packages the tests use.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,6 +12,8 @@ use crate::{cmd, run};
 
 /// bpf-linker release known to work with aya 0.14 and the nightly toolchain's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz release the fuzz targets are run with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Debian packages the tests and `run` need: `ip` (network namespaces) and `curl` (the demo command).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("curl", "curl")];
 
@@ -38,12 +40,26 @@ fn home() -> anyhow::Result<PathBuf> {
 /// Components the nightly toolchain needs beyond its minimal profile.
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 
-/// Everything, in order.
+/// What building and running Spoke needs, in order.
 pub fn all() -> anyhow::Result<()> {
     nightly_components()?;
     bpf_linker()?;
     debian_packages()?;
     Ok(())
+}
+
+/// What testing needs: [`all`], and `cargo-fuzz`.
+pub fn for_tests() -> anyhow::Result<()> {
+    all()?;
+    cargo_fuzz()
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if succeeds("cargo", &["fuzz", "--version"]) {
+        return Ok(());
+    }
+    say(&format!("installing cargo-fuzz {CARGO_FUZZ_VERSION} from crates.io; about a minute"));
+    run(cmd("cargo", &["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked"]))
 }
 
 fn nightly_components() -> anyhow::Result<()> {

@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install what builds and tests need (nightly rust-src, bpf-linker, Debian packages).
+    /// Install what builds and tests need (nightly rust-src, bpf-linker, cargo-fuzz, Debian packages).
     Bootstrap,
     /// Run server, agent and a demo backend locally with development certificates, until Ctrl-C (or
     /// SIGTERM, SIGHUP).
@@ -36,7 +36,8 @@ enum Cmd {
     },
     /// Benchmark Spoke against direct TCP and peers on loopback; results under results/.
     Bench(bench::BenchOpts),
-    /// Run every check and test: formatting, clippy, unit, end-to-end and privileged tests.
+    /// Run every check and test: formatting, clippy, unit, end-to-end and privileged tests, and each
+    /// fuzz target for a bounded time.
     Test {
         /// Only run tests whose name contains this filter (skips formatting and clippy).
         filter: Option<String>,
@@ -131,7 +132,7 @@ pub(crate) fn build_binaries() -> anyhow::Result<PathBuf> {
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
-    bootstrap::all()?;
+    bootstrap::for_tests()?;
     if filter.is_none() {
         run(cmd("cargo", &["fmt", "--all", "--", "--check"]))?;
         run(cmd("cargo", &["clippy", "--all-targets", "--", "-D", "warnings"]))?;
@@ -167,12 +168,44 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     // the privileged tests crate finds the same ones here.
     let bins = target_dir().join("debug");
     t.env("SPOKE_SERVER_BIN", bins.join("spoke-server")).env("SPOKE_AGENT_BIN", bins.join("spoke-agent"));
-    run(t)
+    run(t)?;
+    if filter.is_none() {
+        fuzz()?;
+    }
+    Ok(())
+}
+
+/// The fuzz targets (`proxy-user/fuzz`): what Spoke parses from the network.
+const FUZZ_TARGETS: &[&str] = &["codec_decode", "connect_head"];
+/// How long `cargo xtask test` fuzzes each target.
+const FUZZ_SECONDS: u32 = 30;
+
+/// Runs every fuzz target for [`FUZZ_SECONDS`], from the seeds in the repository plus what earlier runs
+/// on this machine found (kept under the target directory, never written into the repository).
+fn fuzz() -> anyhow::Result<()> {
+    let fuzz_dir = root().join("proxy-user/fuzz");
+    for target in FUZZ_TARGETS {
+        let found = target_dir().join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&found).with_context(|| format!("create {}", found.display()))?;
+        let mut c = cmd("cargo", &["+nightly", "fuzz", "run", "--fuzz-dir"]);
+        c.arg(&fuzz_dir)
+            .args(["--target-dir"])
+            .arg(target_dir().join("fuzz"))
+            .arg(target)
+            .arg(&found)
+            .arg(fuzz_dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={FUZZ_SECONDS}"))
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER");
+        run(c)?;
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Bootstrap => bootstrap::all(),
+        Cmd::Bootstrap => bootstrap::for_tests(),
         Cmd::Run { datapath } => {
             bootstrap::all()?;
             demo::run(&datapath)
