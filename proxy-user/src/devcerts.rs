@@ -80,6 +80,10 @@ fn leaf(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// The common name of the development CONNECT client's certificate (`client.pem`): the name to give
+/// `spoke-server --frontend-allowed-names`.
+pub const CLIENT_NAME: &str = "kube-apiserver";
+
 /// Writes a fresh set of development certificates into `dir`. Server certificates are valid for
 /// `localhost`, `127.0.0.1`, `::1` and `server_names`.
 pub fn generate(dir: &Path, server_names: &[String]) -> Result<DevCerts, DevCertsError> {
@@ -101,7 +105,7 @@ pub fn generate(dir: &Path, server_names: &[String]) -> Result<DevCerts, DevCert
     let (frontend_cert, frontend_key) =
         leaf(&frontend_ca, "spoke-server", &names, ExtendedKeyUsagePurpose::ServerAuth)?;
     let (client_cert, client_key) =
-        leaf(&frontend_ca, "kube-apiserver", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+        leaf(&frontend_ca, CLIENT_NAME, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
 
     Ok(DevCerts {
         cluster_ca: write("cluster-ca.pem", &cluster_ca.pem())?,

@@ -242,3 +242,24 @@ async fn a_data_connection_with_a_guessed_session_id_is_refused() {
     // The victim's streams are untouched.
     round_trip(&srv, echo).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontend_admits_only_client_certificates_with_an_allowed_name() {
+    let certs = certs();
+    // The development client certificate is from the frontend CA, but its name is not on the list.
+    let srv = server(&certs).tcp_frontend().flag("--frontend-allowed-names", "apiserver.example").run().await;
+    let _agent = agent(&srv).run().await;
+    let echo = echo().await;
+    let f = &certs.files;
+    let connector = common::frontend_connector(&f.frontend_ca, Some((&f.client_cert, &f.client_key)));
+    let tcp = TcpStream::connect(srv.frontend_addr.unwrap()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = connector.connect(name, tcp).await.expect("the handshake itself succeeds");
+    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(common::WAIT, s.read_to_string(&mut reply)).await.expect("reply in time").ok();
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert!(reply.contains("not allowed"), "{reply}");
+    assert_eq!(metric(srv.admin_addr, "spoke_server_streams_total{result=\"client_not_allowed\"}").await, 1);
+    assert_eq!(metric(srv.admin_addr, "spoke_server_streams_total{result=\"ok\"}").await, 0);
+}

@@ -118,6 +118,9 @@ fn server_args(uds: &Path, datapath: &str, cert: &dyn Fn(&str) -> String) -> Vec
         cert("frontend.pem"),
         "--server-key".into(),
         cert("frontend-key.pem"),
+        // The common name of spoke-certs' client.pem (spoke::devcerts::CLIENT_NAME).
+        "--frontend-allowed-names".into(),
+        "kube-apiserver".into(),
         "--agent-bind".into(),
         "127.0.0.1:0".into(),
         "--cluster-ca-cert".into(),

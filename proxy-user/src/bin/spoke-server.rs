@@ -31,8 +31,8 @@ fn bind_uds(path: &Path) -> anyhow::Result<UnixListener> {
 async fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
     let uds = config.uds_name.as_deref().map(bind_uds).transpose()?;
     let frontend_tcp = match &config.frontend {
-        Some((addr, _)) => {
-            Some(TcpListener::bind(addr).await.with_context(|| format!("bind frontend {addr}"))?)
+        Some(f) => {
+            Some(TcpListener::bind(f.bind).await.with_context(|| format!("bind frontend {}", f.bind))?)
         }
         None => None,
     };
@@ -49,8 +49,8 @@ async fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
 /// Checks that every TLS file loads, so that `--check-config` and start-up catch bad certificates.
 fn check_tls(config: &ServerConfig) -> anyhow::Result<()> {
     tls::server_config(&config.agent_tls, Versions::Tls13).context("agent listener TLS")?;
-    if let Some((_, files)) = &config.frontend {
-        tls::server_config(files, Versions::Tls12And13).context("frontend TLS")?;
+    if let Some(frontend) = &config.frontend {
+        tls::server_config(&frontend.tls, Versions::Tls12And13).context("frontend TLS")?;
     }
     Ok(())
 }

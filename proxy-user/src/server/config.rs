@@ -41,6 +41,11 @@ pub struct ServerArgs {
     /// Private key of the TCP frontend.
     #[arg(long, env = "SPOKE_SERVER_SERVER_KEY")]
     pub server_key: Option<PathBuf>,
+    /// Names a TCP-frontend client's certificate must carry one of (its subject's common name or a DNS
+    /// subject alternative name): the apiserver's, so that no other holder of a certificate from
+    /// --server-ca-cert can open streams. Required with --frontend-bind.
+    #[arg(long, env = "SPOKE_SERVER_FRONTEND_ALLOWED_NAMES", value_delimiter = ',')]
+    pub frontend_allowed_names: Vec<String>,
     /// Address agents connect to (TLS 1.3, client certificates from the cluster CA).
     #[arg(long, env = "SPOKE_SERVER_AGENT_BIND", default_value = "0.0.0.0:8091")]
     pub agent_bind: SocketAddr,
@@ -128,6 +133,17 @@ pub struct ServerArgs {
     pub check_config: bool,
 }
 
+/// The CONNECT frontend on TCP with mutual TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpFrontend {
+    /// Its address.
+    pub bind: SocketAddr,
+    /// Its certificate and key, and the CA its clients' certificates chain to.
+    pub tls: TlsFiles,
+    /// Names a client's certificate must carry one of.
+    pub allowed_names: Vec<String>,
+}
+
 /// Limits and timeouts of the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerLimits {
@@ -162,8 +178,8 @@ pub struct ServerLimits {
 pub struct ServerConfig {
     /// Unix socket path of the CONNECT frontend.
     pub uds_name: Option<PathBuf>,
-    /// TCP address of the mTLS CONNECT frontend, with its TLS files.
-    pub frontend: Option<(SocketAddr, TlsFiles)>,
+    /// The mutual-TLS CONNECT frontend on TCP.
+    pub frontend: Option<TcpFrontend>,
     /// Agent listener address.
     pub agent_bind: SocketAddr,
     /// TLS files of the agent listener.
@@ -194,13 +210,25 @@ impl TryFrom<ServerArgs> for ServerConfig {
             return err("no frontend: give --uds-name, --frontend-bind, or both");
         }
         let frontend = match (a.frontend_bind, a.server_ca_cert, a.server_cert, a.server_key) {
-            (None, None, None, None) => None,
-            (Some(addr), Some(ca), Some(cert), Some(key)) => Some((addr, TlsFiles { ca, cert, key })),
+            (None, None, None, None) if a.frontend_allowed_names.is_empty() => None,
+            (Some(bind), Some(ca), Some(cert), Some(key)) => {
+                let allowed_names = a.frontend_allowed_names;
+                if allowed_names.is_empty() || allowed_names.iter().any(String::is_empty) {
+                    return err(
+                        "--frontend-bind needs --frontend-allowed-names: the names of the apiserver's client \
+                         certificate (any other certificate from --server-ca-cert is refused)",
+                    );
+                }
+                Some(TcpFrontend { bind, tls: TlsFiles { ca, cert, key }, allowed_names })
+            }
             (Some(_), ..) => {
                 return err("--frontend-bind needs --server-ca-cert, --server-cert and --server-key (mTLS)");
             }
             (None, ..) => {
-                return err("--server-ca-cert/--server-cert/--server-key given without --frontend-bind");
+                return err(
+                    "--server-ca-cert/--server-cert/--server-key/--frontend-allowed-names given without \
+                     --frontend-bind",
+                );
             }
         };
         if a.proxy_strategies.is_empty() {
@@ -270,7 +298,7 @@ mod tests {
         assert_eq!(ok.strategies, vec![Strategy::DestHost, Strategy::Cidr, Strategy::DefaultRoute]);
         assert_eq!(ok.limits.dial_timeout, Duration::from_secs(5));
         assert!(server(&["--frontend-bind", "127.0.0.1:8090"]).unwrap_err().contains("mTLS"));
-        let tcp = server(&[
+        let tcp = [
             "--frontend-bind",
             "127.0.0.1:8090",
             "--server-ca-cert",
@@ -279,9 +307,11 @@ mod tests {
             "b",
             "--server-key",
             "c",
-        ])
-        .unwrap();
-        assert!(tcp.frontend.is_some());
+        ];
+        assert!(server(&tcp).unwrap_err().contains("--frontend-allowed-names"));
+        let allowed =
+            server(&[&tcp[..], &["--frontend-allowed-names", "kube-apiserver,apiserver.example"]].concat());
+        assert_eq!(allowed.unwrap().frontend.unwrap().allowed_names, ["kube-apiserver", "apiserver.example"]);
         assert!(
             server(&["--uds-name", "s", "--server-cert", "b"])
                 .unwrap_err()

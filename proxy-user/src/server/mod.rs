@@ -68,7 +68,7 @@ pub async fn run_server(
 ) -> Result<(), ServerError> {
     let agent_tls = TlsAcceptor::from(tls::server_config(&config.agent_tls, Versions::Tls13)?);
     let frontend_tls = match &config.frontend {
-        Some((_, files)) => Some(TlsAcceptor::from(tls::server_config(files, Versions::Tls12And13)?)),
+        Some(f) => Some(TlsAcceptor::from(tls::server_config(&f.tls, Versions::Tls12And13)?)),
         None => None,
     };
     let mut registry = Registry::default();

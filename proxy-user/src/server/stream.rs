@@ -106,7 +106,18 @@ pub(super) async fn serve_tls(server: Arc<Server>, acceptor: TlsAcceptor, accept
     let _ = accepted.conn.set_nodelay(true);
     let deadline = accepted.at + server.config.limits.handshake_timeout;
     match tls::accept(&acceptor, accepted.conn, deadline).await {
-        Ok(client) => serve(&server, client).await,
+        Ok(mut client) => {
+            let names = tls::peer_names(client.get_ref().1);
+            let allowed = server.config.frontend.as_ref().map_or(&[][..], |f| &f.allowed_names[..]);
+            if names.iter().any(|n| allowed.contains(n)) {
+                serve(&server, client).await;
+            } else {
+                warn!(?names, "frontend client certificate carries no allowed name: refused");
+                inc(&server.metrics.stream.results, "result", "client_not_allowed");
+                let reason = "client certificate not allowed (see --frontend-allowed-names)";
+                Box::pin(refuse(&mut client, 403, reason)).await;
+            }
+        }
         Err(error) => {
             if matches!(error, HandshakeError::Timeout) {
                 warn!("frontend TLS handshake timed out");

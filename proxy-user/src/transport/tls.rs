@@ -179,3 +179,22 @@ pub async fn connect(
     conn.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
     Ok(conn)
 }
+
+/// The names a peer's certificate carries: the subject's common names, then its DNS subject alternative
+/// names. Empty when the peer sent no certificate or one that does not parse (rustls verified the
+/// chain already; this only reads the names).
+#[must_use]
+pub fn peer_names(conn: &rustls::CommonState) -> Vec<String> {
+    let Some(cert) = conn.peer_certificates().and_then(<[_]>::first) else { return Vec::new() };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Vec::new() };
+    let common = cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok().map(str::to_owned));
+    let mut names: Vec<String> = common.collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push((*dns).to_owned());
+            }
+        }
+    }
+    names
+}

@@ -205,6 +205,8 @@ impl ServerBuilder {
                 p(&f.frontend_cert),
                 "--server-key".into(),
                 p(&f.frontend_key),
+                "--frontend-allowed-names".into(),
+                devcerts::CLIENT_NAME.into(),
             ]);
         }
         override_flags(&mut args, &self.args);
