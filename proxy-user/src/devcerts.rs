@@ -48,6 +48,19 @@ pub struct DevCerts {
     pub client_cert: PathBuf,
     /// Its key.
     pub client_key: PathBuf,
+    /// Node certificates, as kubelets hold them, for `--agent-auth node-cert`.
+    pub nodes: Vec<NodeCert>,
+}
+
+/// A certificate with a kubelet's subject (`CN=system:node:<name>, O=system:nodes`) from the cluster CA.
+#[derive(Clone, Debug)]
+pub struct NodeCert {
+    /// The node's name.
+    pub name: String,
+    /// The certificate (`node-<name>.pem`).
+    pub cert: PathBuf,
+    /// Its key (`node-<name>-key.pem`).
+    pub key: PathBuf,
 }
 
 fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, rcgen::Error> {
@@ -65,8 +78,21 @@ fn leaf(
     names: &[String],
     usage: ExtendedKeyUsagePurpose,
 ) -> Result<(String, String), rcgen::Error> {
+    leaf_in(issuer, common_name, None, names, usage)
+}
+
+fn leaf_in(
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    common_name: &str,
+    organization: Option<&str>,
+    names: &[String],
+    usage: ExtendedKeyUsagePurpose,
+) -> Result<(String, String), rcgen::Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(DnType::CommonName, common_name);
+    if let Some(organization) = organization {
+        params.distinguished_name.push(DnType::OrganizationName, organization);
+    }
     for name in names {
         params.subject_alt_names.push(match name.parse::<std::net::IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
@@ -85,8 +111,8 @@ fn leaf(
 pub const CLIENT_NAME: &str = "kube-apiserver";
 
 /// Writes a fresh set of development certificates into `dir`. Server certificates are valid for
-/// `localhost`, `127.0.0.1`, `::1` and `server_names`.
-pub fn generate(dir: &Path, server_names: &[String]) -> Result<DevCerts, DevCertsError> {
+/// `localhost`, `127.0.0.1`, `::1` and `server_names`; a node certificate is made for each of `nodes`.
+pub fn generate(dir: &Path, server_names: &[String], nodes: &[String]) -> Result<DevCerts, DevCertsError> {
     let write = |name: &str, text: &str| -> Result<PathBuf, DevCertsError> {
         let path = dir.join(name);
         std::fs::create_dir_all(dir)
@@ -107,6 +133,18 @@ pub fn generate(dir: &Path, server_names: &[String]) -> Result<DevCerts, DevCert
     let (client_cert, client_key) =
         leaf(&frontend_ca, CLIENT_NAME, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
 
+    let mut node_certs = Vec::new();
+    for name in nodes {
+        let common_name = format!("{}{name}", crate::transport::tls::NODE_USER_PREFIX);
+        let group = Some(crate::transport::tls::NODES_GROUP);
+        let (cert, key) =
+            leaf_in(&cluster_ca, &common_name, group, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+        node_certs.push(NodeCert {
+            name: name.clone(),
+            cert: write(&format!("node-{name}.pem"), &cert)?,
+            key: write(&format!("node-{name}-key.pem"), &key)?,
+        });
+    }
     Ok(DevCerts {
         cluster_ca: write("cluster-ca.pem", &cluster_ca.pem())?,
         cluster_cert: write("cluster.pem", &cluster_cert)?,
@@ -118,5 +156,6 @@ pub fn generate(dir: &Path, server_names: &[String]) -> Result<DevCerts, DevCert
         frontend_key: write("frontend-key.pem", &frontend_key)?,
         client_cert: write("client.pem", &client_cert)?,
         client_key: write("client-key.pem", &client_key)?,
+        nodes: node_certs,
     })
 }

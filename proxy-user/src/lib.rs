@@ -6,7 +6,8 @@
 //!
 //! Layers, each importing only the ones below it: the binaries → [`server`], [`agent`] (with [`admin`]
 //! and [`metrics`]) → [`datapath`], [`transport`], [`codec`], [`frontend`] → [`protocol`]. Leaves any
-//! layer may use: [`config`] (flag parsers), [`telemetry`], [`shutdown`], [`process`].
+//! layer may use: [`config`] (flag parsers), [`telemetry`], [`shutdown`], [`process`]. [`devcerts`]
+//! (development certificates) serves the binaries and tests.
 #![deny(unsafe_code)]
 
 pub mod admin;

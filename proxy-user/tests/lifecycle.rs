@@ -263,3 +263,74 @@ async fn frontend_admits_only_client_certificates_with_an_allowed_name() {
     assert_eq!(metric(srv.admin_addr, "spoke_server_streams_total{result=\"client_not_allowed\"}").await, 1);
     assert_eq!(metric(srv.admin_addr, "spoke_server_streams_total{result=\"ok\"}").await, 0);
 }
+
+/// A TLS link to the agent listener presenting `cert` and `key` (from the cluster CA).
+async fn link_as(
+    srv: &common::Server,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use spoke::transport::tls::{TlsFiles, client_config};
+    let files = TlsFiles { ca: srv.certs.files.cluster_ca.clone(), cert: cert.into(), key: key.into() };
+    let connector = tokio_rustls::TlsConnector::from(client_config(&files).expect("client config"));
+    let tcp = TcpStream::connect(srv.agent_addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.expect("TLS with a cluster CA certificate")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_node_certificates_an_agent_is_the_node_its_certificate_names() {
+    use spoke::protocol::{Identity, Message, PROTOCOL_VERSION};
+    let certs = certs();
+    let srv = server(&certs).flag("--agent-auth", "node-cert").run().await;
+    let echo = echo().await;
+    let [a, b] = [&certs.files.nodes[0], &certs.files.nodes[1]];
+    assert_eq!((a.name.as_str(), b.name.as_str()), ("node-a", "node-b"));
+    let _node_a = agent(&srv).id("node-a").cert(&a.cert, &a.key).run().await;
+    round_trip(&srv, echo).await;
+
+    // Node a's certificate claiming node b, and the shared development certificate claiming node b.
+    let mismatch = "spoke_server_agent_conn_failures_total{reason=\"identity_mismatch\"}";
+    let _forger = agent(&srv).id("node-b").cert(&a.cert, &a.key).spawn().await;
+    eventually("node a's certificate refused as node b", || async {
+        metric(srv.admin_addr, mismatch).await >= 1
+    })
+    .await;
+    let f = &certs.files;
+    let _shared = agent(&srv).id("node-b").cert(&f.agent_cert, &f.agent_key).spawn().await;
+    eventually("the shared certificate refused", || async { metric(srv.admin_addr, mismatch).await >= 2 })
+        .await;
+    assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 1);
+
+    // Node b's own control channel; a data connection with node a's certificate cannot join it.
+    let mut control = link_as(&srv, &b.cert, &b.key).await;
+    let identity = Identity {
+        agent_id: "node-b".into(),
+        node_name: "node-b".into(),
+        hostnames: vec![],
+        addresses: vec![],
+        cidrs: vec![],
+        default_route: false,
+    };
+    spoke::codec::write_message(&mut control, &Message::Hello { version: PROTOCOL_VERSION, identity })
+        .await
+        .unwrap();
+    let ack = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut control)).await.unwrap();
+    let Ok(Message::HelloAck { session_id, .. }) = ack else { panic!("node b refused: {ack:?}") };
+    let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id };
+    let mut foreign = link_as(&srv, &a.cert, &a.key).await;
+    spoke::codec::write_message(&mut foreign, &hello).await.unwrap();
+    let reply = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut foreign)).await.unwrap();
+    assert!(matches!(&reply, Ok(Message::Reject { .. })), "{reply:?}");
+    assert_eq!(metric(srv.admin_addr, mismatch).await, 3);
+    // Node b's own data connection joins.
+    let idle = metric(srv.admin_addr, "spoke_server_data_conns_idle").await;
+    let mut own = link_as(&srv, &b.cert, &b.key).await;
+    spoke::codec::write_message(&mut own, &hello).await.unwrap();
+    eventually("node b's data connection parked", || async {
+        metric(srv.admin_addr, "spoke_server_data_conns_idle").await == idle + 1
+    })
+    .await;
+    // Node a's streams were never disturbed.
+    round_trip(&srv, echo).await;
+}

@@ -15,11 +15,15 @@ struct Args {
     /// Extra names or addresses the server certificates are valid for (besides `localhost`, `127.0.0.1`, `::1`).
     #[arg(long = "server-name")]
     server_names: Vec<String>,
+    /// Also a node certificate as kubelets hold (`CN=system:node:NAME, O=system:nodes`), for
+    /// `spoke-server --agent-auth node-cert` (repeatable).
+    #[arg(long = "node")]
+    nodes: Vec<String>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match spoke::devcerts::generate(&args.out, &args.server_names) {
+    match spoke::devcerts::generate(&args.out, &args.server_names, &args.nodes) {
         Ok(certs) => {
             println!("{certs:#?}");
             ExitCode::SUCCESS

@@ -117,6 +117,13 @@ pub struct ServerArgs {
     /// Runtime worker threads; 0 means one per CPU.
     #[arg(long, env = "SPOKE_SERVER_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
+    /// How agents prove which node they are. `node-cert`: by the kubelet's own client certificate
+    /// (`CN=system:node:<name>, O=system:nodes`, from --cluster-ca-cert); the node name, and the agent id,
+    /// are the certificate's, and a TLS data connection must carry the same node's certificate as its
+    /// session. `shared-cert`: any certificate from --cluster-ca-cert, and the agent names itself (for
+    /// development and tests only: logged as a warning at start).
+    #[arg(long, env = "SPOKE_SERVER_AGENT_AUTH", value_enum, default_value_t = AgentAuth::SharedCert)]
+    pub agent_auth: AgentAuth,
     /// Accept data connections without TLS (agents started with `--tunnel-tls off`), for networks whose
     /// underlay is already encrypted (`WireGuard`, `IPsec`). Control channels always use mutual TLS.
     #[arg(long, env = "SPOKE_SERVER_ALLOW_PLAINTEXT_TUNNEL")]
@@ -131,6 +138,15 @@ pub struct ServerArgs {
     /// Validate the configuration (including TLS files), print it, and exit 0.
     #[arg(long)]
     pub check_config: bool,
+}
+
+/// How agents prove which node they are: `--agent-auth`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgentAuth {
+    /// The kubelet's client certificate names the node.
+    NodeCert,
+    /// Any certificate from the cluster CA; the agent names itself.
+    SharedCert,
 }
 
 /// The CONNECT frontend on TCP with mutual TLS.
@@ -192,6 +208,8 @@ pub struct ServerConfig {
     pub server_id: String,
     /// Replicas agents should reach.
     pub server_count: u16,
+    /// How agents prove which node they are.
+    pub agent_auth: AgentAuth,
     /// Whether data connections may skip TLS.
     pub allow_plaintext_tunnel: bool,
     /// How streams are relayed.
@@ -249,6 +267,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             strategies: a.proxy_strategies,
             server_id: a.server_id,
             server_count: a.server_count,
+            agent_auth: a.agent_auth,
             allow_plaintext_tunnel: a.allow_plaintext_tunnel,
             datapath: a.datapath,
             worker_threads: a.worker_threads,

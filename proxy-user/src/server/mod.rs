@@ -22,7 +22,7 @@ use crate::datapath::Datapath;
 use crate::metrics::{ServerMetrics, inc};
 use crate::transport::accept::{self, Accepted, Budget, Refused};
 use crate::transport::tls::{self, TlsError, Versions};
-use config::ServerConfig;
+use config::{AgentAuth, ServerConfig};
 use registry::AgentRegistry;
 
 /// Why the server could not run.
@@ -145,7 +145,13 @@ pub async fn run_server(
         server.tracker.clone(),
         move |c: Accepted<_>| session::serve(s.clone(), agent_tls.clone(), c),
     ));
-    info!(server_id = %server.config.server_id, datapath = ?server.config.datapath, "spoke-server running");
+    info!(server_id = %server.config.server_id, datapath = ?server.config.datapath, agent_auth = ?server.config.agent_auth, "spoke-server running");
+    if server.config.agent_auth == AgentAuth::SharedCert {
+        warn!(
+            "--agent-auth shared-cert: agents are NOT authenticated as nodes: any holder of a certificate from \
+             --cluster-ca-cert can claim any node and take its traffic; use --agent-auth node-cert outside development"
+        );
+    }
 
     shutdown.cancelled().await;
     info!(grace_period = ?grace, "stopping: no new connections; open streams may finish");

@@ -10,6 +10,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::Server;
+use super::config::AgentAuth;
 use super::registry::{AgentHandle, ParkError};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
@@ -55,10 +56,43 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
         return reject(&mut conn, &reason).await;
     }
     match first {
-        Message::Hello { identity, .. } => control(server, conn, identity).await,
+        Message::Hello { identity, .. } => {
+            if let Err(reason) = authenticate(&server, &conn, &identity) {
+                warn!(agent = %identity.agent_id, node = %identity.node_name, %reason, "agent refused");
+                inc(&server.metrics.agent_conn_failures, "reason", "identity_mismatch");
+                return reject(&mut conn, &reason).await;
+            }
+            control(server, conn, identity).await;
+        }
         Message::DataHello { session_id, .. } => park(&server, conn, session_id).await,
         _ => unreachable!("other first frames were refused above"),
     }
+}
+
+/// The node a link's certificate names (`None` for a plain link or another kind of certificate).
+fn peer_node(conn: &AcceptedLink) -> Option<String> {
+    match conn {
+        Link::Tls(tls) => tls::peer_node(tls.get_ref().1),
+        Link::Plain(_) => None,
+    }
+}
+
+/// Checks who a control channel's agent claims to be against what it proved: with `--agent-auth
+/// node-cert`, its certificate must name a node, and the agent's id and node name must be that node's.
+fn authenticate(server: &Server, conn: &AcceptedLink, identity: &Identity) -> Result<(), String> {
+    if server.config.agent_auth == AgentAuth::SharedCert {
+        return Ok(());
+    }
+    let Some(node) = peer_node(conn) else {
+        return Err("the certificate names no node (CN=system:node:<name>, O=system:nodes)".into());
+    };
+    if identity.node_name != node || identity.agent_id != node {
+        return Err(format!(
+            "the certificate is node {node:?}'s, but the agent claims id {:?} on node {:?}",
+            identity.agent_id, identity.node_name
+        ));
+    }
+    Ok(())
 }
 
 /// TLS handshake (or, where allowed, a plain data connection) and first frame, by `deadline`. A control
@@ -127,6 +161,16 @@ async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId) {
         inc(&server.metrics.agent_conn_failures, "reason", "unknown_session");
         return reject(&mut conn, "unknown or expired session").await;
     };
+    // With node certificates, a TLS data connection joins only a session of the node it proves to be.
+    // (A plain one has no certificate: it is bound by the session id alone.)
+    if server.config.agent_auth == AgentAuth::NodeCert
+        && matches!(conn, Link::Tls(_))
+        && peer_node(&conn).as_deref() != Some(agent.identity.node_name.as_str())
+    {
+        warn!(session_node = %agent.identity.node_name, "data connection from another node's certificate refused");
+        inc(&server.metrics.agent_conn_failures, "reason", "identity_mismatch");
+        return reject(&mut conn, "the certificate is not the session's node's").await;
+    }
     match agent.park(conn) {
         Ok(()) => {}
         Err(ParkError::Full) => {

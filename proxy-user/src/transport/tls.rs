@@ -198,3 +198,26 @@ pub fn peer_names(conn: &rustls::CommonState) -> Vec<String> {
     }
     names
 }
+
+/// The Kubernetes node a peer's certificate names: subject `CN=system:node:<name>` with
+/// `O=system:nodes`, as kubelets' client certificates carry. `None` for any other certificate.
+#[must_use]
+pub fn peer_node(conn: &rustls::CommonState) -> Option<String> {
+    let cert = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let subject = cert.subject();
+    if !subject.iter_organization().any(|o| o.as_str() == Ok(NODES_GROUP)) {
+        return None;
+    }
+    let mut names =
+        subject.iter_common_name().filter_map(|cn| cn.as_str().ok()?.strip_prefix(NODE_USER_PREFIX));
+    match (names.next(), names.next()) {
+        (Some(name), None) if !name.is_empty() => Some(name.to_owned()),
+        _ => None,
+    }
+}
+
+/// The organization of kubelets' client certificates.
+pub const NODES_GROUP: &str = "system:nodes";
+/// The common-name prefix of kubelets' client certificates, before the node's name.
+pub const NODE_USER_PREFIX: &str = "system:node:";

@@ -26,6 +26,9 @@ fn bin(built: Option<&'static str>, env_name: &str) -> String {
 /// Longest wait for anything a test awaits (a process start, readiness, a reconnect).
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// Nodes that get a node certificate (`--agent-auth node-cert`) in [`certs`].
+pub const NODES: [&str; 2] = ["node-a", "node-b"];
+
 /// Development certificates in a temporary directory.
 pub struct Certs {
     pub dir: tempfile::TempDir,
@@ -34,7 +37,8 @@ pub struct Certs {
 
 pub fn certs() -> Arc<Certs> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let files = devcerts::generate(dir.path(), &[]).expect("generate dev certs");
+    let nodes = NODES.map(String::from);
+    let files = devcerts::generate(dir.path(), &[], &nodes).expect("generate dev certs");
     Arc::new(Certs { dir, files })
 }
 
