@@ -18,6 +18,8 @@ use anyhow::{Context as _, bail};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long server and agent get to stop after a stop signal before they are killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The demo agent's node, whose node certificate spoke-certs makes.
+const DEMO_NODE: &str = "demo-node";
 /// Socket timeouts of the demo's own requests.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -148,12 +150,13 @@ fn agent_args(server_port: u16, datapath: &str, cert: &dyn Fn(&str) -> String) -
         server_port.to_string(),
         "--ca-cert".into(),
         cert("cluster-ca.pem"),
+        // The node's own certificate, as a kubelet holds it: the server proves the agent is DEMO_NODE.
         "--agent-cert".into(),
-        cert("agent.pem"),
+        cert(&format!("node-{DEMO_NODE}.pem")),
         "--agent-key".into(),
-        cert("agent-key.pem"),
+        cert(&format!("node-{DEMO_NODE}-key.pem")),
         "--node-name".into(),
-        "demo-node".into(),
+        DEMO_NODE.into(),
         "--agent-identifiers".into(),
         "ipv4=127.0.0.1&default-route=true".into(),
         // The demo backend lives on loopback, which the default policy denies.
@@ -192,7 +195,7 @@ pub fn run(datapath: &str) -> anyhow::Result<()> {
     let certs = dir.join("certs");
     crate::run({
         let mut c = Command::new(bins.join("spoke-certs"));
-        c.arg("--out").arg(&certs).stdout(Stdio::null());
+        c.arg("--out").arg(&certs).args(["--node", DEMO_NODE]).stdout(Stdio::null());
         c
     })?;
     let cert = |name: &str| certs.join(name).display().to_string();

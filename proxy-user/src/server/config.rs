@@ -121,8 +121,8 @@ pub struct ServerArgs {
     /// (`CN=system:node:<name>, O=system:nodes`, from --cluster-ca-cert); the node name, and the agent id,
     /// are the certificate's, and a TLS data connection must carry the same node's certificate as its
     /// session. `shared-cert`: any certificate from --cluster-ca-cert, and the agent names itself (for
-    /// development and tests only: logged as a warning at start).
-    #[arg(long, env = "SPOKE_SERVER_AGENT_AUTH", value_enum, default_value_t = AgentAuth::SharedCert)]
+    /// development, tests and benchmarks only: logged as a warning at start).
+    #[arg(long, env = "SPOKE_SERVER_AGENT_AUTH", value_enum, default_value_t = AgentAuth::NodeCert)]
     pub agent_auth: AgentAuth,
     /// Accept data connections without TLS (agents started with `--tunnel-tls off`), for networks whose
     /// underlay is already encrypted (`WireGuard`, `IPsec`). Control channels always use mutual TLS.
@@ -316,6 +316,7 @@ mod tests {
         let ok = server(&["--uds-name", "/run/spoke.sock"]).unwrap();
         assert_eq!(ok.strategies, vec![Strategy::DestHost, Strategy::Cidr, Strategy::DefaultRoute]);
         assert_eq!(ok.limits.dial_timeout, Duration::from_secs(5));
+        assert_eq!(ok.agent_auth, AgentAuth::NodeCert, "agents prove their node unless told otherwise");
         assert!(server(&["--frontend-bind", "127.0.0.1:8090"]).unwrap_err().contains("mTLS"));
         let tcp = [
             "--frontend-bind",

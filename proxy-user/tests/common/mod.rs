@@ -188,6 +188,10 @@ impl ServerBuilder {
             format!("127.0.0.1:{}", self.agent_port),
             "--admin-bind".into(),
             "127.0.0.1:0".into(),
+            // The fixture's agents share the development certificate unless a test gives them node
+            // certificates and sets `--agent-auth node-cert`.
+            "--agent-auth".into(),
+            "shared-cert".into(),
             "--cluster-ca-cert".into(),
             p(&f.cluster_ca),
             "--cluster-cert".into(),
