@@ -53,6 +53,7 @@ pub struct DevCerts {
 }
 
 /// A certificate with a kubelet's subject (`CN=system:node:<name>, O=system:nodes`) from the cluster CA.
+/// A name given twice to [`generate`] gets a second certificate, as after a rotation.
 #[derive(Clone, Debug)]
 pub struct NodeCert {
     /// The node's name.
@@ -133,16 +134,19 @@ pub fn generate(dir: &Path, server_names: &[String], nodes: &[String]) -> Result
     let (client_cert, client_key) =
         leaf(&frontend_ca, CLIENT_NAME, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
 
-    let mut node_certs = Vec::new();
+    let mut node_certs: Vec<NodeCert> = Vec::new();
     for name in nodes {
+        // A name given again gets another certificate (a rotation): `node-<name>.<n>.pem`.
+        let again = node_certs.iter().filter(|n| &n.name == name).count();
+        let file = if again == 0 { format!("node-{name}") } else { format!("node-{name}.{again}") };
         let common_name = format!("{}{name}", crate::transport::tls::NODE_USER_PREFIX);
         let group = Some(crate::transport::tls::NODES_GROUP);
         let (cert, key) =
             leaf_in(&cluster_ca, &common_name, group, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
         node_certs.push(NodeCert {
             name: name.clone(),
-            cert: write(&format!("node-{name}.pem"), &cert)?,
-            key: write(&format!("node-{name}-key.pem"), &key)?,
+            cert: write(&format!("{file}.pem"), &cert)?,
+            key: write(&format!("{file}-key.pem"), &key)?,
         });
     }
     Ok(DevCerts {

@@ -334,3 +334,44 @@ async fn with_node_certificates_an_agent_is_the_node_its_certificate_names() {
     // Node a's streams were never disturbed.
     round_trip(&srv, echo).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_node_certificate_is_taken_up_without_a_restart_or_a_dropped_stream() {
+    let certs = certs();
+    let srv = server(&certs).flag("--agent-auth", "node-cert").run().await;
+    let echo = echo().await;
+    let [first, _, second] = [&certs.files.nodes[0], &certs.files.nodes[1], &certs.files.nodes[2]];
+    assert_eq!((first.name.as_str(), second.name.as_str()), ("node-a", "node-a"));
+    // The files the agent reads, as the kubelet's kubelet-client-current.pem.
+    let (cert, key) = (certs.dir.path().join("current.pem"), certs.dir.path().join("current-key.pem"));
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    let node_a = agent(&srv).id("node-a").cert(&cert, &key).run().await;
+    let mut held = tunnel(&srv, echo).await;
+    let full = "spoke_agent_server_handshakes_total{kind=\"full\"}";
+    let full_before = metric(node_a.admin_addr, full).await;
+
+    // Rotation: the new pair replaces the files (written aside, then renamed over them).
+    for (from, to) in [(&second.key, &key), (&second.cert, &cert)] {
+        let aside = to.with_extension("new");
+        std::fs::copy(from, &aside).unwrap();
+        std::fs::rename(&aside, to).unwrap();
+    }
+    // Streams take pooled data connections; their replacements are dialed with the new certificate.
+    eventually("the agent reloaded its certificate", || async {
+        round_trip(&srv, echo).await;
+        node_a.proc.log().contains("client certificate reloaded")
+    })
+    .await;
+    round_trip(&srv, echo).await;
+    // The new certificate was presented: a full handshake, since resuming a session of the old one
+    // would carry the old identity on.
+    assert!(metric(node_a.admin_addr, full).await > full_before, "no full handshake after the rotation");
+    // The stream opened before the rotation still flows both ways.
+    held.write_all(b"held").await.unwrap();
+    let mut buf = [0u8; 4];
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"held");
+    let mismatch = "spoke_server_agent_conn_failures_total{reason=\"identity_mismatch\"}";
+    assert_eq!(metric(srv.admin_addr, mismatch).await, 0);
+}

@@ -72,7 +72,8 @@ pub enum ConnectError {
 /// State shared by every task of an agent.
 pub(crate) struct Agent {
     config: AgentConfig,
-    connector: TlsConnector,
+    /// TLS to the server, rebuilt when the certificate files change (a rotation).
+    tls: tls::ClientTls,
     server_name: ServerName<'static>,
     metrics: AgentMetrics,
     datapath: Datapath,
@@ -102,7 +103,8 @@ impl Agent {
             tracing::debug!(%error, "tune server socket");
         }
         let mut conn = if tls {
-            let conn = match tls::connect(&self.connector, self.server_name.clone(), tcp, deadline).await {
+            let connector = TlsConnector::from(self.tls.config());
+            let conn = match tls::connect(&connector, self.server_name.clone(), tcp, deadline).await {
                 Ok(conn) => conn,
                 Err(HandshakeError::Timeout) => return Err(timed_out()),
                 Err(HandshakeError::Failed(source)) => return Err(ConnectError::Connect { addr, source }),
@@ -165,12 +167,12 @@ pub async fn run_agent(
 ) -> Result<(), AgentError> {
     let server_name = ServerName::try_from(config.tls_server_name.clone())
         .map_err(|_| AgentError::ServerName(config.tls_server_name.clone()))?;
-    let connector = TlsConnector::from(tls::client_config(&config.tls)?);
+    let tls = tls::ClientTls::load(&config.tls)?;
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     let datapath = datapath(&config)?;
     let agent = Arc::new(Agent {
-        connector,
+        tls,
         server_name,
         metrics,
         datapath,

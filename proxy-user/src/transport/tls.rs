@@ -4,6 +4,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -138,6 +139,76 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
         .with_client_auth_cert(read_certs(&files.cert)?, read_key(&files.key)?)
         .map_err(|source| TlsError::Rustls { context: "client certificate", source })?;
     Ok(Arc::new(config))
+}
+
+/// How often at most [`ClientTls`] checks whether its files changed.
+pub const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The modification time and size of the certificate and key files (following symbolic links, as the
+/// kubelet's `kubelet-client-current.pem` is one): a change means they were rewritten.
+type Stamp = [(Option<std::time::SystemTime>, u64); 2];
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    [&files.cert, &files.key].map(|path| match std::fs::metadata(path) {
+        Ok(meta) => (meta.modified().ok(), meta.len()),
+        Err(_) => (None, 0),
+    })
+}
+
+/// A client configuration rebuilt from its files when they change, so that a certificate the kubelet
+/// rotates is taken up without a restart; connections already open keep theirs. The check runs at most
+/// once per [`CERT_CHECK_INTERVAL`], when a connection is about to be made.
+///
+/// The whole configuration is rebuilt, session cache included: TLS 1.3 resumption presents no
+/// certificate, and tickets from sessions of the old certificate would carry its identity on, each
+/// resumed connection receiving fresh ones. A pair that does not load (a rotation caught halfway, whose
+/// key does not match its certificate) leaves the last good configuration in use, with a warning.
+#[derive(Debug)]
+pub struct ClientTls {
+    files: TlsFiles,
+    state: std::sync::Mutex<ClientState>,
+}
+
+#[derive(Debug)]
+struct ClientState {
+    config: Arc<rustls::ClientConfig>,
+    stamp: Stamp,
+    checked: std::time::Instant,
+}
+
+impl ClientTls {
+    /// Reads the files now; a failure here is a configuration error.
+    pub fn load(files: &TlsFiles) -> Result<Self> {
+        let stamp = stamp(files);
+        let config = client_config(files)?;
+        let state = ClientState { config, stamp, checked: std::time::Instant::now() };
+        Ok(Self { files: files.clone(), state: std::sync::Mutex::new(state) })
+    }
+
+    /// The configuration for the next connection: rebuilt first if the files changed.
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        let mut state = self.state.lock().expect("client TLS lock poisoned");
+        if state.checked.elapsed() < CERT_CHECK_INTERVAL {
+            return state.config.clone();
+        }
+        state.checked = std::time::Instant::now();
+        let now = stamp(&self.files);
+        if now == state.stamp {
+            return state.config.clone();
+        }
+        // Stamped either way: a pair caught halfway is read again once the other file changes too.
+        state.stamp = now;
+        match client_config(&self.files) {
+            Ok(config) => {
+                tracing::info!(cert = %self.files.cert.display(), "client certificate reloaded");
+                state.config = config;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "client certificate changed but does not load: keeping the last good one");
+            }
+        }
+        state.config.clone()
+    }
 }
 
 /// Why a TLS handshake did not complete.

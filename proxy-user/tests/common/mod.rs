@@ -26,8 +26,9 @@ fn bin(built: Option<&'static str>, env_name: &str) -> String {
 /// Longest wait for anything a test awaits (a process start, readiness, a reconnect).
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// Nodes that get a node certificate (`--agent-auth node-cert`) in [`certs`].
-pub const NODES: [&str; 2] = ["node-a", "node-b"];
+/// Nodes that get a node certificate (`--agent-auth node-cert`) in [`certs`]; node-a twice, the second
+/// as after a rotation.
+pub const NODES: [&str; 3] = ["node-a", "node-b", "node-a"];
 
 /// Development certificates in a temporary directory.
 pub struct Certs {
