@@ -375,3 +375,19 @@ async fn a_rotated_node_certificate_is_taken_up_without_a_restart_or_a_dropped_s
     let mismatch = "spoke_server_agent_conn_failures_total{reason=\"identity_mismatch\"}";
     assert_eq!(metric(srv.admin_addr, mismatch).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_agents_the_server_names_may_be_a_default_route() {
+    let certs = certs();
+    let srv = server(&certs).flag("--default-route-agents", "node-a").run().await;
+    let refused = "spoke_server_agent_conn_failures_total{reason=\"claim_refused\"}";
+    let _b = agent(&srv).id("node-b").identifiers("ipv4=127.0.0.2&default-route=true").spawn().await;
+    eventually("node b's default-route claim refused", || async { metric(srv.admin_addr, refused).await >= 1 })
+        .await;
+    assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 0);
+    // Nobody claims 127.0.0.9: with node a as the default route the request reaches a node (which finds
+    // nothing listening) instead of getting 503.
+    assert_eq!(connect_status(&srv, "127.0.0.9:9").await.0, 503);
+    let _a = agent(&srv).id("node-a").run().await;
+    assert_eq!(connect_status(&srv, "127.0.0.9:9").await.0, 502);
+}

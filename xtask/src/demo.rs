@@ -120,6 +120,9 @@ fn server_args(uds: &Path, datapath: &str, cert: &dyn Fn(&str) -> String) -> Vec
         cert("frontend.pem"),
         "--server-key".into(),
         cert("frontend-key.pem"),
+        // The demo agent announces itself as a default route.
+        "--default-route-agents".into(),
+        DEMO_NODE.into(),
         // The common name of spoke-certs' client.pem (spoke::devcerts::CLIENT_NAME).
         "--frontend-allowed-names".into(),
         "kube-apiserver".into(),

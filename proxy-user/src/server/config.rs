@@ -124,6 +124,11 @@ pub struct ServerArgs {
     /// development, tests and benchmarks only: logged as a warning at start).
     #[arg(long, env = "SPOKE_SERVER_AGENT_AUTH", value_enum, default_value_t = AgentAuth::NodeCert)]
     pub agent_auth: AgentAuth,
+    /// Agents (by id: with `--agent-auth node-cert`, node names) that may announce themselves as a
+    /// default route, taking every destination no other strategy matched; `*` for any agent. An agent
+    /// not listed that announces it is refused. Empty (the default): none may.
+    #[arg(long, env = "SPOKE_SERVER_DEFAULT_ROUTE_AGENTS", value_delimiter = ',')]
+    pub default_route_agents: Vec<String>,
     /// Accept data connections without TLS (agents started with `--tunnel-tls off`), for networks whose
     /// underlay is already encrypted (`WireGuard`, `IPsec`). Control channels always use mutual TLS.
     #[arg(long, env = "SPOKE_SERVER_ALLOW_PLAINTEXT_TUNNEL")]
@@ -210,6 +215,8 @@ pub struct ServerConfig {
     pub server_count: u16,
     /// How agents prove which node they are.
     pub agent_auth: AgentAuth,
+    /// Agents that may announce a default route (`*`: any).
+    pub default_route_agents: Vec<String>,
     /// Whether data connections may skip TLS.
     pub allow_plaintext_tunnel: bool,
     /// How streams are relayed.
@@ -268,6 +275,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             server_id: a.server_id,
             server_count: a.server_count,
             agent_auth: a.agent_auth,
+            default_route_agents: a.default_route_agents,
             allow_plaintext_tunnel: a.allow_plaintext_tunnel,
             datapath: a.datapath,
             worker_threads: a.worker_threads,

@@ -62,6 +62,11 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
                 inc(&server.metrics.agent_conn_failures, "reason", "identity_mismatch");
                 return reject(&mut conn, &reason).await;
             }
+            if let Err(reason) = authorize(&server, &identity) {
+                warn!(agent = %identity.agent_id, %reason, "agent refused");
+                inc(&server.metrics.agent_conn_failures, "reason", "claim_refused");
+                return reject(&mut conn, &reason).await;
+            }
             control(server, conn, identity).await;
         }
         Message::DataHello { session_id, .. } => park(&server, conn, session_id).await,
@@ -90,6 +95,19 @@ fn authenticate(server: &Server, conn: &AcceptedLink, identity: &Identity) -> Re
         return Err(format!(
             "the certificate is node {node:?}'s, but the agent claims id {:?} on node {:?}",
             identity.agent_id, identity.node_name
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what an agent announces against what the server allows it: only the agents of
+/// `--default-route-agents` may be a default route.
+fn authorize(server: &Server, identity: &Identity) -> Result<(), String> {
+    let allowed = &server.config.default_route_agents;
+    if identity.default_route && !allowed.iter().any(|a| a == "*" || *a == identity.agent_id) {
+        return Err(format!(
+            "agent {:?} may not be a default route (not in the server's --default-route-agents)",
+            identity.agent_id
         ));
     }
     Ok(())

@@ -193,6 +193,9 @@ impl ServerBuilder {
             // certificates and sets `--agent-auth node-cert`.
             "--agent-auth".into(),
             "shared-cert".into(),
+            // The fixture's agents announce a default route.
+            "--default-route-agents".into(),
+            "*".into(),
             "--cluster-ca-cert".into(),
             p(&f.cluster_ca),
             "--cluster-cert".into(),
