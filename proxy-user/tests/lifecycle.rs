@@ -382,8 +382,10 @@ async fn only_the_agents_the_server_names_may_be_a_default_route() {
     let srv = server(&certs).flag("--default-route-agents", "node-a").run().await;
     let refused = "spoke_server_agent_conn_failures_total{reason=\"claim_refused\"}";
     let _b = agent(&srv).id("node-b").identifiers("ipv4=127.0.0.2&default-route=true").spawn().await;
-    eventually("node b's default-route claim refused", || async { metric(srv.admin_addr, refused).await >= 1 })
-        .await;
+    eventually("node b's default-route claim refused", || async {
+        metric(srv.admin_addr, refused).await >= 1
+    })
+    .await;
     assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 0);
     // Nobody claims 127.0.0.9: with node a as the default route the request reaches a node (which finds
     // nothing listening) instead of getting 503.
