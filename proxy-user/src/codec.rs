@@ -90,11 +90,14 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
             out.put_u16(*version);
             out.put_u128(session_id.0);
         }
-        Message::Dial { stream_id, host, port, timeout_ms } => {
+        Message::Challenge { nonce } => out.put_slice(nonce),
+        Message::DataProof { mac } => out.put_slice(mac),
+        Message::Dial { stream_id, host, port, timeout_ms, mac } => {
             out.put_u64(*stream_id);
             put_str(out, host)?;
             out.put_u16(*port);
             out.put_u32(*timeout_ms);
+            out.put_slice(mac);
         }
         Message::DialReply { stream_id, status, message } => {
             out.put_u64(*stream_id);
@@ -147,11 +150,14 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
         kind::DATA_HELLO => {
             Message::DataHello { version: get_u16(b, "version")?, session_id: get_session_id(b)? }
         }
+        kind::CHALLENGE => Message::Challenge { nonce: get_array(b, "nonce")? },
+        kind::DATA_PROOF => Message::DataProof { mac: get_array(b, "mac")? },
         kind::DIAL => Message::Dial {
             stream_id: get_u64(b, "stream id")?,
             host: get_str(b, "host")?,
             port: get_u16(b, "port")?,
             timeout_ms: get_u32(b, "timeout")?,
+            mac: get_array(b, "mac")?,
         },
         kind::DIAL_REPLY => Message::DialReply {
             stream_id: get_u64(b, "stream id")?,
@@ -268,6 +274,13 @@ fn get_u32(b: &mut Bytes, what: &'static str) -> Result<u32> {
     Ok(b.get_u32())
 }
 
+fn get_array<const N: usize>(b: &mut Bytes, what: &'static str) -> Result<[u8; N]> {
+    need(b, N, what)?;
+    let mut out = [0u8; N];
+    b.copy_to_slice(&mut out);
+    Ok(out)
+}
+
 fn get_session_id(b: &mut Bytes) -> Result<SessionId> {
     need(b, 16, "session id")?;
     Ok(SessionId(b.get_u128()))
@@ -362,7 +375,15 @@ mod tests {
             Message::Drain,
             Message::GoAway { reason: "shutting down".into() },
             Message::DataHello { version: PROTOCOL_VERSION, session_id: SessionId(9) },
-            Message::Dial { stream_id: 1, host: "kubelet.example".into(), port: 10250, timeout_ms: 5000 },
+            Message::Challenge { nonce: [7; 16] },
+            Message::DataProof { mac: [9; 32] },
+            Message::Dial {
+                stream_id: 1,
+                host: "kubelet.example".into(),
+                port: 10250,
+                timeout_ms: 5000,
+                mac: [3; 32],
+            },
             Message::DialReply { stream_id: 1, status: DialStatus::Refused, message: "refused".into() },
             Message::DialReply { stream_id: 2, status: DialStatus::Ok, message: String::new() },
             Message::Reject { reason: "unsupported version 7".into() },
@@ -406,8 +427,13 @@ mod tests {
 
     #[tokio::test]
     async fn read_message_stops_at_the_frame_end() {
-        let mut wire =
-            frame(&Message::Dial { stream_id: 3, host: "10.0.0.1".into(), port: 80, timeout_ms: 1 });
+        let mut wire = frame(&Message::Dial {
+            stream_id: 3,
+            host: "10.0.0.1".into(),
+            port: 80,
+            timeout_ms: 1,
+            mac: [0; 32],
+        });
         wire.extend_from_slice(b"raw stream bytes");
         let mut reader = &wire[..];
         let msg = read_message(&mut reader).await.expect("reads");

@@ -43,6 +43,103 @@ impl std::fmt::Debug for SessionId {
     }
 }
 
+/// Bytes of a [`Message::Challenge`] nonce.
+pub const NONCE_LEN: usize = 16;
+/// Bytes of a MAC (HMAC-SHA256).
+pub const MAC_LEN: usize = 32;
+/// The TLS exporter label from which both ends of a control channel derive its session's data key.
+pub const DATA_KEY_LABEL: &[u8] = b"EXPORTER-spoke-data-connection";
+
+/// A session's data key: both ends derive it from the control channel's TLS session (RFC 8446 exporter,
+/// [`DATA_KEY_LABEL`], the session id as context), so it never crosses the wire. Plain data
+/// connections, which carry no certificate, prove with it that they belong to the session, and the
+/// server signs each `Dial` on them with it.
+#[derive(Clone)]
+pub struct DataKey(ring::hmac::Key);
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(MASKED)")
+    }
+}
+
+impl DataKey {
+    /// The key from the exporter's output.
+    #[must_use]
+    pub fn new(exported: &[u8; 32]) -> Self {
+        Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, exported))
+    }
+
+    fn mac(&self, input: &[u8]) -> [u8; MAC_LEN] {
+        ring::hmac::sign(&self.0, input).as_ref().try_into().expect("HMAC-SHA256 is 32 bytes")
+    }
+
+    fn verify(&self, input: &[u8], mac: &[u8; MAC_LEN]) -> bool {
+        ring::hmac::verify(&self.0, input, mac).is_ok()
+    }
+
+    fn proof_input(session: SessionId, nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+        [&b"data-connection"[..], &session.0.to_be_bytes(), nonce].concat()
+    }
+
+    /// Every field of a dial, each of fixed length or length-prefixed, so no two dials share an input.
+    fn dial_input(
+        nonce: &[u8; NONCE_LEN],
+        stream_id: u64,
+        host: &str,
+        port: u16,
+        timeout_ms: u32,
+    ) -> Vec<u8> {
+        let host_len = u16::try_from(host.len()).unwrap_or(u16::MAX).to_be_bytes();
+        [
+            &b"dial"[..],
+            nonce,
+            &stream_id.to_be_bytes(),
+            &host_len,
+            host.as_bytes(),
+            &port.to_be_bytes(),
+            &timeout_ms.to_be_bytes(),
+        ]
+        .concat()
+    }
+
+    /// What a plain data connection answers to `nonce` to join `session`.
+    #[must_use]
+    pub fn proof(&self, session: SessionId, nonce: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
+        self.mac(&Self::proof_input(session, nonce))
+    }
+
+    /// Whether `mac` is [`DataKey::proof`] of `session` and `nonce` (compared in constant time).
+    #[must_use]
+    pub fn verify_proof(&self, session: SessionId, nonce: &[u8; NONCE_LEN], mac: &[u8; MAC_LEN]) -> bool {
+        self.verify(&Self::proof_input(session, nonce), mac)
+    }
+
+    /// The MAC of a `Dial` on the plain data connection challenged with `nonce`.
+    #[must_use]
+    pub fn dial_mac(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        stream_id: u64,
+        host: &str,
+        port: u16,
+        timeout_ms: u32,
+    ) -> [u8; MAC_LEN] {
+        self.mac(&Self::dial_input(nonce, stream_id, host, port, timeout_ms))
+    }
+
+    /// Whether `mac` is [`DataKey::dial_mac`] of this dial (compared in constant time).
+    #[must_use]
+    pub fn verify_dial(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        (stream_id, host, port, timeout_ms): (u64, &str, u16, u32),
+        mac: &[u8; MAC_LEN],
+    ) -> bool {
+        self.verify(&Self::dial_input(nonce, stream_id, host, port, timeout_ms), mac)
+    }
+}
+
 /// Largest frame body (type byte and payload) either side accepts.
 pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Longest string field (identifiers, host names, reasons).
@@ -163,6 +260,17 @@ pub enum Message {
         /// The agent's current control session (`HelloAck::session_id`).
         session_id: SessionId,
     },
+    /// Server → agent on a plain data connection, answering `DataHello`: prove you hold the session's
+    /// data key.
+    Challenge {
+        /// Fresh random bytes, different for every connection.
+        nonce: [u8; NONCE_LEN],
+    },
+    /// Agent → server on a plain data connection, answering `Challenge`.
+    DataProof {
+        /// [`DataKey::proof`] of the session id and the challenge's nonce.
+        mac: [u8; MAC_LEN],
+    },
     /// Server → agent on a data connection: connect to this destination.
     Dial {
         /// Server-assigned stream identifier, for logs.
@@ -173,6 +281,9 @@ pub enum Message {
         port: u16,
         /// How long the agent may try (milliseconds).
         timeout_ms: u32,
+        /// On a plain data connection, [`DataKey::dial_mac`] of this dial and the connection's
+        /// challenge nonce; all zero over TLS, which authenticates the server already.
+        mac: [u8; MAC_LEN],
     },
     /// Agent → server on a data connection: the dial's outcome.
     DialReply {
@@ -199,6 +310,8 @@ pub(crate) mod kind {
     pub const DRAIN: u8 = 5;
     pub const GO_AWAY: u8 = 6;
     pub const DATA_HELLO: u8 = 16;
+    pub const CHALLENGE: u8 = 19;
+    pub const DATA_PROOF: u8 = 20;
     pub const DIAL: u8 = 17;
     pub const DIAL_REPLY: u8 = 18;
     pub const REJECT: u8 = 127;
@@ -216,6 +329,8 @@ impl Message {
             Self::Drain => kind::DRAIN,
             Self::GoAway { .. } => kind::GO_AWAY,
             Self::DataHello { .. } => kind::DATA_HELLO,
+            Self::Challenge { .. } => kind::CHALLENGE,
+            Self::DataProof { .. } => kind::DATA_PROOF,
             Self::Dial { .. } => kind::DIAL,
             Self::DialReply { .. } => kind::DIAL_REPLY,
             Self::Reject { .. } => kind::REJECT,

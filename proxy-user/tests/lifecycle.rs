@@ -393,3 +393,98 @@ async fn only_the_agents_the_server_names_may_be_a_default_route() {
     let _a = agent(&srv).id("node-a").run().await;
     assert_eq!(connect_status(&srv, "127.0.0.9:9").await.0, 502);
 }
+
+/// Opens a control session with the development certificate and returns its id (and the channel,
+/// which must stay open for the session to live).
+async fn control_session(srv: &common::Server) -> (spoke::protocol::SessionId, impl Sized) {
+    use spoke::protocol::{Identity, Message, PROTOCOL_VERSION};
+    let f = &srv.certs.files;
+    let mut control = link_as(srv, &f.agent_cert, &f.agent_key).await;
+    let identity = Identity {
+        agent_id: "node-z".into(),
+        node_name: "node-z".into(),
+        hostnames: vec![],
+        addresses: vec![],
+        cidrs: vec![],
+        default_route: false,
+    };
+    spoke::codec::write_message(&mut control, &Message::Hello { version: PROTOCOL_VERSION, identity })
+        .await
+        .unwrap();
+    let ack = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut control)).await.unwrap();
+    let Ok(Message::HelloAck { session_id, .. }) = ack else { panic!("control session refused: {ack:?}") };
+    (session_id, control)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_data_connection_must_prove_the_sessions_key() {
+    use spoke::protocol::{Message, PROTOCOL_VERSION};
+    let certs = certs();
+    let srv = server(&certs).allow_plaintext_tunnel().run().await;
+    // Someone who learned the session id (it crosses the wire in clear on plain data connections).
+    let (session_id, _control) = control_session(&srv).await;
+    let mut s = TcpStream::connect(srv.agent_addr).await.unwrap();
+    spoke::codec::write_message(&mut s, &Message::DataHello { version: PROTOCOL_VERSION, session_id })
+        .await
+        .unwrap();
+    let challenge = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut s)).await.unwrap();
+    assert!(matches!(challenge, Ok(Message::Challenge { .. })), "{challenge:?}");
+    spoke::codec::write_message(&mut s, &Message::DataProof { mac: [0; 32] }).await.unwrap();
+    let reply = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut s)).await.unwrap();
+    assert!(matches!(&reply, Ok(Message::Reject { .. })), "{reply:?}");
+    assert_eq!(
+        metric(srv.admin_addr, "spoke_server_agent_conn_failures_total{reason=\"bad_proof\"}").await,
+        1
+    );
+    assert_eq!(metric(srv.admin_addr, "spoke_server_data_conns_idle").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_forged_on_the_path_of_a_plain_data_connection_is_refused() {
+    use spoke::protocol::Message;
+    let certs = certs();
+    let srv = server(&certs).allow_plaintext_tunnel().run().await;
+    // A target the forged dial points at: it must never be connected to.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    // A host on the path between agent and server: it passes TLS through, and on plain data connections
+    // it passes the challenge and the proof, then writes its own Dial.
+    let path = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let path_port = path.local_addr().unwrap().port();
+    let upstream = srv.agent_addr;
+    tokio::spawn(async move {
+        while let Ok((mut agent_side, _)) = path.accept().await {
+            tokio::spawn(async move {
+                let mut server_side = TcpStream::connect(upstream).await.unwrap();
+                let mut first = [0u8; 1];
+                if agent_side.peek(&mut first).await.unwrap_or(0) == 0 || first[0] == 0x16 {
+                    let _ = tokio::io::copy_bidirectional(&mut agent_side, &mut server_side).await;
+                    return;
+                }
+                let (mut agent_rd, mut agent_wr) = agent_side.into_split();
+                let (mut server_rd, mut server_wr) = server_side.split();
+                let up = tokio::io::copy(&mut agent_rd, &mut server_wr);
+                let forge = async {
+                    let challenge = spoke::codec::read_message(&mut server_rd).await?;
+                    spoke::codec::write_message(&mut agent_wr, &challenge).await?;
+                    let forged = Message::Dial {
+                        stream_id: 99,
+                        host: "127.0.0.1".into(),
+                        port: target_addr.port(),
+                        timeout_ms: 5000,
+                        mac: [0x5a; 32],
+                    };
+                    spoke::codec::write_message(&mut agent_wr, &forged).await?;
+                    Ok::<_, spoke::codec::CodecError>(agent_wr)
+                };
+                let _ = tokio::join!(up, forge);
+            });
+        }
+    });
+    let agent =
+        agent(&srv).plaintext("copy").flag("--proxy-server-port", &path_port.to_string()).spawn().await;
+    let forged = "spoke_agent_server_conn_failures_total{kind=\"forged_dial\"}";
+    eventually("forged dials refused", || async { metric(agent.admin_addr, forged).await >= 3 }).await;
+    let accepted = tokio::time::timeout(std::time::Duration::from_millis(500), target.accept()).await;
+    assert!(accepted.is_err(), "the agent dialed a destination the server never asked for");
+}

@@ -12,8 +12,17 @@ use tracing::{Instrument as _, error, info, info_span, warn};
 use super::{Agent, ConnectError, pool};
 use crate::codec;
 use crate::metrics::inc;
-use crate::protocol::{self, Message, PROTOCOL_VERSION};
-use crate::transport::DialedLink;
+use crate::protocol::{self, DATA_KEY_LABEL, DataKey, Message, PROTOCOL_VERSION, SessionId};
+use crate::transport::{DialedLink, Link};
+
+/// A control session as its data connections need it.
+#[derive(Debug)]
+pub(super) struct Session {
+    /// Quoted by every data connection.
+    pub(super) id: SessionId,
+    /// Proves plain data connections and checks the server's dials on them.
+    pub(super) key: DataKey,
+}
 
 /// Control frames buffered between the reader task and the session loop.
 const CONTROL_QUEUE: usize = 16;
@@ -114,12 +123,16 @@ async fn session(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<Ses
         Message::Reject { reason } => return Err(ConnectError::Rejected(reason)),
         other => return Err(ConnectError::Unexpected(other.kind())),
     };
+    let Link::Tls(tls) = &conn else { unreachable!("the control channel is always TLS") };
+    let context = session_id.0.to_be_bytes();
+    let exported = tls.get_ref().1.export_keying_material([0u8; 32], DATA_KEY_LABEL, Some(&context));
+    let session = Session { id: session_id, key: DataKey::new(&exported.map_err(ConnectError::DataKey)?) };
     let span = info_span!("session", id = %session_id.label(), server = %server_id);
     async move {
         info!(server_count, heartbeat = ?heartbeat, "connected to server");
         agent.metrics.control_connected.set(1);
         let pool_stop = CancellationToken::new();
-        let pool = tokio::spawn(pool::run(agent.clone(), session_id, pool_stop.clone()));
+        let pool = tokio::spawn(pool::run(agent.clone(), Arc::new(session), pool_stop.clone()));
         let end = heartbeats(agent, conn, heartbeat, shutdown).await;
         agent.metrics.control_connected.set(0);
         pool_stop.cancel();

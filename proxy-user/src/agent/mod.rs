@@ -67,6 +67,9 @@ pub enum ConnectError {
     /// The server answered with something else than expected.
     #[error("unexpected {0} frame from server")]
     Unexpected(u8),
+    /// The session's data key could not be derived from the control channel's TLS session.
+    #[error("derive the session's data key: {0}")]
+    DataKey(rustls::Error),
 }
 
 /// State shared by every task of an agent.

@@ -11,9 +11,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::Agent;
+use super::control::Session;
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{Message, PROTOCOL_VERSION, SessionId};
+use crate::protocol::{Message, NONCE_LEN, PROTOCOL_VERSION};
+use crate::transport::{DialedLink, Link, Stream as _};
 
 /// Pause after a data connection failed before it is replaced (keeps a broken server from being
 /// hammered; the control channel's own backoff handles outages).
@@ -26,15 +28,15 @@ struct Counts {
     wake: Notify,
 }
 
-/// Keeps `pool_size` data connections parked for `session_id` until `stop` is cancelled.
-pub(super) async fn run(agent: Arc<Agent>, session_id: SessionId, stop: CancellationToken) {
+/// Keeps `pool_size` data connections parked for `session` until `stop` is cancelled.
+pub(super) async fn run(agent: Arc<Agent>, session: Arc<Session>, stop: CancellationToken) {
     let counts = Arc::new(Counts::default());
     loop {
         while counts.idle.load(Ordering::Acquire) + counts.dialing.load(Ordering::Acquire)
             < agent.config.pool_size
         {
             counts.dialing.fetch_add(1, Ordering::AcqRel);
-            tokio::spawn(data_conn(agent.clone(), counts.clone(), session_id, stop.clone()));
+            tokio::spawn(data_conn(agent.clone(), counts.clone(), session.clone(), stop.clone()));
         }
         tokio::select! {
             () = counts.wake.notified() => {}
@@ -52,8 +54,8 @@ async fn pause_then_wake(counts: &Counts, stop: &CancellationToken) {
 }
 
 /// One data connection: dial, park, wait for a dial, hand over to the stream.
-async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: SessionId, stop: CancellationToken) {
-    let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id };
+async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>, stop: CancellationToken) {
+    let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id: session.id };
     let connected = tokio::select! {
         () = stop.cancelled() => {
             counts.dialing.fetch_sub(1, Ordering::AcqRel);
@@ -70,6 +72,18 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: SessionId
             return pause_then_wake(&counts, &stop).await;
         }
     };
+    // A plain data connection answers the server's challenge with the session's data key.
+    let nonce = match &conn {
+        Link::Plain(_) => match prove(&agent, &mut conn, &session).await {
+            Ok(nonce) => Some(nonce),
+            Err(error) => {
+                inc(&agent.metrics.server_conn_failures, "kind", "data");
+                debug!(%error, "plain data connection not admitted");
+                return pause_then_wake(&counts, &stop).await;
+            }
+        },
+        Link::Tls(_) => None,
+    };
     counts.idle.fetch_add(1, Ordering::AcqRel);
     agent.metrics.pool_idle.inc();
     // Reading is not cancel-safe, but a cancelled read drops the connection anyway.
@@ -82,7 +96,17 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: SessionId
     counts.wake.notify_one();
     match first {
         None => {}
-        Some(Ok(Message::Dial { stream_id, host, port, timeout_ms })) => {
+        Some(Ok(Message::Dial { stream_id, host, port, timeout_ms, mac }))
+            if nonce.is_some_and(|n| {
+                !session.key.verify_dial(&n, (stream_id, &host, port, timeout_ms), &mac)
+            }) =>
+        {
+            warn!(dest = %format_args!("{host}:{port}"), "a Dial on a plain data connection is not the server's: refused");
+            inc(&agent.metrics.server_conn_failures, "kind", "forged_dial");
+            conn.abort();
+            pause_then_wake(&counts, &stop).await;
+        }
+        Some(Ok(Message::Dial { stream_id, host, port, timeout_ms, .. })) => {
             let span = info_span!("stream", id = stream_id, dest = %format_args!("{host}:{port}"));
             let a = agent.clone();
             agent.streams.spawn(
@@ -107,4 +131,26 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session_id: SessionId
             pause_then_wake(&counts, &stop).await;
         }
     }
+}
+
+/// Answers the server's challenge on a plain data connection; the nonce signs the dial that follows.
+async fn prove(
+    agent: &Agent,
+    conn: &mut DialedLink,
+    session: &Session,
+) -> Result<[u8; NONCE_LEN], CodecError> {
+    let exchange = async {
+        match codec::read_message(conn).await? {
+            Message::Challenge { nonce } => {
+                let proof = Message::DataProof { mac: session.key.proof(session.id, &nonce) };
+                codec::write_message(conn, &proof).await?;
+                Ok(nonce)
+            }
+            Message::Reject { .. } => Err(CodecError::Invalid("refused by the server")),
+            _ => Err(CodecError::Invalid("challenge")),
+        }
+    };
+    tokio::time::timeout(agent.config.connect_timeout, exchange)
+        .await
+        .unwrap_or(Err(CodecError::Io(std::io::ErrorKind::TimedOut.into())))
 }

@@ -12,11 +12,21 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{Identity, SessionId};
+use crate::protocol::{DataKey, Identity, NONCE_LEN, SessionId};
 use crate::transport::AcceptedLink;
 
 /// A data connection parked by an agent.
 pub type DataConn = AcceptedLink;
+
+/// A parked data connection, with the nonce it was challenged with when it is plain (its `Dial` is
+/// signed with the session's data key and this nonce).
+#[derive(Debug)]
+pub struct Parked {
+    /// The connection.
+    pub conn: DataConn,
+    /// The challenge nonce of a plain connection; `None` over TLS.
+    pub nonce: Option<[u8; NONCE_LEN]>,
+}
 
 /// How the server picks the agent for a destination; tried in the configured order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +67,9 @@ pub struct AgentHandle {
     pub stream_slots: Arc<Semaphore>,
     /// Cancelled when the control session ends; pending takes give up.
     pub gone: CancellationToken,
-    idle: Mutex<VecDeque<DataConn>>,
+    /// The session's data key (see [`DataKey`]).
+    pub data_key: DataKey,
+    idle: Mutex<VecDeque<Parked>>,
     idle_added: Notify,
     idle_gauge: Gauge,
     max_idle: usize,
@@ -78,6 +90,7 @@ impl AgentHandle {
     pub fn new(
         identity: Identity,
         session_id: SessionId,
+        data_key: DataKey,
         max_streams: usize,
         max_idle: usize,
         idle_gauge: Gauge,
@@ -85,6 +98,7 @@ impl AgentHandle {
         Self {
             identity,
             session_id,
+            data_key,
             draining: AtomicBool::new(false),
             stream_slots: Arc::new(Semaphore::new(max_streams)),
             gone: CancellationToken::new(),
@@ -105,7 +119,7 @@ impl AgentHandle {
     }
 
     /// Parks a data connection until a dial takes it.
-    pub fn park(&self, conn: DataConn) -> Result<(), ParkError> {
+    pub fn park(&self, conn: Parked) -> Result<(), ParkError> {
         if !self.usable() {
             return Err(ParkError::Closed);
         }
@@ -122,7 +136,7 @@ impl AgentHandle {
 
     /// Takes a parked data connection, waiting for one until `deadline`; `None` on timeout or when the
     /// agent went away.
-    pub async fn take(&self, deadline: Instant) -> Option<DataConn> {
+    pub async fn take(&self, deadline: Instant) -> Option<Parked> {
         loop {
             let added = self.idle_added.notified();
             tokio::pin!(added);
@@ -144,7 +158,7 @@ impl AgentHandle {
 
     /// Closes every parked connection (the agent is draining or gone).
     pub fn drop_idle(&self) {
-        let drained: Vec<DataConn> = self.idle.lock().expect("idle lock poisoned").drain(..).collect();
+        let drained: Vec<Parked> = self.idle.lock().expect("idle lock poisoned").drain(..).collect();
         self.idle_gauge.dec_by(i64::try_from(drained.len()).unwrap_or(i64::MAX));
     }
 }
@@ -317,6 +331,7 @@ mod tests {
                 default_route,
             },
             SessionId(fastrand::u128(..)),
+            DataKey::new(&[0; 32]),
             16,
             4,
             Gauge::default(),

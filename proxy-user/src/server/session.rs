@@ -11,10 +11,12 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::Server;
 use super::config::AgentAuth;
-use super::registry::{AgentHandle, ParkError};
+use super::registry::{AgentHandle, ParkError, Parked};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{self, Identity, Message, PROTOCOL_VERSION, SessionId};
+use crate::protocol::{
+    self, DATA_KEY_LABEL, DataKey, Identity, Message, NONCE_LEN, PROTOCOL_VERSION, SessionId,
+};
 use crate::transport::accept::Accepted;
 use crate::transport::tls::{self, HandshakeError};
 use crate::transport::{self, AcceptedLink, Link};
@@ -69,9 +71,27 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
             }
             control(server, conn, identity).await;
         }
-        Message::DataHello { session_id, .. } => park(&server, conn, session_id).await,
+        Message::DataHello { session_id, .. } => park(&server, conn, session_id, deadline).await,
         _ => unreachable!("other first frames were refused above"),
     }
+}
+
+/// The session's data key, from the control channel's TLS session (`None` for a plain link).
+fn data_key(conn: &AcceptedLink, session_id: SessionId) -> Option<DataKey> {
+    let Link::Tls(tls) = conn else { return None };
+    let context = session_id.0.to_be_bytes();
+    let key = tls.get_ref().1.export_keying_material([0u8; 32], DATA_KEY_LABEL, Some(&context)).ok()?;
+    Some(DataKey::new(&key))
+}
+
+/// A fresh challenge nonce from the secure random source.
+fn new_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut nonce)
+        .expect("the system's secure random source works");
+    nonce
 }
 
 /// The node a link's certificate names (`None` for a plain link or another kind of certificate).
@@ -174,7 +194,7 @@ async fn reject(conn: &mut AcceptedLink, reason: &str) {
     let _ = codec::write_message(conn, &Message::Reject { reason: reason.to_owned() }).await;
 }
 
-async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId) {
+async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId, deadline: Instant) {
     let Some(agent) = server.agents.session(session_id) else {
         inc(&server.metrics.agent_conn_failures, "reason", "unknown_session");
         return reject(&mut conn, "unknown or expired session").await;
@@ -189,7 +209,28 @@ async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId) {
         inc(&server.metrics.agent_conn_failures, "reason", "identity_mismatch");
         return reject(&mut conn, "the certificate is not the session's node's").await;
     }
-    match agent.park(conn) {
+    // A plain data connection has no certificate: it proves it holds the session's data key, which
+    // never crossed the wire, by answering a fresh challenge.
+    let nonce = if matches!(conn, Link::Plain(_)) {
+        let nonce = new_nonce();
+        let answer = async {
+            codec::write_message(&mut conn, &Message::Challenge { nonce }).await?;
+            codec::read_message(&mut conn).await
+        };
+        let proven = match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(Message::DataProof { mac })) => agent.data_key.verify_proof(session_id, &nonce, &mac),
+            _ => false,
+        };
+        if !proven {
+            warn!(agent = %agent.identity.agent_id, "plain data connection without a valid proof refused");
+            inc(&server.metrics.agent_conn_failures, "reason", "bad_proof");
+            return reject(&mut conn, "no valid proof of the session's data key").await;
+        }
+        Some(nonce)
+    } else {
+        None
+    };
+    match agent.park(Parked { conn, nonce }) {
         Ok(()) => {}
         Err(ParkError::Full) => {
             inc(&server.metrics.agent_conn_failures, "reason", "pool_full");
@@ -218,9 +259,14 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         session_id,
         heartbeat_ms,
     };
+    let Some(data_key) = data_key(&conn, session_id) else {
+        inc(&server.metrics.agent_conn_failures, "reason", "protocol");
+        return reject(&mut conn, "no data key could be derived from the control channel").await;
+    };
     let agent = Arc::new(AgentHandle::new(
         identity,
         session_id,
+        data_key,
         limits.max_streams_per_agent,
         limits.max_idle_per_agent,
         server.metrics.data_conns_idle.clone(),

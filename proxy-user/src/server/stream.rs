@@ -17,7 +17,7 @@ use super::registry::{AgentHandle, DataConn};
 use crate::codec::{self, CodecError};
 use crate::frontend::{self, ConnectRequest, ESTABLISHED};
 use crate::metrics::inc;
-use crate::protocol::{DialStatus, Message};
+use crate::protocol::{DialStatus, MAC_LEN, Message};
 use crate::transport::Stream;
 use crate::transport::accept::Accepted;
 use crate::transport::tls::{self, HandshakeError};
@@ -207,14 +207,20 @@ async fn dial(
     let limits = &server.config.limits;
     let deadline = Instant::now() + limits.dial_timeout;
     let timeout_ms = u32::try_from(limits.dial_timeout.as_millis()).unwrap_or(u32::MAX);
-    let dial = Message::Dial { stream_id, host: req.host.clone(), port: req.port, timeout_ms };
+
     let mut last_error = None;
     for _ in 0..MAX_DIAL_ATTEMPTS {
         let agent = server.agents.route(&req.host).ok_or_else(|| DialError::NoAgent(req.to_string()))?;
         let agent_id = || agent.identity.agent_id.clone();
         let slot =
             agent.stream_slots.clone().try_acquire_owned().map_err(|_| DialError::AgentBusy(agent_id()))?;
-        let mut conn = agent.take(deadline).await.ok_or_else(|| DialError::NoDataConn(agent_id()))?;
+        let parked = agent.take(deadline).await.ok_or_else(|| DialError::NoDataConn(agent_id()))?;
+        let mut conn = parked.conn;
+        // On a plain data connection the dial is signed, so that no host on the path can forge one.
+        let mac = parked.nonce.map_or([0; MAC_LEN], |nonce| {
+            agent.data_key.dial_mac(&nonce, stream_id, &req.host, req.port, timeout_ms)
+        });
+        let dial = Message::Dial { stream_id, host: req.host.clone(), port: req.port, timeout_ms, mac };
         let exchange = async {
             codec::write_message(&mut conn, &dial).await?;
             codec::read_message(&mut conn).await
