@@ -280,7 +280,7 @@ async fn link_as(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_node_certificates_an_agent_is_the_node_its_certificate_names() {
-    use spoke::protocol::{Identity, Message, PROTOCOL_VERSION};
+    use spoke::protocol::{Message, PROTOCOL_VERSION};
     let certs = certs();
     let srv = server(&certs).flag("--agent-auth", "node-cert").run().await;
     let echo = echo().await;
@@ -303,20 +303,7 @@ async fn with_node_certificates_an_agent_is_the_node_its_certificate_names() {
     assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 1);
 
     // Node b's own control channel; a data connection with node a's certificate cannot join it.
-    let mut control = link_as(&srv, &b.cert, &b.key).await;
-    let identity = Identity {
-        agent_id: "node-b".into(),
-        node_name: "node-b".into(),
-        hostnames: vec![],
-        addresses: vec![],
-        cidrs: vec![],
-        default_route: false,
-    };
-    spoke::codec::write_message(&mut control, &Message::Hello { version: PROTOCOL_VERSION, identity })
-        .await
-        .unwrap();
-    let ack = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut control)).await.unwrap();
-    let Ok(Message::HelloAck { session_id, .. }) = ack else { panic!("node b refused: {ack:?}") };
+    let (session_id, _control) = control_session(&srv, (&b.cert, &b.key), "node-b").await;
     let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id };
     let mut foreign = link_as(&srv, &a.cert, &a.key).await;
     spoke::codec::write_message(&mut foreign, &hello).await.unwrap();
@@ -394,15 +381,18 @@ async fn only_the_agents_the_server_names_may_be_a_default_route() {
     assert_eq!(connect_status(&srv, "127.0.0.9:9").await.0, 502);
 }
 
-/// Opens a control session with the development certificate and returns its id (and the channel,
-/// which must stay open for the session to live).
-async fn control_session(srv: &common::Server) -> (spoke::protocol::SessionId, impl Sized) {
+/// Opens a control session as agent and node `name` with `cert` and `key`, and returns its id (and the
+/// channel, which must stay open for the session to live).
+async fn control_session(
+    srv: &common::Server,
+    (cert, key): (&std::path::Path, &std::path::Path),
+    name: &str,
+) -> (spoke::protocol::SessionId, impl Sized) {
     use spoke::protocol::{Identity, Message, PROTOCOL_VERSION};
-    let f = &srv.certs.files;
-    let mut control = link_as(srv, &f.agent_cert, &f.agent_key).await;
+    let mut control = link_as(srv, cert, key).await;
     let identity = Identity {
-        agent_id: "node-z".into(),
-        node_name: "node-z".into(),
+        agent_id: name.into(),
+        node_name: name.into(),
         hostnames: vec![],
         addresses: vec![],
         cidrs: vec![],
@@ -422,7 +412,8 @@ async fn a_plain_data_connection_must_prove_the_sessions_key() {
     let certs = certs();
     let srv = server(&certs).allow_plaintext_tunnel().run().await;
     // Someone who learned the session id (it crosses the wire in clear on plain data connections).
-    let (session_id, _control) = control_session(&srv).await;
+    let f = &srv.certs.files;
+    let (session_id, _control) = control_session(&srv, (&f.agent_cert, &f.agent_key), "node-z").await;
     let mut s = TcpStream::connect(srv.agent_addr).await.unwrap();
     spoke::codec::write_message(&mut s, &Message::DataHello { version: PROTOCOL_VERSION, session_id })
         .await
