@@ -29,7 +29,27 @@ pub fn check_version(version: u16) -> Result<(), String> {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionId(pub u128);
 
+/// `N` bytes from the operating system's secure random source.
+fn secure_random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's secure random source works");
+    bytes
+}
+
+/// A fresh [`Message::Challenge`] nonce from the secure random source.
+#[must_use]
+pub fn new_nonce() -> [u8; NONCE_LEN] {
+    secure_random()
+}
+
 impl SessionId {
+    /// A fresh id from the secure random source.
+    #[must_use]
+    pub fn random() -> Self {
+        Self(u128::from_be_bytes(secure_random()))
+    }
+
     /// The first 32 bits in hex: enough to tell sessions apart in logs, too few to join one.
     #[must_use]
     pub fn label(self) -> String {

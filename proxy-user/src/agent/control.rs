@@ -12,7 +12,7 @@ use tracing::{Instrument as _, error, info, info_span, warn};
 use super::{Agent, ConnectError, pool};
 use crate::codec;
 use crate::metrics::inc;
-use crate::protocol::{self, DATA_KEY_LABEL, DataKey, Message, PROTOCOL_VERSION, SessionId};
+use crate::protocol::{self, DataKey, Message, PROTOCOL_VERSION, SessionId};
 use crate::transport::{DialedLink, Link};
 
 /// A control session as its data connections need it.
@@ -124,9 +124,8 @@ async fn session(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<Ses
         other => return Err(ConnectError::Unexpected(other.kind())),
     };
     let Link::Tls(tls) = &conn else { unreachable!("the control channel is always TLS") };
-    let context = session_id.0.to_be_bytes();
-    let exported = tls.get_ref().1.export_keying_material([0u8; 32], DATA_KEY_LABEL, Some(&context));
-    let session = Session { id: session_id, key: DataKey::new(&exported.map_err(ConnectError::DataKey)?) };
+    let key = crate::transport::tls::data_key(tls.get_ref().1, session_id).map_err(ConnectError::DataKey)?;
+    let session = Session { id: session_id, key };
     let span = info_span!("session", id = %session_id.label(), server = %server_id);
     async move {
         info!(server_count, heartbeat = ?heartbeat, "connected to server");

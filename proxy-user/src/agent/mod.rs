@@ -96,35 +96,35 @@ impl Agent {
     async fn connect(&self, first: &Message, tls: bool) -> Result<DialedLink, ConnectError> {
         let addr = self.server_addr();
         let deadline = Instant::now() + self.config.connect_timeout;
-        let timed_out = || ConnectError::Timeout(addr.clone());
-        let dial = TcpStream::connect((self.config.server_host.as_str(), self.config.server_port));
-        let tcp = tokio::time::timeout_at(deadline, dial)
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(|source| ConnectError::Connect { addr: addr.clone(), source })?;
-        if let Err(error) = transport::tune_link(&tcp) {
-            tracing::debug!(%error, "tune server socket");
-        }
-        let mut conn = if tls {
-            let connector = TlsConnector::from(self.tls.config());
-            let conn = match tls::connect(&connector, self.server_name.clone(), tcp, deadline).await {
-                Ok(conn) => conn,
-                Err(HandshakeError::Timeout) => return Err(timed_out()),
-                Err(HandshakeError::Failed(source)) => return Err(ConnectError::Connect { addr, source }),
+        let setup = async {
+            let tcp = TcpStream::connect((self.config.server_host.as_str(), self.config.server_port))
+                .await
+                .map_err(|source| ConnectError::Connect { addr: addr.clone(), source })?;
+            if let Err(error) = transport::tune_link(&tcp) {
+                tracing::debug!(%error, "tune server socket");
+            }
+            let mut conn = if tls {
+                let connector = TlsConnector::from(self.tls.config());
+                let conn = match tls::connect(&connector, self.server_name.clone(), tcp, deadline).await {
+                    Ok(conn) => conn,
+                    Err(HandshakeError::Timeout) => return Err(ConnectError::Timeout(addr.clone())),
+                    Err(HandshakeError::Failed(source)) => {
+                        return Err(ConnectError::Connect { addr: addr.clone(), source });
+                    }
+                };
+                let kind = match conn.get_ref().1.handshake_kind() {
+                    Some(rustls::HandshakeKind::Resumed) => "resumed",
+                    _ => "full",
+                };
+                inc(&self.metrics.server_handshakes, "kind", kind);
+                Link::Tls(Box::new(conn))
+            } else {
+                Link::Plain(tcp)
             };
-            let kind = match conn.get_ref().1.handshake_kind() {
-                Some(rustls::HandshakeKind::Resumed) => "resumed",
-                _ => "full",
-            };
-            inc(&self.metrics.server_handshakes, "kind", kind);
-            Link::Tls(Box::new(conn))
-        } else {
-            Link::Plain(tcp)
+            codec::write_message(&mut conn, first).await?;
+            Ok(conn)
         };
-        tokio::time::timeout_at(deadline, codec::write_message(&mut conn, first))
-            .await
-            .map_err(|_| timed_out())??;
-        Ok(conn)
+        tokio::time::timeout_at(deadline, setup).await.map_err(|_| ConnectError::Timeout(addr.clone()))?
     }
 }
 

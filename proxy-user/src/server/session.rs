@@ -14,9 +14,7 @@ use super::config::AgentAuth;
 use super::registry::{AgentHandle, ParkError, Parked};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{
-    self, DATA_KEY_LABEL, DataKey, Identity, Message, NONCE_LEN, PROTOCOL_VERSION, SessionId,
-};
+use crate::protocol::{self, DataKey, Identity, Message, PROTOCOL_VERSION, SessionId};
 use crate::transport::accept::Accepted;
 use crate::transport::tls::{self, HandshakeError};
 use crate::transport::{self, AcceptedLink, Link};
@@ -25,16 +23,6 @@ use crate::transport::{self, AcceptedLink, Link};
 const CONTROL_QUEUE: usize = 16;
 /// Heartbeat intervals without any frame after which an agent is considered gone.
 const MISSED_HEARTBEATS: u32 = 3;
-
-/// A session id from the operating system's secure random source (through the TLS provider's).
-fn new_session_id() -> SessionId {
-    let mut bytes = [0u8; 16];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut bytes)
-        .expect("the system's secure random source works");
-    SessionId(u128::from_be_bytes(bytes))
-}
 
 /// Serves one connection on the agent listener. Its budget permit is held only through the set-up.
 pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: Accepted<TcpStream>) {
@@ -79,19 +67,7 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
 /// The session's data key, from the control channel's TLS session (`None` for a plain link).
 fn data_key(conn: &AcceptedLink, session_id: SessionId) -> Option<DataKey> {
     let Link::Tls(tls) = conn else { return None };
-    let context = session_id.0.to_be_bytes();
-    let key = tls.get_ref().1.export_keying_material([0u8; 32], DATA_KEY_LABEL, Some(&context)).ok()?;
-    Some(DataKey::new(&key))
-}
-
-/// A fresh challenge nonce from the secure random source.
-fn new_nonce() -> [u8; NONCE_LEN] {
-    let mut nonce = [0u8; NONCE_LEN];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut nonce)
-        .expect("the system's secure random source works");
-    nonce
+    tls::data_key(tls.get_ref().1, session_id).ok()
 }
 
 /// The node a link's certificate names (`None` for a plain link or another kind of certificate).
@@ -141,53 +117,45 @@ async fn establish(
     acceptor: &TlsAcceptor,
     deadline: Instant,
 ) -> Result<(AcceptedLink, Message), &'static str> {
-    if let Err(error) = transport::tune_link(&stream) {
-        debug!(%error, "tune agent socket");
-    }
-    let mut first_byte = [0u8; 1];
-    match tokio::time::timeout_at(deadline, stream.peek(&mut first_byte)).await {
-        Err(_) => {
-            warn!("agent connection set-up timed out");
-            return Err("timeout");
+    let setup = async move {
+        if let Err(error) = transport::tune_link(&stream) {
+            debug!(%error, "tune agent socket");
         }
-        Ok(Ok(0) | Err(_)) => return Err("protocol"),
-        Ok(Ok(_)) => {}
-    }
-    let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
-        match tls::accept(acceptor, stream, deadline).await {
-            Ok(conn) => Link::Tls(Box::new(conn)),
-            Err(HandshakeError::Timeout) => {
-                warn!("agent connection set-up timed out");
-                return Err("timeout");
-            }
-            Err(error) => {
-                warn!(%error, "agent TLS handshake failed");
-                return Err("tls_handshake");
-            }
-        }
-    } else if server.config.allow_plaintext_tunnel {
-        Link::Plain(stream)
-    } else {
-        warn!("plaintext agent connection refused (--allow-plaintext-tunnel is off)");
-        return Err("plaintext_refused");
-    };
-    let first = match tokio::time::timeout_at(deadline, codec::read_message(&mut conn)).await {
-        Err(_) => {
-            warn!("agent connection set-up timed out");
-            return Err("timeout");
-        }
-        Ok(Err(error)) => {
-            warn!(%error, "agent sent no valid first frame");
+        let mut first_byte = [0u8; 1];
+        if stream.peek(&mut first_byte).await.map_err(|_| "protocol")? == 0 {
             return Err("protocol");
         }
-        Ok(Ok(first)) => first,
+        let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
+            match tls::accept(acceptor, stream, deadline).await {
+                Ok(conn) => Link::Tls(Box::new(conn)),
+                Err(HandshakeError::Timeout) => return Err("timeout"),
+                Err(error) => {
+                    warn!(%error, "agent TLS handshake failed");
+                    return Err("tls_handshake");
+                }
+            }
+        } else if server.config.allow_plaintext_tunnel {
+            Link::Plain(stream)
+        } else {
+            warn!("plaintext agent connection refused (--allow-plaintext-tunnel is off)");
+            return Err("plaintext_refused");
+        };
+        let first = codec::read_message(&mut conn).await.map_err(|error| {
+            warn!(%error, "agent sent no valid first frame");
+            "protocol"
+        })?;
+        if matches!((&conn, &first), (Link::Plain(_), Message::Hello { .. })) {
+            warn!("control channel refused: it must use TLS");
+            reject(&mut conn, "the control channel requires TLS").await;
+            return Err("plaintext_refused");
+        }
+        Ok((conn, first))
     };
-    if matches!((&conn, &first), (Link::Plain(_), Message::Hello { .. })) {
-        warn!("control channel refused: it must use TLS");
-        reject(&mut conn, "the control channel requires TLS").await;
-        return Err("plaintext_refused");
+    let established = tokio::time::timeout_at(deadline, setup).await.unwrap_or(Err("timeout"));
+    if matches!(established, Err("timeout")) {
+        warn!("agent connection set-up timed out");
     }
-    Ok((conn, first))
+    established
 }
 
 async fn reject(conn: &mut AcceptedLink, reason: &str) {
@@ -212,7 +180,7 @@ async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId, de
     // A plain data connection has no certificate: it proves it holds the session's data key, which
     // never crossed the wire, by answering a fresh challenge.
     let nonce = if matches!(conn, Link::Plain(_)) {
-        let nonce = new_nonce();
+        let nonce = protocol::new_nonce();
         let answer = async {
             codec::write_message(&mut conn, &Message::Challenge { nonce }).await?;
             codec::read_message(&mut conn).await
@@ -250,7 +218,7 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         inc(&server.metrics.agent_conn_failures, "reason", "max_agents");
         return reject(&mut conn, "server is at its agent limit").await;
     }
-    let session_id = new_session_id();
+    let session_id = SessionId::random();
     let heartbeat_ms = u32::try_from(limits.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
     let ack = Message::HelloAck {
         version: PROTOCOL_VERSION,

@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
+use crate::protocol::{DATA_KEY_LABEL, DataKey, SessionId};
+
 /// Largest amount of application data rustls may hold unsent per connection (its default is 64 KiB):
 /// bulk streams then write more records per system call.
 pub const TLS_SEND_BUFFER: usize = 256 * 1024;
@@ -286,6 +288,14 @@ pub fn peer_node(conn: &rustls::CommonState) -> Option<String> {
         (Some(name), None) if !name.is_empty() => Some(name.to_owned()),
         _ => None,
     }
+}
+
+/// The session's data key ([`DataKey`]), derived from the control channel's TLS session with the RFC
+/// 8446 exporter: [`DATA_KEY_LABEL`], the session id as context. Both ends derive the same key.
+pub fn data_key<D>(conn: &rustls::ConnectionCommon<D>, session: SessionId) -> Result<DataKey, rustls::Error> {
+    let context = session.0.to_be_bytes();
+    let key = conn.export_keying_material([0u8; 32], DATA_KEY_LABEL, Some(&context))?;
+    Ok(DataKey::new(&key))
 }
 
 /// The organization of kubelets' client certificates.
