@@ -9,7 +9,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::{Identity, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_STRING_LEN, Message, SessionId, kind};
+use crate::protocol::{
+    Identity, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_STRING_LEN, MAX_TOKEN_LEN, Message, Secret, SessionId, kind,
+};
 
 /// Why a frame could not be read, written or understood.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +62,7 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
     out.put_u32(0);
     out.put_u8(msg.kind());
     match msg {
-        Message::Hello { version, identity } => {
+        Message::Hello { version, identity, token } => {
             out.put_u16(*version);
             put_str(out, &identity.agent_id)?;
             put_str(out, &identity.node_name)?;
@@ -75,6 +77,7 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
                 Ok(())
             })?;
             out.put_u8(u8::from(identity.default_route));
+            put_text(out, token.expose(), MAX_TOKEN_LEN)?;
         }
         Message::HelloAck { version, server_id, server_count, session_id, heartbeat_ms } => {
             out.put_u16(*version);
@@ -130,9 +133,11 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
                 IpNet::new(addr, prefix).map_err(|_| CodecError::Invalid("cidr prefix"))
             })?;
             let default_route = get_bool(b, "default route")?;
+            let token = Secret(get_text(b, "token", MAX_TOKEN_LEN)?);
             Message::Hello {
                 version,
                 identity: Identity { agent_id, node_name, hostnames, addresses, cidrs, default_route },
+                token,
             }
         }
         kind::HELLO_ACK => Message::HelloAck {
@@ -222,10 +227,14 @@ pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> R
 }
 
 fn put_str(out: &mut BytesMut, s: &str) -> Result<()> {
-    if s.len() > MAX_STRING_LEN {
+    put_text(out, s, MAX_STRING_LEN)
+}
+
+fn put_text(out: &mut BytesMut, s: &str, max: usize) -> Result<()> {
+    if s.len() > max {
         return Err(CodecError::Oversized("string"));
     }
-    out.put_u16(u16::try_from(s.len()).expect("bounded by MAX_STRING_LEN"));
+    out.put_u16(u16::try_from(s.len()).map_err(|_| CodecError::Oversized("string"))?);
     out.put_slice(s.as_bytes());
     Ok(())
 }
@@ -300,8 +309,12 @@ fn get_bool(b: &mut Bytes, what: &'static str) -> Result<bool> {
 }
 
 fn get_str(b: &mut Bytes, what: &'static str) -> Result<String> {
+    get_text(b, what, MAX_STRING_LEN)
+}
+
+fn get_text(b: &mut Bytes, what: &'static str, max: usize) -> Result<String> {
     let len = usize::from(get_u16(b, what)?);
-    if len > MAX_STRING_LEN {
+    if len > max {
         return Err(CodecError::TooLong(what));
     }
     need(b, len, what)?;
@@ -362,7 +375,11 @@ mod tests {
 
     fn every_message() -> Vec<Message> {
         vec![
-            Message::Hello { version: PROTOCOL_VERSION, identity: identity() },
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                identity: identity(),
+                token: Secret("header.claims.signature".into()),
+            },
             Message::HelloAck {
                 version: PROTOCOL_VERSION,
                 server_id: "server-0".into(),
@@ -476,7 +493,9 @@ mod tests {
 
     #[test]
     fn bad_hello_fields_are_errors() {
-        let hello = frame(&Message::Hello { version: 1, identity: identity() }).freeze().slice(4..);
+        let hello = frame(&Message::Hello { version: 1, identity: identity(), token: Secret::default() })
+            .freeze()
+            .slice(4..);
         // Every proper prefix of a valid body is truncated, never a panic.
         for cut in 0..hello.len() {
             assert!(decode(hello.slice(..cut)).is_err(), "prefix of {cut} bytes");
@@ -492,7 +511,19 @@ mod tests {
         bad.put_u16(1);
         bad.put_slice(&[4, 10, 0, 0, 0, 33]);
         bad.put_u8(0);
+        bad.put_u16(0);
         assert!(matches!(decode(bad.freeze()), Err(CodecError::Invalid("cidr prefix"))));
+    }
+
+    #[test]
+    fn a_token_never_shows_in_debug_output() {
+        let hello = Message::Hello { version: 3, identity: identity(), token: Secret("s3cr3t.t0ken".into()) };
+        let shown = format!("{hello:?}");
+        assert!(!shown.contains("s3cr3t") && shown.contains("Secret(12 bytes)"), "{shown}");
+        let long = Secret("t".repeat(MAX_TOKEN_LEN + 1));
+        let mut buf = BytesMut::new();
+        let too_long = Message::Hello { version: 3, identity: identity(), token: long };
+        assert!(matches!(encode(&too_long, &mut buf), Err(CodecError::Oversized(_))));
     }
 
     #[test]
@@ -503,7 +534,7 @@ mod tests {
         let mut id = identity();
         id.hostnames = vec!["h".repeat(MAX_STRING_LEN); 20];
         assert!(matches!(
-            encode(&Message::Hello { version: 1, identity: id }, &mut buf),
+            encode(&Message::Hello { version: 1, identity: id, token: Secret::default() }, &mut buf),
             Err(CodecError::Oversized("frame"))
         ));
         assert!(buf.is_empty(), "a refused frame leaves nothing behind");

@@ -55,8 +55,8 @@ pub fn parse_admin_bind(s: &str) -> Result<Option<SocketAddr>, ConfigError> {
 }
 
 /// A count flag that must be at least 1.
-pub fn positive(name: &str, v: usize) -> Result<usize, ConfigError> {
-    if v == 0 { err(format!("{name} must be at least 1")) } else { Ok(v) }
+pub fn positive<T: Default + PartialEq>(name: &str, v: T) -> Result<T, ConfigError> {
+    if v == T::default() { err(format!("{name} must be at least 1")) } else { Ok(v) }
 }
 
 /// A duration flag that must be longer than 0.

@@ -4,14 +4,16 @@
 //! that serves the destination; `spoke-agent` keeps a control channel and a pool of data connections
 //! to the server, dials the targets its policy allows, and relays each stream on its own connection.
 //!
-//! Layers, each importing only the ones below it: the binaries → [`server`], [`agent`] (with [`admin`]
-//! and [`metrics`]) → [`datapath`], [`transport`], [`codec`], [`frontend`] → [`protocol`]. Leaves any
+//! Layers, each importing only the ones below it: the binaries → [`server`] (with [`apiserver`]),
+//! [`agent`] (with [`admin`] and [`metrics`]) → [`datapath`], [`transport`], [`codec`], [`frontend`] →
+//! [`protocol`]. Leaves any
 //! layer may use: [`config`] (flag parsers), [`telemetry`], [`shutdown`], [`process`]. [`devcerts`]
 //! (development certificates) serves the binaries and tests.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod agent;
+pub mod apiserver;
 pub mod codec;
 pub mod config;
 pub mod datapath;

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 /// Version of the wire format spoken by this build. A peer announcing another version is refused with
 /// [`Message::Reject`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Checks a peer's protocol version; `Err` holds the reason to send back in a `Reject`.
 pub fn check_version(version: u16) -> Result<(), String> {
@@ -164,8 +164,34 @@ impl DataKey {
 pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Longest string field (identifiers, host names, reasons).
 pub const MAX_STRING_LEN: usize = 1024;
+/// Longest bearer token (`Hello::token`); projected service-account tokens are 1 to 2 KiB.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// Most entries in one list field (host names, addresses, CIDRs).
 pub const MAX_LIST_LEN: usize = 256;
+
+/// A credential: never logged (`Debug` shows its length only).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The credential itself.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether there is none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
 
 /// What the agent says about itself when it opens its control channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,6 +268,8 @@ pub enum Message {
         version: u16,
         /// Who the agent is and what it serves.
         identity: Identity,
+        /// A service-account token proving the agent's node (`--agent-auth token`); empty otherwise.
+        token: Secret,
     },
     /// Server → agent, answer to `Hello`.
     HelloAck {

@@ -2,17 +2,9 @@
 
 mod common;
 
-use common::{agent, certs, connect_status, echo, eventually, metric, server, tunnel};
+use common::{agent, certs, connect_status, echo, eventually, metric, round_trip, server, tunnel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-async fn round_trip(srv: &common::Server, echo: std::net::SocketAddr) {
-    let mut s = tunnel(srv, echo).await;
-    s.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"ping");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agent_is_replaced_by_its_restart() {
@@ -174,9 +166,12 @@ async fn a_control_channel_without_tls_is_refused_even_when_plaintext_is_allowed
         cidrs: vec![],
         default_route: true,
     };
-    spoke::codec::write_message(&mut s, &Message::Hello { version: PROTOCOL_VERSION, identity })
-        .await
-        .unwrap();
+    spoke::codec::write_message(
+        &mut s,
+        &Message::Hello { version: PROTOCOL_VERSION, identity, token: spoke::protocol::Secret::default() },
+    )
+    .await
+    .unwrap();
     let reply =
         tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut s)).await.expect("reply in time");
     assert!(matches!(reply, Ok(Message::Reject { .. })), "{reply:?}");
@@ -398,9 +393,12 @@ async fn control_session(
         cidrs: vec![],
         default_route: false,
     };
-    spoke::codec::write_message(&mut control, &Message::Hello { version: PROTOCOL_VERSION, identity })
-        .await
-        .unwrap();
+    spoke::codec::write_message(
+        &mut control,
+        &Message::Hello { version: PROTOCOL_VERSION, identity, token: spoke::protocol::Secret::default() },
+    )
+    .await
+    .unwrap();
     let ack = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut control)).await.unwrap();
     let Ok(Message::HelloAck { session_id, .. }) = ack else { panic!("control session refused: {ack:?}") };
     (session_id, control)

@@ -196,6 +196,8 @@ pub fn spoke_server(
         // is not what the benchmark measures.
         "--agent-auth",
         "shared-cert",
+        "--agent-claims",
+        "trusted",
         "--cluster-ca-cert",
         &env.cert("cluster-ca.pem"),
         "--cluster-cert",

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use client::{Opener, Via};
 use scenarios::{Ctx, Sample, Sizes};
-use spoke::agent::config::{AgentConfig, TunnelTls};
+use spoke::agent::config::{AgentConfig, Credential, TunnelTls};
 use spoke::agent::policy::{AllowRule, Policy};
 use spoke::datapath::{self, Mode};
 use spoke::protocol::Identity;
@@ -298,7 +298,11 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
             server_host: a.server.ip().to_string(),
             server_port: a.server.port(),
             tls_server_name: a.tls_name.clone(),
-            tls: TlsFiles { ca: a.ca.clone(), cert: a.cert.clone(), key: a.key.clone() },
+            credential: Credential::Cert(TlsFiles {
+                ca: a.ca.clone(),
+                cert: a.cert.clone(),
+                key: a.key.clone(),
+            }),
             identity: Identity {
                 agent_id: name.clone(),
                 node_name: name.clone(),

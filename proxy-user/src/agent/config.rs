@@ -25,6 +25,20 @@ pub enum TunnelTls {
     Off,
 }
 
+/// How the agent proves which node it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// A client certificate (and the CA of the server's).
+    Cert(TlsFiles),
+    /// A service-account token file, and the CA of the server's certificate.
+    Token {
+        /// The CA bundle the server's certificate chains to.
+        ca: PathBuf,
+        /// The token file.
+        path: PathBuf,
+    },
+}
+
 /// `spoke-agent`: dials out to spoke-server and connects the server's streams to node-local targets.
 #[derive(Debug, Parser)]
 #[command(name = "spoke-agent", version, about)]
@@ -41,12 +55,17 @@ pub struct AgentArgs {
     /// CA bundle that the server's certificate must chain to.
     #[arg(long, env = "SPOKE_AGENT_CA_CERT")]
     pub ca_cert: PathBuf,
-    /// Certificate presented to the server.
+    /// Certificate presented to the server: the kubelet's client certificate (server `--agent-auth
+    /// node-cert`), reloaded when it rotates. Not with --service-account-token-path.
     #[arg(long, env = "SPOKE_AGENT_AGENT_CERT")]
-    pub agent_cert: PathBuf,
+    pub agent_cert: Option<PathBuf>,
     /// Private key of --agent-cert.
     #[arg(long, env = "SPOKE_AGENT_AGENT_KEY")]
-    pub agent_key: PathBuf,
+    pub agent_key: Option<PathBuf>,
+    /// A projected service-account token file (server `--agent-auth token`), sent instead of a client
+    /// certificate; read again for every control channel, so the kubelet's refreshes are taken up.
+    #[arg(long, env = "SPOKE_AGENT_SERVICE_ACCOUNT_TOKEN_PATH")]
+    pub service_account_token_path: Option<PathBuf>,
     /// Unique agent name (default: --node-name).
     #[arg(long, env = "SPOKE_AGENT_AGENT_ID")]
     pub agent_id: Option<String>,
@@ -129,8 +148,8 @@ pub struct AgentConfig {
     pub server_port: u16,
     /// Name the server certificate must carry.
     pub tls_server_name: String,
-    /// TLS files.
-    pub tls: TlsFiles,
+    /// How the agent proves which node it is.
+    pub credential: Credential,
     /// What the agent announces.
     pub identity: Identity,
     /// Which destinations it dials.
@@ -247,6 +266,17 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 "--sockmap-backlog-limit must be {MIN_SOCKMAP_BACKLOG} to {MAX_SOCKMAP_BACKLOG} bytes"
             ));
         }
+        let credential = match (a.agent_cert, a.agent_key, a.service_account_token_path) {
+            (Some(cert), Some(key), None) => Credential::Cert(TlsFiles { ca: a.ca_cert, cert, key }),
+            (None, None, Some(path)) => Credential::Token { ca: a.ca_cert, path },
+            (None, None, None) => {
+                return err("give --agent-cert and --agent-key, or --service-account-token-path");
+            }
+            (_, _, Some(_)) => {
+                return err("--service-account-token-path replaces --agent-cert and --agent-key");
+            }
+            _ => return err("--agent-cert and --agent-key go together"),
+        };
         let sockmap_limits = Limits {
             backlog: a.sockmap_backlog_limit,
             stall: nonzero_duration("--sockmap-stall-timeout", a.sockmap_stall_timeout)?,
@@ -261,7 +291,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             tls_server_name: a.tls_server_name.unwrap_or_else(|| a.proxy_server_host.clone()),
             server_host: a.proxy_server_host,
             server_port: a.proxy_server_port,
-            tls: TlsFiles { ca: a.ca_cert, cert: a.agent_cert, key: a.agent_key },
+            credential,
             identity,
             policy,
             pool_size: a.pool_size,
@@ -299,6 +329,25 @@ mod tests {
         ];
         let args = AgentArgs::try_parse_from(base.iter().chain(extra)).map_err(|e| e.to_string())?;
         AgentConfig::try_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn credential_is_a_certificate_or_a_token() {
+        assert!(matches!(agent(&[]).unwrap().credential, Credential::Cert(_)));
+        let token = |extra: &[&str]| {
+            let base =
+                ["spoke-agent", "--proxy-server-host", "cp", "--ca-cert", "ca.pem", "--node-name", "n"];
+            let args = AgentArgs::try_parse_from(base.iter().chain(extra)).map_err(|e| e.to_string())?;
+            AgentConfig::try_from(args).map_err(|e| e.to_string())
+        };
+        let ok = token(&["--service-account-token-path", "/var/run/secrets/spoke/token"]).unwrap();
+        assert_eq!(
+            ok.credential,
+            Credential::Token { ca: "ca.pem".into(), path: "/var/run/secrets/spoke/token".into() }
+        );
+        assert!(token(&[]).unwrap_err().contains("--service-account-token-path"));
+        assert!(token(&["--agent-cert", "a.pem"]).unwrap_err().contains("go together"));
+        assert!(agent(&["--service-account-token-path", "t"]).unwrap_err().contains("replaces"));
     }
 
     #[test]

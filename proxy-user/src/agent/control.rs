@@ -97,7 +97,8 @@ enum SessionEnd {
 /// One control session: hello, then heartbeats until it ends. The data-connection pool lives as long
 /// as the session.
 async fn session(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<SessionEnd, ConnectError> {
-    let hello = Message::Hello { version: PROTOCOL_VERSION, identity: agent.config.identity.clone() };
+    let token = agent.token().await?;
+    let hello = Message::Hello { version: PROTOCOL_VERSION, identity: agent.config.identity.clone(), token };
     let mut conn = tokio::select! {
         () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         c = agent.connect(&hello, true) => c?,

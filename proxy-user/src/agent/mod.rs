@@ -24,10 +24,10 @@ use crate::codec::{self, CodecError};
 use crate::datapath::sockmap::{PinDir, Sockmap};
 use crate::datapath::{Datapath, Mode};
 use crate::metrics::{AgentMetrics, inc};
-use crate::protocol::Message;
+use crate::protocol::{MAX_TOKEN_LEN, Message, Secret};
 use crate::transport::tls::{self, HandshakeError};
 use crate::transport::{self, DialedLink, Link};
-use config::{AgentConfig, TunnelTls};
+use config::{AgentConfig, Credential, TunnelTls};
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,14 @@ pub enum ConnectError {
     /// The session's data key could not be derived from the control channel's TLS session.
     #[error("derive the session's data key: {0}")]
     DataKey(rustls::Error),
+    /// The service-account token file could not be read.
+    #[error("service-account token {path}: {reason}")]
+    Token {
+        /// The file.
+        path: String,
+        /// What was wrong.
+        reason: String,
+    },
 }
 
 /// State shared by every task of an agent.
@@ -87,6 +95,25 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
+    /// The service-account token to present, read now (the kubelet rewrites the file as it refreshes
+    /// the token); empty with a certificate credential.
+    async fn token(&self) -> Result<Secret, ConnectError> {
+        let Credential::Token { path, .. } = &self.config.credential else { return Ok(Secret::default()) };
+        let fail = |reason: String| ConnectError::Token { path: path.display().to_string(), reason };
+        let raw = tokio::fs::read(path).await.map_err(|e| fail(e.to_string()))?;
+        let token = String::from_utf8(raw).map_err(|_| fail("not UTF-8".into()))?.trim().to_owned();
+        if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+            return Err(fail(format!("must hold 1 to {MAX_TOKEN_LEN} bytes")));
+        }
+        Ok(Secret(token))
+    }
+
+    /// Whether every data connection proves its session with the data key: when it is plain, or when
+    /// the agent has no certificate that would prove it.
+    fn proves_data_conns(&self, conn: &DialedLink) -> bool {
+        matches!(conn, Link::Plain(_)) || matches!(self.config.credential, Credential::Token { .. })
+    }
+
     fn server_addr(&self) -> String {
         format!("{}:{}", self.config.server_host, self.config.server_port)
     }
@@ -170,7 +197,10 @@ pub async fn run_agent(
 ) -> Result<(), AgentError> {
     let server_name = ServerName::try_from(config.tls_server_name.clone())
         .map_err(|_| AgentError::ServerName(config.tls_server_name.clone()))?;
-    let tls = tls::ClientTls::load(&config.tls)?;
+    let tls = match &config.credential {
+        Credential::Cert(files) => tls::ClientTls::load(files)?,
+        Credential::Token { ca, .. } => tls::ClientTls::anonymous(ca)?,
+    };
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     let datapath = datapath(&config)?;

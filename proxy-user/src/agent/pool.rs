@@ -15,7 +15,7 @@ use super::control::Session;
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
 use crate::protocol::{Message, NONCE_LEN, PROTOCOL_VERSION};
-use crate::transport::{DialedLink, Link, Stream as _};
+use crate::transport::{DialedLink, Stream as _};
 
 /// Pause after a data connection failed before it is replaced (keeps a broken server from being
 /// hammered; the control channel's own backoff handles outages).
@@ -72,17 +72,19 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
             return pause_then_wake(&counts, &stop).await;
         }
     };
-    // A plain data connection answers the server's challenge with the session's data key.
-    let nonce = match &conn {
-        Link::Plain(_) => match prove(&agent, &mut conn, &session).await {
+    // A data connection without a certificate of the node (plain, or with a token credential)
+    // answers the server's challenge with the session's data key.
+    let nonce = if agent.proves_data_conns(&conn) {
+        match prove(&agent, &mut conn, &session).await {
             Ok(nonce) => Some(nonce),
             Err(error) => {
                 inc(&agent.metrics.server_conn_failures, "kind", "data");
-                debug!(%error, "plain data connection not admitted");
+                debug!(%error, "data connection not admitted");
                 return pause_then_wake(&counts, &stop).await;
             }
-        },
-        Link::Tls(_) => None,
+        }
+    } else {
+        None
     };
     counts.idle.fetch_add(1, Ordering::AcqRel);
     agent.metrics.pool_idle.inc();
@@ -101,7 +103,7 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
                 !session.key.verify_dial(&n, (stream_id, &host, port, timeout_ms), &mac)
             }) =>
         {
-            warn!(dest = %format_args!("{host}:{port}"), "a Dial on a plain data connection is not the server's: refused");
+            warn!(dest = %format_args!("{host}:{port}"), "a Dial that is not the server's: refused");
             inc(&agent.metrics.server_conn_failures, "kind", "forged_dial");
             conn.abort();
             pause_then_wake(&counts, &stop).await;
@@ -133,7 +135,7 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
     }
 }
 
-/// Answers the server's challenge on a plain data connection; the nonce signs the dial that follows.
+/// Answers the server's challenge on a data connection; the nonce signs the dial that follows.
 async fn prove(
     agent: &Agent,
     conn: &mut DialedLink,

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use spoke::agent::config::{AgentArgs, AgentConfig};
+use spoke::agent::config::{AgentArgs, AgentConfig, Credential};
 use spoke::transport::tls;
 use tokio::net::TcpListener;
 
@@ -14,7 +14,14 @@ fn main() -> ExitCode {
     let check_only = args.check_config;
     let config = spoke::process::configure("spoke-agent", check_only, || {
         let config = AgentConfig::try_from(args)?;
-        tls::client_config(&config.tls).context("TLS")?;
+        match &config.credential {
+            Credential::Cert(files) => drop(tls::client_config(files).context("TLS")?),
+            Credential::Token { ca, path } => {
+                drop(tls::anonymous_client_config(ca).context("TLS")?);
+                std::fs::metadata(path)
+                    .with_context(|| format!("--service-account-token-path {}", path.display()))?;
+            }
+        }
         Ok(config)
     });
     let config = match config {

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use spoke::server::Listeners;
 use spoke::server::config::{ServerArgs, ServerConfig};
-use spoke::transport::tls::{self, Versions};
+use spoke::transport::tls::{self, ClientCerts, Versions};
 use tokio::net::{TcpListener, UnixListener};
 
 /// Binds the Unix socket at `path` with mode 0600, replacing a stale socket file (never another kind of file).
@@ -48,9 +48,11 @@ async fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
 
 /// Checks that every TLS file loads, so that `--check-config` and start-up catch bad certificates.
 fn check_tls(config: &ServerConfig) -> anyhow::Result<()> {
-    tls::server_config(&config.agent_tls, Versions::Tls13).context("agent listener TLS")?;
+    tls::server_config(&config.agent_tls, Versions::Tls13, config.agent_client_certs())
+        .context("agent listener TLS")?;
     if let Some(frontend) = &config.frontend {
-        tls::server_config(&frontend.tls, Versions::Tls12And13).context("frontend TLS")?;
+        tls::server_config(&frontend.tls, Versions::Tls12And13, ClientCerts::Required)
+            .context("frontend TLS")?;
     }
     Ok(())
 }

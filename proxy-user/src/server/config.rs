@@ -7,13 +7,16 @@ use std::time::Duration;
 
 use clap::Parser;
 use clap::builder::{PossibleValuesParser, TypedValueParser as _};
+use ipnet::IpNet;
 
 use super::registry::Strategy;
+use crate::apiserver::Access;
+use crate::apiserver::tokens::TokenPolicy;
 use crate::config::{ConfigError, err, nonzero_duration, parse_admin_bind, parse_duration, positive};
 use crate::datapath::Mode;
 use crate::protocol::MAX_STRING_LEN;
 use crate::telemetry::LogFormat;
-use crate::transport::tls::TlsFiles;
+use crate::transport::tls::{ClientCerts, TlsFiles};
 
 /// The server's `--datapath` values: every mode but sockmap, which only the agent runs.
 fn server_mode() -> impl clap::builder::TypedValueParser<Value = Mode> {
@@ -121,9 +124,48 @@ pub struct ServerArgs {
     /// (`CN=system:node:<name>, O=system:nodes`, from --cluster-ca-cert); the node name, and the agent id,
     /// are the certificate's, and a TLS data connection must carry the same node's certificate as its
     /// session. `shared-cert`: any certificate from --cluster-ca-cert, and the agent names itself (for
-    /// development, tests and benchmarks only: logged as a warning at start).
+    /// development, tests and benchmarks only: logged as a warning at start). `token`: by a projected
+    /// service-account token the agent sends (agent --service-account-token-path), checked with the
+    /// apiserver's `TokenReview` API; the node is the one the token's pod runs on. No client certificate
+    /// is needed then.
     #[arg(long, env = "SPOKE_SERVER_AGENT_AUTH", value_enum, default_value_t = AgentAuth::NodeCert)]
     pub agent_auth: AgentAuth,
+    /// What agents may announce. `node-objects`: only their own Node's addresses (`status.addresses`)
+    /// and CIDRs inside its `spec.podCIDRs`, read from the apiserver (which needs get, list and watch on
+    /// nodes); a session whose Node changes so that its claims no longer hold, or is deleted, is ended.
+    /// `trusted`: whatever they announce (for development and clusters without apiserver access:
+    /// logged as a warning at start).
+    #[arg(long, env = "SPOKE_SERVER_AGENT_CLAIMS", value_enum, default_value_t = AgentClaims::NodeObjects)]
+    pub agent_claims: AgentClaims,
+    /// The cluster's Service CIDRs (kube-apiserver's --service-cluster-ip-range). With `--agent-claims
+    /// node-objects`, an agent may announce a CIDR inside them (every node reaches services), as no
+    /// Node object states them.
+    #[arg(long, env = "SPOKE_SERVER_SERVICE_CIDRS", value_delimiter = ',')]
+    pub service_cidrs: Vec<IpNet>,
+    /// Kubeconfig file for the apiserver (Node watch, `TokenReview`); without it, the pod's in-cluster
+    /// credentials. Used only with `--agent-claims node-objects` or `--agent-auth token`.
+    #[arg(long, env = "SPOKE_SERVER_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With `--agent-auth token`: the audience agents' tokens must be issued for.
+    #[arg(long, env = "SPOKE_SERVER_AUTHENTICATION_AUDIENCE", default_value = "spoke-server")]
+    pub authentication_audience: String,
+    /// With `--agent-auth token`: the namespace of the agents' service account.
+    #[arg(long, env = "SPOKE_SERVER_AGENT_NAMESPACE", default_value = "kube-system")]
+    pub agent_namespace: String,
+    /// With `--agent-auth token`: the agents' service account.
+    #[arg(long, env = "SPOKE_SERVER_AGENT_SERVICE_ACCOUNT", default_value = "spoke-agent")]
+    pub agent_service_account: String,
+    /// With `--agent-auth token`: token reviews sent to the apiserver per second at most (bursts of up
+    /// to one second's worth); agents beyond it are refused and retry with backoff.
+    #[arg(long, env = "SPOKE_SERVER_TOKEN_REVIEW_QPS", default_value_t = 50)]
+    pub token_review_qps: u32,
+    /// With `--agent-auth token`: token reviews in flight at most.
+    #[arg(long, env = "SPOKE_SERVER_MAX_TOKEN_REVIEWS_IN_FLIGHT", default_value_t = 16)]
+    pub max_token_reviews_in_flight: usize,
+    /// With `--agent-auth token`: how long an accepted token's review is reused (never past the token's
+    /// expiry); a refused one is remembered for 10 s.
+    #[arg(long, env = "SPOKE_SERVER_TOKEN_REVIEW_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub token_review_cache_ttl: Duration,
     /// Agents (by id: with `--agent-auth node-cert`, node names) that may announce themselves as a
     /// default route, taking every destination no other strategy matched; `*` for any agent. An agent
     /// not listed that announces it is refused. Empty (the default): none may.
@@ -152,6 +194,17 @@ pub enum AgentAuth {
     NodeCert,
     /// Any certificate from the cluster CA; the agent names itself.
     SharedCert,
+    /// A service-account token, reviewed by the apiserver, names the node through its pod.
+    Token,
+}
+
+/// What agents may announce: `--agent-claims`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgentClaims {
+    /// Only what their Node object states.
+    NodeObjects,
+    /// Whatever they announce.
+    Trusted,
 }
 
 /// The CONNECT frontend on TCP with mutual TLS.
@@ -217,6 +270,14 @@ pub struct ServerConfig {
     pub agent_auth: AgentAuth,
     /// Agents that may announce a default route (`*`: any).
     pub default_route_agents: Vec<String>,
+    /// What agents may announce.
+    pub agent_claims: AgentClaims,
+    /// Service CIDRs any agent may announce.
+    pub service_cidrs: Vec<IpNet>,
+    /// The apiserver, where claims or tokens are checked with it.
+    pub apiserver: Option<Access>,
+    /// How tokens are checked (`--agent-auth token`).
+    pub tokens: Option<TokenPolicy>,
     /// Whether data connections may skip TLS.
     pub allow_plaintext_tunnel: bool,
     /// How streams are relayed.
@@ -225,6 +286,14 @@ pub struct ServerConfig {
     pub worker_threads: usize,
     /// Limits and timeouts.
     pub limits: ServerLimits,
+}
+
+impl ServerConfig {
+    /// Whether agents must present a client certificate: not when they authenticate with a token.
+    #[must_use]
+    pub fn agent_client_certs(&self) -> ClientCerts {
+        if self.agent_auth == AgentAuth::Token { ClientCerts::Optional } else { ClientCerts::Required }
+    }
 }
 
 impl TryFrom<ServerArgs> for ServerConfig {
@@ -265,6 +334,28 @@ impl TryFrom<ServerArgs> for ServerConfig {
         if a.server_count == 0 {
             return err("--server-count must be at least 1");
         }
+        let tokens = if a.agent_auth == AgentAuth::Token {
+            if [&a.authentication_audience, &a.agent_namespace, &a.agent_service_account]
+                .iter()
+                .any(|s| s.is_empty())
+            {
+                return err(
+                    "--agent-auth token needs --authentication-audience, --agent-namespace and --agent-service-account",
+                );
+            }
+            Some(TokenPolicy {
+                audience: a.authentication_audience,
+                namespace: a.agent_namespace,
+                service_account: a.agent_service_account,
+                cache_ttl: a.token_review_cache_ttl,
+                qps: positive("--token-review-qps", a.token_review_qps)?,
+                max_in_flight: positive("--max-token-reviews-in-flight", a.max_token_reviews_in_flight)?,
+            })
+        } else {
+            None
+        };
+        let apiserver = (a.agent_claims == AgentClaims::NodeObjects || tokens.is_some())
+            .then(|| a.kubeconfig.map_or(Access::InCluster, Access::Kubeconfig));
         Ok(Self {
             uds_name: a.uds_name,
             frontend,
@@ -276,6 +367,10 @@ impl TryFrom<ServerArgs> for ServerConfig {
             server_count: a.server_count,
             agent_auth: a.agent_auth,
             default_route_agents: a.default_route_agents,
+            agent_claims: a.agent_claims,
+            service_cidrs: a.service_cidrs.iter().map(IpNet::trunc).collect(),
+            apiserver,
+            tokens,
             allow_plaintext_tunnel: a.allow_plaintext_tunnel,
             datapath: a.datapath,
             worker_threads: a.worker_threads,
@@ -345,6 +440,36 @@ mod tests {
                 .unwrap_err()
                 .contains("without --frontend-bind")
         );
+    }
+
+    #[test]
+    fn apiserver_access_follows_claims_and_auth() {
+        let nodes = server(&["--uds-name", "s"]).unwrap();
+        assert_eq!(nodes.agent_claims, AgentClaims::NodeObjects, "claims are checked unless told otherwise");
+        assert_eq!(nodes.apiserver, Some(Access::InCluster));
+        let trusted = server(&["--uds-name", "s", "--agent-claims", "trusted"]).unwrap();
+        assert_eq!(trusted.apiserver, None, "no apiserver needed");
+        let token = server(&[
+            "--uds-name",
+            "s",
+            "--agent-claims",
+            "trusted",
+            "--agent-auth",
+            "token",
+            "--kubeconfig",
+            "k",
+        ])
+        .unwrap();
+        assert_eq!(token.apiserver, Some(Access::Kubeconfig("k".into())));
+        let policy = token.tokens.clone().unwrap();
+        assert_eq!((policy.audience.as_str(), policy.namespace.as_str()), ("spoke-server", "kube-system"));
+        assert_eq!(policy.service_account, "spoke-agent");
+        assert_eq!(token.agent_client_certs(), ClientCerts::Optional);
+        assert_eq!(nodes.agent_client_certs(), ClientCerts::Required);
+        let bad = ["--uds-name", "s", "--agent-auth", "token", "--authentication-audience", ""];
+        assert!(server(&bad).unwrap_err().contains("--authentication-audience"));
+        assert!(server(&["--uds-name", "s", "--service-cidrs", "10.96.0.0/12,fd00::/108"]).is_ok());
+        assert!(server(&["--uds-name", "s", "--service-cidrs", "10.96.0.0"]).is_err());
     }
 
     #[test]

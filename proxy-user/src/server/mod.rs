@@ -1,11 +1,13 @@
 //! `spoke-server`: wiring of the CONNECT frontends, the agent listener and the admin endpoint. Its own
 //! concerns live in [`registry`] (agents and routing), `session` (an agent's control channel and parked
-//! data connections) and `stream` (one CONNECT stream: read, route, dial, relay, record).
+//! data connections), `trust` (who an agent is and what it may claim) and `stream` (one CONNECT
+//! stream: read, route, dial, relay, record).
 
 pub mod config;
 pub mod registry;
 mod session;
 mod stream;
+mod trust;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -18,11 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::apiserver::nodes::Nodes;
+use crate::apiserver::tokens::Reviewer;
+use crate::apiserver::{self, AccessError};
 use crate::datapath::Datapath;
 use crate::metrics::{ServerMetrics, inc};
 use crate::transport::accept::{self, Accepted, Budget, Refused};
-use crate::transport::tls::{self, TlsError, Versions};
-use config::{AgentAuth, ServerConfig};
+use crate::transport::tls::{self, ClientCerts, TlsError, Versions};
+use config::{AgentAuth, AgentClaims, ServerConfig};
 use registry::AgentRegistry;
 
 /// Why the server could not run.
@@ -31,6 +36,9 @@ pub enum ServerError {
     /// A TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The apiserver client could not be made.
+    #[error(transparent)]
+    Apiserver(#[from] AccessError),
 }
 
 /// The listeners `spoke-server` serves, bound by the caller.
@@ -52,6 +60,10 @@ struct Server {
     agents: AgentRegistry,
     metrics: ServerMetrics,
     datapath: Datapath,
+    /// The Node facts claims are checked against (`--agent-claims node-objects`).
+    nodes: Option<Nodes>,
+    /// Token reviews (`--agent-auth token`).
+    reviewer: Option<Reviewer>,
     pending_dials: Semaphore,
     next_stream_id: AtomicU64,
     /// Every connection task; waited for at shutdown.
@@ -66,11 +78,8 @@ pub async fn run_server(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let agent_tls = TlsAcceptor::from(tls::server_config(&config.agent_tls, Versions::Tls13)?);
-    let frontend_tls = match &config.frontend {
-        Some(f) => Some(TlsAcceptor::from(tls::server_config(&f.tls, Versions::Tls12And13)?)),
-        None => None,
-    };
+    let (agent_tls, frontend_tls) = acceptors(&config)?;
+    let (nodes, reviewer) = apiserver_parts(&config, &shutdown).await?;
     let mut registry = Registry::default();
     let metrics = ServerMetrics::register(&mut registry);
     let grace = config.limits.grace_period;
@@ -79,6 +88,8 @@ pub async fn run_server(
         pending_dials: Semaphore::new(config.limits.max_pending_dials),
         next_stream_id: AtomicU64::new(1),
         datapath: Datapath::new(config.datapath),
+        nodes,
+        reviewer,
         metrics,
         config,
         tracker: TaskTracker::new(),
@@ -145,13 +156,8 @@ pub async fn run_server(
         server.tracker.clone(),
         move |c: Accepted<_>| session::serve(s.clone(), agent_tls.clone(), c),
     ));
-    info!(server_id = %server.config.server_id, datapath = ?server.config.datapath, agent_auth = ?server.config.agent_auth, "spoke-server running");
-    if server.config.agent_auth == AgentAuth::SharedCert {
-        warn!(
-            "--agent-auth shared-cert: agents are NOT authenticated as nodes: any holder of a certificate from \
-             --cluster-ca-cert can claim any node and take its traffic; use --agent-auth node-cert outside development"
-        );
-    }
+    tokio::spawn(trust::recheck_on_node_changes(server.clone()));
+    log_start(&server.config);
 
     shutdown.cancelled().await;
     info!(grace_period = ?grace, "stopping: no new connections; open streams may finish");
@@ -163,4 +169,53 @@ pub async fn run_server(
     admin_stop.cancel();
     info!("spoke-server stopped");
     Ok(())
+}
+
+/// The apiserver's Node watch and token reviewer, where the configuration uses them.
+async fn apiserver_parts(
+    config: &ServerConfig,
+    shutdown: &CancellationToken,
+) -> Result<(Option<Nodes>, Option<Reviewer>), AccessError> {
+    let Some(access) = &config.apiserver else { return Ok((None, None)) };
+    let client = apiserver::client(access).await?;
+    let nodes = (config.agent_claims == AgentClaims::NodeObjects)
+        .then(|| Nodes::watch(client.clone(), shutdown.clone()));
+    let reviewer = config.tokens.clone().map(|policy| Reviewer::new(client, policy));
+    Ok((nodes, reviewer))
+}
+
+/// The agent listener's TLS acceptor, and the TCP frontend's.
+fn acceptors(config: &ServerConfig) -> Result<(TlsAcceptor, Option<TlsAcceptor>), TlsError> {
+    let agent = tls::server_config(&config.agent_tls, Versions::Tls13, config.agent_client_certs())?;
+    let frontend = match &config.frontend {
+        Some(f) => {
+            Some(TlsAcceptor::from(tls::server_config(&f.tls, Versions::Tls12And13, ClientCerts::Required)?))
+        }
+        None => None,
+    };
+    Ok((TlsAcceptor::from(agent), frontend))
+}
+
+/// Says the server runs, and warns about each check the configuration gives up.
+fn log_start(config: &ServerConfig) {
+    info!(
+        server_id = %config.server_id,
+        datapath = ?config.datapath,
+        agent_auth = ?config.agent_auth,
+        agent_claims = ?config.agent_claims,
+        "spoke-server running"
+    );
+    if config.agent_auth == AgentAuth::SharedCert {
+        warn!(
+            "--agent-auth shared-cert: agents are NOT authenticated as nodes: any holder of a certificate from \
+             --cluster-ca-cert can claim any node and take its traffic; use --agent-auth node-cert outside development"
+        );
+    }
+    if config.agent_claims == AgentClaims::Trusted {
+        warn!(
+            "--agent-claims trusted: agents' addresses and CIDRs are NOT checked against their Node objects: an \
+             agent can announce another node's addresses or a /32 and take its traffic; use --agent-claims \
+             node-objects outside development"
+        );
+    }
 }

@@ -266,6 +266,11 @@ impl AgentRegistry {
         }
     }
 
+    /// Every registered agent.
+    pub fn all(&self) -> Vec<Arc<AgentHandle>> {
+        self.index.read().expect("registry lock poisoned").by_id.values().cloned().collect()
+    }
+
     /// The agent of a live control session.
     pub fn session(&self, session_id: SessionId) -> Option<Arc<AgentHandle>> {
         self.index.read().expect("registry lock poisoned").by_session.get(&session_id).cloned()

@@ -9,9 +9,9 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
-use super::Server;
 use super::config::AgentAuth;
 use super::registry::{AgentHandle, ParkError, Parked};
+use super::{Server, trust};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
 use crate::protocol::{self, DataKey, Identity, Message, PROTOCOL_VERSION, SessionId};
@@ -46,16 +46,11 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
         return reject(&mut conn, &reason).await;
     }
     match first {
-        Message::Hello { identity, .. } => {
-            if let Err(reason) = authenticate(&server, &conn, &identity) {
-                warn!(agent = %identity.agent_id, node = %identity.node_name, %reason, "agent refused");
-                inc(&server.metrics.agent_conn_failures, "reason", "identity_mismatch");
-                return reject(&mut conn, &reason).await;
-            }
-            if let Err(reason) = authorize(&server, &identity) {
-                warn!(agent = %identity.agent_id, %reason, "agent refused");
-                inc(&server.metrics.agent_conn_failures, "reason", "claim_refused");
-                return reject(&mut conn, &reason).await;
+        Message::Hello { identity, token, .. } => {
+            if let Err(refusal) = trust::admit(&server, &conn, &identity, &token, deadline).await {
+                warn!(agent = %identity.agent_id, node = %identity.node_name, reason = %refusal.message, "agent refused");
+                inc(&server.metrics.agent_conn_failures, "reason", refusal.label);
+                return reject(&mut conn, &refusal.message).await;
             }
             control(server, conn, identity).await;
         }
@@ -76,37 +71,6 @@ fn peer_node(conn: &AcceptedLink) -> Option<String> {
         Link::Tls(tls) => tls::peer_node(tls.get_ref().1),
         Link::Plain(_) => None,
     }
-}
-
-/// Checks who a control channel's agent claims to be against what it proved: with `--agent-auth
-/// node-cert`, its certificate must name a node, and the agent's id and node name must be that node's.
-fn authenticate(server: &Server, conn: &AcceptedLink, identity: &Identity) -> Result<(), String> {
-    if server.config.agent_auth == AgentAuth::SharedCert {
-        return Ok(());
-    }
-    let Some(node) = peer_node(conn) else {
-        return Err("the certificate names no node (CN=system:node:<name>, O=system:nodes)".into());
-    };
-    if identity.node_name != node || identity.agent_id != node {
-        return Err(format!(
-            "the certificate is node {node:?}'s, but the agent claims id {:?} on node {:?}",
-            identity.agent_id, identity.node_name
-        ));
-    }
-    Ok(())
-}
-
-/// Checks what an agent announces against what the server allows it: only the agents of
-/// `--default-route-agents` may be a default route.
-fn authorize(server: &Server, identity: &Identity) -> Result<(), String> {
-    let allowed = &server.config.default_route_agents;
-    if identity.default_route && !allowed.iter().any(|a| a == "*" || *a == identity.agent_id) {
-        return Err(format!(
-            "agent {:?} may not be a default route (not in the server's --default-route-agents)",
-            identity.agent_id
-        ));
-    }
-    Ok(())
 }
 
 /// TLS handshake (or, where allowed, a plain data connection) and first frame, by `deadline`. A control
@@ -177,9 +141,9 @@ async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId, de
         inc(&server.metrics.agent_conn_failures, "reason", "identity_mismatch");
         return reject(&mut conn, "the certificate is not the session's node's").await;
     }
-    // A plain data connection has no certificate: it proves it holds the session's data key, which
-    // never crossed the wire, by answering a fresh challenge.
-    let nonce = if matches!(conn, Link::Plain(_)) {
+    // A data connection without a node certificate (plain, or with token authentication) proves it
+    // holds the session's data key, which never crossed the wire, by answering a fresh challenge.
+    let nonce = if matches!(conn, Link::Plain(_)) || server.config.agent_auth == AgentAuth::Token {
         let nonce = protocol::new_nonce();
         let answer = async {
             codec::write_message(&mut conn, &Message::Challenge { nonce }).await?;
@@ -190,7 +154,7 @@ async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId, de
             _ => false,
         };
         if !proven {
-            warn!(agent = %agent.identity.agent_id, "plain data connection without a valid proof refused");
+            warn!(agent = %agent.identity.agent_id, "data connection without a valid proof refused");
             inc(&server.metrics.agent_conn_failures, "reason", "bad_proof");
             return reject(&mut conn, "no valid proof of the session's data key").await;
         }

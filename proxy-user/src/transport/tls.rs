@@ -110,12 +110,20 @@ pub enum Versions {
     Tls12And13,
 }
 
-/// A server configuration that requires a client certificate chaining to `files.ca`, and issues TLS 1.3
+/// A server configuration that verifies client certificates against `files.ca` (requiring one unless
+/// `clients` says otherwise), and issues TLS 1.3
 /// session tickets so that clients resume instead of repeating the full handshake.
-pub fn server_config(files: &TlsFiles, versions: Versions) -> Result<Arc<rustls::ServerConfig>> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(read_roots(&files.ca)?), provider())
-        .build()
-        .map_err(|source| TlsError::Verifier { path: files.ca.clone(), source })?;
+pub fn server_config(
+    files: &TlsFiles,
+    versions: Versions,
+    clients: ClientCerts,
+) -> Result<Arc<rustls::ServerConfig>> {
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(read_roots(&files.ca)?), provider());
+    let builder = match clients {
+        ClientCerts::Required => builder,
+        ClientCerts::Optional => builder.allow_unauthenticated(),
+    };
+    let verifier = builder.build().map_err(|source| TlsError::Verifier { path: files.ca.clone(), source })?;
     let protocols: &[&rustls::SupportedProtocolVersion] = match versions {
         Versions::Tls13 => &[&rustls::version::TLS13],
         Versions::Tls12And13 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -131,6 +139,16 @@ pub fn server_config(files: &TlsFiles, versions: Versions) -> Result<Arc<rustls:
     Ok(Arc::new(config))
 }
 
+/// Whether a server requires its clients' certificates. A certificate that is presented is always
+/// verified against the CA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientCerts {
+    /// Every client presents one.
+    Required,
+    /// Clients may present none (they authenticate otherwise, as agents with a token do).
+    Optional,
+}
+
 /// A TLS 1.3 client configuration presenting `files.cert`, trusting only `files.ca`. One instance is
 /// shared by every connection to a server so its session cache makes refills resume.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
@@ -140,6 +158,17 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
         .with_root_certificates(read_roots(&files.ca)?)
         .with_client_auth_cert(read_certs(&files.cert)?, read_key(&files.key)?)
         .map_err(|source| TlsError::Rustls { context: "client certificate", source })?;
+    Ok(Arc::new(config))
+}
+
+/// A TLS 1.3 client configuration that presents no certificate (the client proves itself otherwise),
+/// trusting only `ca`.
+pub fn anonymous_client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls { context: "client protocol versions", source })?
+        .with_root_certificates(read_roots(ca)?)
+        .with_no_client_auth();
     Ok(Arc::new(config))
 }
 
@@ -167,7 +196,8 @@ fn stamp(files: &TlsFiles) -> Stamp {
 /// key does not match its certificate) leaves the last good configuration in use, with a warning.
 #[derive(Debug)]
 pub struct ClientTls {
-    files: TlsFiles,
+    /// `None` for a client that presents no certificate (nothing to reload).
+    files: Option<TlsFiles>,
     state: std::sync::Mutex<ClientState>,
 }
 
@@ -184,25 +214,33 @@ impl ClientTls {
         let stamp = stamp(files);
         let config = client_config(files)?;
         let state = ClientState { config, stamp, checked: std::time::Instant::now() };
-        Ok(Self { files: files.clone(), state: std::sync::Mutex::new(state) })
+        Ok(Self { files: Some(files.clone()), state: std::sync::Mutex::new(state) })
+    }
+
+    /// A client that presents no certificate, trusting `ca`.
+    pub fn anonymous(ca: &Path) -> Result<Self> {
+        let config = anonymous_client_config(ca)?;
+        let state = ClientState { config, stamp: Stamp::default(), checked: std::time::Instant::now() };
+        Ok(Self { files: None, state: std::sync::Mutex::new(state) })
     }
 
     /// The configuration for the next connection: rebuilt first if the files changed.
     pub fn config(&self) -> Arc<rustls::ClientConfig> {
         let mut state = self.state.lock().expect("client TLS lock poisoned");
+        let Some(files) = &self.files else { return state.config.clone() };
         if state.checked.elapsed() < CERT_CHECK_INTERVAL {
             return state.config.clone();
         }
         state.checked = std::time::Instant::now();
-        let now = stamp(&self.files);
+        let now = stamp(files);
         if now == state.stamp {
             return state.config.clone();
         }
         // Stamped either way: a pair caught halfway is read again once the other file changes too.
         state.stamp = now;
-        match client_config(&self.files) {
+        match client_config(files) {
             Ok(config) => {
-                tracing::info!(cert = %self.files.cert.display(), "client certificate reloaded");
+                tracing::info!(cert = %files.cert.display(), "client certificate reloaded");
                 state.config = config;
             }
             Err(error) => {

@@ -196,6 +196,9 @@ impl ServerBuilder {
             // The fixture's agents announce a default route.
             "--default-route-agents".into(),
             "*".into(),
+            // There is no apiserver unless a test starts its stand-in (tests/common/apiserver.rs).
+            "--agent-claims".into(),
+            "trusted".into(),
             "--cluster-ca-cert".into(),
             p(&f.cluster_ca),
             "--cluster-cert".into(),
@@ -259,6 +262,8 @@ pub struct AgentBuilder {
     id: String,
     identifiers: String,
     args: Vec<String>,
+    /// Flags of the fixture's defaults to leave out.
+    without: Vec<&'static str>,
     /// Command the agent runs under (a network namespace, fewer capabilities).
     prefix: Vec<String>,
 }
@@ -272,6 +277,7 @@ pub fn agent(server: &Server) -> AgentBuilder {
         id: "node-a".into(),
         identifiers: "ipv4=127.0.0.1&default-route=true".into(),
         args: Vec::new(),
+        without: Vec::new(),
         prefix: Vec::new(),
     }
 }
@@ -325,6 +331,12 @@ impl AgentBuilder {
         self.flag("--agent-cert", &cert.display().to_string()).flag("--agent-key", &key.display().to_string())
     }
 
+    /// Authenticates with the service-account token in `path` instead of a client certificate.
+    pub fn token(mut self, path: &Path) -> Self {
+        self.without.extend(["--agent-cert", "--agent-key"]);
+        self.flag("--service-account-token-path", &path.display().to_string())
+    }
+
     /// Starts the agent without waiting for it to connect.
     pub async fn spawn(self) -> Agent {
         let f = &self.certs.files;
@@ -353,6 +365,11 @@ impl AgentBuilder {
             "--graceful-shutdown-timeout".into(),
             "5s".into(),
         ];
+        for flag in &self.without {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args.drain(i..i + 2);
+            }
+        }
         override_flags(&mut args, &self.args);
         let (proc, pairs) = spawn(
             "spoke-agent",
@@ -393,6 +410,15 @@ impl Server {
         })
         .await;
     }
+}
+
+/// One small exchange through a stream to the echo server `echo`.
+pub async fn round_trip(srv: &Server, echo: SocketAddr) {
+    let mut s = tunnel(srv, echo).await;
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
 }
 
 /// GET `path` from an admin endpoint: (status, body). Status 0 when unreachable.

@@ -1,0 +1,58 @@
+//! The server's access to the Kubernetes apiserver: one client (from a kubeconfig file or the pod's
+//! in-cluster credentials), the Node facts agents' claims are checked against ([`nodes`]), and token
+//! reviews ([`tokens`]). Nothing here knows about agents or streams.
+
+pub mod nodes;
+pub mod tokens;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// Time to open a connection to the apiserver.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the apiserver's address and credentials come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A kubeconfig file (its current context).
+    Kubeconfig(PathBuf),
+    /// The pod's service-account token and the `KUBERNETES_SERVICE_*` environment.
+    InCluster,
+}
+
+/// Why no apiserver client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The kubeconfig file could not be read or used.
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        source: kube::config::KubeconfigError,
+    },
+    /// The in-cluster credentials are missing or unusable.
+    #[error("in-cluster apiserver credentials: {0}")]
+    InCluster(#[from] kube::config::InClusterError),
+    /// The client could not be built from the configuration.
+    #[error("apiserver client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client for the apiserver that `access` names.
+pub async fn client(access: &Access) -> Result<kube::Client, AccessError> {
+    let mut config = match access {
+        Access::Kubeconfig(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|source| AccessError::Kubeconfig { path: path.clone(), source })?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| AccessError::Kubeconfig { path: path.clone(), source })?
+        }
+        Access::InCluster => kube::Config::incluster()?,
+    };
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    Ok(kube::Client::try_from(config)?)
+}

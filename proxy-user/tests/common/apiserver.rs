@@ -1,0 +1,372 @@
+//! A stand-in for kube-apiserver on 127.0.0.1 over HTTPS, answering what spoke-server asks, with the
+//! JSON shapes of the real API (Kubernetes v1.33): Node list and watch (`/api/v1/nodes`), Pod get
+//! (`/api/v1/namespaces/{ns}/pods/{name}`) and `TokenReview` create
+//! (`/apis/authentication.k8s.io/v1/tokenreviews`). Requests need the bearer token of the kubeconfig it
+//! writes (401 otherwise, as the real one answers). Each connection serves one request.
+#![allow(dead_code, reason = "each test uses a different subset")]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+/// The bearer token spoke-server's kubeconfig carries.
+const SERVER_TOKEN: &str = "spoke-server-test-credential";
+
+/// A service-account token the stand-in knows.
+#[derive(Clone, Debug)]
+pub struct FakeToken {
+    /// `system:serviceaccount:<namespace>:<name>`.
+    pub namespace: String,
+    pub service_account: String,
+    /// The audiences it was issued for.
+    pub audiences: Vec<String>,
+    /// The pod it is bound to (name, uid), if any.
+    pub pod: Option<(String, String)>,
+    /// Whether the review names the pod's node in `user.extra` (Kubernetes 1.30 and later).
+    pub node_in_extra: Option<String>,
+    /// Expired: the review says so, as the real one does.
+    pub expired: bool,
+}
+
+impl FakeToken {
+    /// A good token of `kube-system/spoke-agent` for audience `spoke-server`, bound to `pod`.
+    pub fn agent(pod: &str, node_in_extra: Option<&str>) -> Self {
+        Self {
+            namespace: "kube-system".into(),
+            service_account: "spoke-agent".into(),
+            audiences: vec!["spoke-server".into()],
+            pod: Some((pod.into(), format!("uid-{pod}"))),
+            node_in_extra: node_in_extra.map(str::to_owned),
+            expired: false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    resource_version: u64,
+    nodes: BTreeMap<String, Value>,
+    /// Watch events (resourceVersion, event) in order.
+    events: Vec<(u64, Value)>,
+    pods: BTreeMap<String, Value>,
+    tokens: BTreeMap<String, FakeToken>,
+    reviews: u64,
+}
+
+/// The running stand-in.
+pub struct FakeApiserver {
+    state: Arc<Mutex<State>>,
+    changed: watch::Sender<u64>,
+    /// A kubeconfig for it (spoke-server --kubeconfig).
+    pub kubeconfig: PathBuf,
+}
+
+/// A Node object as the kubelet registers it.
+pub fn node(name: &str, addresses: &[(&str, &str)], pod_cidrs: &[&str]) -> Value {
+    json!({
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"podCIDR": pod_cidrs.first(), "podCIDRs": pod_cidrs},
+        "status": {
+            "addresses": addresses.iter().map(|(t, a)| json!({"type": t, "address": a})).collect::<Vec<_>>(),
+            "images": [{"names": ["registry.k8s.io/pause:3.10"], "sizeBytes": 320_368}],
+        },
+    })
+}
+
+impl FakeApiserver {
+    /// Serves on 127.0.0.1 with `cert`/`key` (valid for 127.0.0.1, from `ca`); writes its kubeconfig
+    /// into `dir`.
+    pub async fn start(dir: &Path, ca: &Path, cert: &Path, key: &Path) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake apiserver");
+        let addr = listener.local_addr().expect("address");
+        let files = spoke::transport::tls::TlsFiles { ca: ca.into(), cert: cert.into(), key: key.into() };
+        let tls = spoke::transport::tls::server_config(
+            &files,
+            spoke::transport::tls::Versions::Tls12And13,
+            spoke::transport::tls::ClientCerts::Optional,
+        )
+        .expect("fake apiserver TLS");
+        let acceptor = TlsAcceptor::from(tls);
+        let kubeconfig = dir.join(format!("kubeconfig-{}", addr.port()));
+        let ca_pem = std::fs::read(ca).expect("read CA");
+        std::fs::write(
+            &kubeconfig,
+            serde_json::to_string_pretty(&json!({
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "test", "cluster": {
+                    "server": format!("https://{addr}"),
+                    "certificate-authority-data": base64(&ca_pem),
+                }}],
+                "users": [{"name": "spoke-server", "user": {"token": SERVER_TOKEN}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "spoke-server"}}],
+                "current-context": "test",
+            }))
+            .expect("kubeconfig JSON"),
+        )
+        .expect("write kubeconfig");
+        let state = Arc::new(Mutex::new(State { resource_version: 100, ..State::default() }));
+        let (changed, _) = watch::channel(100);
+        let this = Self { state: state.clone(), changed: changed.clone(), kubeconfig };
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let (acceptor, state, changed) = (acceptor.clone(), state.clone(), changed.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        serve(tls, state, changed).await;
+                    }
+                });
+            }
+        });
+        this
+    }
+
+    /// Adds or replaces a Node (an ADDED or MODIFIED watch event).
+    pub fn put_node(&self, node: Value) {
+        let name = node["metadata"]["name"].as_str().expect("node name").to_owned();
+        let mut s = self.state.lock().unwrap();
+        s.resource_version += 1;
+        let rv = s.resource_version;
+        let mut node = node;
+        node["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let kind = if s.nodes.contains_key(&name) { "MODIFIED" } else { "ADDED" };
+        s.events.push((rv, json!({"type": kind, "object": node.clone()})));
+        s.nodes.insert(name, node);
+        drop(s);
+        self.changed.send_replace(rv);
+    }
+
+    /// Deletes a Node (a DELETED watch event).
+    pub fn delete_node(&self, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        let Some(mut node) = s.nodes.remove(name) else { return };
+        s.resource_version += 1;
+        let rv = s.resource_version;
+        node["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.events.push((rv, json!({"type": "DELETED", "object": node})));
+        drop(s);
+        self.changed.send_replace(rv);
+    }
+
+    /// Adds a pod in `kube-system` scheduled on `node`.
+    pub fn put_pod(&self, name: &str, node: &str) {
+        let pod = json!({
+            "kind": "Pod",
+            "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": "kube-system", "uid": format!("uid-{name}")},
+            "spec": {"nodeName": node, "serviceAccountName": "spoke-agent", "containers": [{"name": "agent"}]},
+        });
+        self.state.lock().unwrap().pods.insert(name.to_owned(), pod);
+    }
+
+    /// Makes `token` known.
+    pub fn put_token(&self, token: &str, fake: FakeToken) {
+        self.state.lock().unwrap().tokens.insert(token.to_owned(), fake);
+    }
+
+    /// Token reviews answered so far.
+    pub fn reviews(&self) -> u64 {
+        self.state.lock().unwrap().reviews
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
+    mut conn: S,
+    state: Arc<Mutex<State>>,
+    changed: watch::Sender<u64>,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let (method, target, authorized, body) = loop {
+        let Ok(n) = conn.read(&mut chunk).await else { return };
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(head_len)) = req.parse(&buf) else { continue };
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+        };
+        let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if buf.len() < head_len + len {
+            continue;
+        }
+        let authorized = header("authorization").as_deref() == Some(&format!("Bearer {SERVER_TOKEN}"));
+        break (
+            req.method.unwrap_or("").to_owned(),
+            req.path.unwrap_or("").to_owned(),
+            authorized,
+            buf[head_len..head_len + len].to_vec(),
+        );
+    };
+    if !authorized {
+        return respond(&mut conn, 401, &status_json(401, "Unauthorized", "Unauthorized")).await;
+    }
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let param = |key: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v.to_owned()))
+    };
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        ("GET", ["api", "v1", "nodes"]) if param("watch").as_deref() == Some("true") => {
+            let since = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+            watch_nodes(conn, state, changed, since).await;
+        }
+        ("GET", ["api", "v1", "nodes"]) => {
+            let list = {
+                let s = state.lock().unwrap();
+                json!({
+                    "kind": "NodeList",
+                    "apiVersion": "v1",
+                    "metadata": {"resourceVersion": s.resource_version.to_string()},
+                    "items": s.nodes.values().collect::<Vec<_>>(),
+                })
+            };
+            respond(&mut conn, 200, &list).await;
+        }
+        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let pod =
+                (*ns == "kube-system").then(|| state.lock().unwrap().pods.get(*name).cloned()).flatten();
+            if let Some(pod) = pod {
+                respond(&mut conn, 200, &pod).await;
+            } else {
+                let msg = format!("pods \"{name}\" not found");
+                respond(&mut conn, 404, &status_json(404, "NotFound", &msg)).await;
+            }
+        }
+        ("POST", ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+            let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let answer = token_review(&state, &review);
+            respond(&mut conn, 201, &answer).await;
+        }
+        _ => {
+            respond(
+                &mut conn,
+                404,
+                &status_json(404, "NotFound", "the server could not find the requested resource"),
+            )
+            .await;
+        }
+    }
+}
+
+/// The real API's answer to a `TokenReview`: `status.error` and no `authenticated` for a bad token.
+fn token_review(state: &Mutex<State>, review: &Value) -> Value {
+    let token = review["spec"]["token"].as_str().unwrap_or("");
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let mut s = state.lock().unwrap();
+    s.reviews += 1;
+    let fake = s.tokens.get(token).cloned();
+    drop(s);
+    let mut answer = json!({
+        "kind": "TokenReview",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"creationTimestamp": null},
+        "spec": review["spec"].clone(),
+    });
+    let Some(fake) = fake else {
+        answer["status"] = json!({"user": {}, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"});
+        return answer;
+    };
+    if fake.expired {
+        answer["status"] =
+            json!({"user": {}, "error": "[invalid bearer token, service account token has expired]"});
+        return answer;
+    }
+    let audiences: Vec<&String> =
+        fake.audiences.iter().filter(|a| wanted.is_empty() || wanted.contains(a)).collect();
+    if audiences.is_empty() {
+        answer["status"] = json!({"user": {}, "error": "[invalid bearer token, token audiences [\"other\"] is invalid for the target audiences]"});
+        return answer;
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("authentication.kubernetes.io/credential-id".into(), json!(["JTI=0a1b2c"]));
+    if let Some((pod, uid)) = &fake.pod {
+        extra.insert("authentication.kubernetes.io/pod-name".into(), json!([pod]));
+        extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+    }
+    if let Some(node) = &fake.node_in_extra {
+        extra.insert("authentication.kubernetes.io/node-name".into(), json!([node]));
+        extra.insert("authentication.kubernetes.io/node-uid".into(), json!([format!("uid-{node}")]));
+    }
+    answer["status"] = json!({
+        "authenticated": true,
+        "user": {
+            "username": format!("system:serviceaccount:{}:{}", fake.namespace, fake.service_account),
+            "uid": "sa-uid",
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", fake.namespace), "system:authenticated"],
+            "extra": extra,
+        },
+        "audiences": audiences,
+    });
+    answer
+}
+
+fn status_json(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
+}
+
+async fn respond<S: AsyncWrite + Unpin>(conn: &mut S, code: u16, body: &Value) {
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        if code < 300 { "OK" } else { "Error" },
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+/// A watch: every event after `since`, then new ones as they come, one JSON object per chunk.
+async fn watch_nodes<S: AsyncWrite + Unpin>(
+    mut conn: S,
+    state: Arc<Mutex<State>>,
+    changed: watch::Sender<u64>,
+    mut since: u64,
+) {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if conn.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut rx = changed.subscribe();
+    loop {
+        let pending: Vec<(u64, Value)> =
+            state.lock().unwrap().events.iter().filter(|(rv, _)| *rv > since).cloned().collect();
+        for (rv, event) in pending {
+            let line = format!("{event}\n");
+            let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+            if conn.write_all(chunk.as_bytes()).await.is_err() || conn.flush().await.is_err() {
+                return;
+            }
+            since = rv;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
