@@ -86,6 +86,15 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         flow.passed += len;
         return Err(PASS);
     }
+    // The pair must name each other: an entry left over or written for another stream never steers
+    // bytes into a socket that is not this one's peer. (Cookies are never reused while the system runs.)
+    // SAFETY: a plain read of a map value; only its `peer_cookie`, which never changes after insertion.
+    let paired = unsafe { FLOWS.get(flow.peer_cookie) }.is_some_and(|peer| peer.peer_cookie == cookie);
+    if !paired {
+        flow.failed += 1;
+        error!(ctx, "socket {} names {} as its peer, which does not name it back", cookie, flow.peer_cookie);
+        return Err(DROP);
+    }
     let mut peer_cookie = flow.peer_cookie;
     let action = SOCKS.redirect_skb(ctx, &mut peer_cookie, 0);
     if action == i64::from(PASS) {

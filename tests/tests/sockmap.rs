@@ -670,3 +670,46 @@ async fn pins_are_reclaimed_and_removed() {
     drop(second);
     assert!(!dir.exists(), "pins removed on drop");
 }
+
+/// A flow entry rewritten to name another stream's socket (as a stale or forged entry would) steers no
+/// byte there: the program redirects only between sockets whose flows name each other, and counts the
+/// refusal as a failure, which makes user space reset the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_naming_another_streams_socket_steers_nothing() {
+    use aya::maps::{HashMap, Map, MapData};
+    use proxy_ebpf_common::{Flow, splice};
+    if !privileged("sockmap test") {
+        return;
+    }
+    let root = std::path::Path::new(spoke::datapath::sockmap::DEFAULT_BPF_ROOT);
+    let instance = format!("test-steer-{}", std::process::id());
+    let sockmap = Sockmap::load(Some(PinDir::new(root, &instance))).expect("load with pins");
+    let dir = sockmap.pins().expect("pinned").to_owned();
+    let (mut client, p1) = tcp_pair().await;
+    let (p2, _server) = tcp_pair().await;
+    let (_client2, p3) = tcp_pair().await;
+    let (p4, mut victim) = tcp_pair().await;
+    let first = sockmap.pair(&p1, &p2, u64::MAX).expect("first pair");
+    let second = sockmap.pair(&p3, &p4, u64::MAX).expect("second pair");
+    let (c1, c4) = cookies(&p1, &p4);
+    let data = MapData::from_pin(dir.join(splice::FLOWS)).expect("open the pinned flows");
+    let mut flows: HashMap<MapData, u64, Flow> = Map::from_map_data(data).unwrap().try_into().unwrap();
+    let forged = Flow { peer_cookie: c4, ..flows.get(&c1, 0).unwrap() };
+    flows.insert(c1, forged, 0).expect("rewrite the flow");
+
+    client.write_all(b"meant for the first stream only").await.unwrap();
+    bounded("the program's verdict", async {
+        while sockmap.flow(c1).is_none_or(|f| f.failed == 0 && f.redirected == 0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let flow = sockmap.flow(c1).unwrap();
+    assert_eq!((flow.redirected, flow.failed), (0, 1), "refused, not redirected");
+    // Nothing reached the other stream's far end.
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_millis(200), victim.read(&mut buf)).await;
+    assert!(read.is_err(), "the other stream received {read:?}");
+    sockmap.unpair(first);
+    sockmap.unpair(second);
+}

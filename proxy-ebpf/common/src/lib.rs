@@ -41,7 +41,8 @@ pub struct Flow {
     /// Times it went back to redirecting.
     pub resumes: u64,
     /// Skbs the program could not forward as they are, so the stream is broken and user space resets
-    /// it: a failed redirect (the peer was not in the map), a head it could not trim, or a sequence gap.
+    /// it: a failed redirect (the peer was not in the map), a peer whose own flow does not name this
+    /// socket back, a head it could not trim, or a sequence gap.
     pub failed: u64,
     /// Bytes the kernel handed to the program a second time, which it dropped or trimmed off. TCP
     /// queues a retransmitted segment whole even when its head was received already, and the kernel's
