@@ -23,7 +23,7 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REQUEST: usize = 4096;
 
 /// Answers whether the process is ready for traffic.
-pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+pub type Readiness = Arc<dyn Fn() -> Result<(), &'static str> + Send + Sync>;
 
 /// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
 pub async fn serve(
@@ -76,8 +76,12 @@ async fn answer(mut stream: TcpStream, registry: &Registry, ready: &Readiness) -
     };
     match path.as_str() {
         "/livez" => respond(&mut stream, 200, "text/plain", b"ok\n").await,
-        "/readyz" if ready() => respond(&mut stream, 200, "text/plain", b"ready\n").await,
-        "/readyz" => respond(&mut stream, 503, "text/plain", b"not ready\n").await,
+        "/readyz" => match ready() {
+            Ok(()) => respond(&mut stream, 200, "text/plain", b"ready\n").await,
+            Err(why) => {
+                respond(&mut stream, 503, "text/plain", format!("not ready: {why}\n").as_bytes()).await
+            }
+        },
         "/metrics" => {
             let mut text = String::new();
             if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {

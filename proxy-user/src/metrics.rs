@@ -172,6 +172,8 @@ pub struct ServerMetrics {
     pub data_conns_idle: Gauge,
     /// Agent connections refused or failed before they were established, by `reason`.
     pub agent_conn_failures: Counters,
+    /// Streams closed while the server drained because they sat idle.
+    pub drain_closed_idle: Counter,
 }
 
 impl ServerMetrics {
@@ -185,7 +187,13 @@ impl ServerMetrics {
             agents_connected: Gauge::default(),
             data_conns_idle: Gauge::default(),
             agent_conn_failures: Counters::default(),
+            drain_closed_idle: Counter::default(),
         };
+        r.register(
+            "drain_closed_idle",
+            "Streams closed while the server drained because they sat idle",
+            m.drain_closed_idle.clone(),
+        );
         r.register(
             "dial_duration_seconds",
             "Time from routing to the agent's dial reply",

@@ -31,16 +31,19 @@ const MISSED_HEARTBEATS: u32 = 3;
 /// Shortest heartbeat interval the agent follows, whatever the server asks.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 
-/// Keeps a control session with the server until `shutdown` is cancelled, reconnecting with backoff.
+/// Keeps a control session with the server until `shutdown` is cancelled, reconnecting with backoff;
+/// after a server said it goes away (a planned restart), quickly, without the backoff.
 pub(super) async fn run(agent: &Arc<Agent>, shutdown: &CancellationToken) {
     let mut backoff = Backoff::new(agent.config.reconnect);
+    let mut planned_until: Option<Instant> = None;
     while !shutdown.is_cancelled() {
         let end = session(agent, shutdown).await;
         match end {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::GoAway(reason)) => {
                 backoff.reset();
-                warn!(%reason, "server going away: reconnecting");
+                planned_until = Some(Instant::now() + RESTART_WINDOW);
+                info!(%reason, "server going away: reconnecting at once");
             }
             Ok(SessionEnd::Lost(reason)) => {
                 backoff.reset();
@@ -51,13 +54,23 @@ pub(super) async fn run(agent: &Arc<Agent>, shutdown: &CancellationToken) {
                 warn!(error = %e, "cannot reach the server");
             }
         }
-        let delay = backoff.delay();
+        let delay = match planned_until {
+            // A restarting server comes back within moments: try again soon, spread over a short window.
+            Some(until) if Instant::now() < until => RESTART_RETRY.mul_f64(fastrand::f64()),
+            _ => backoff.delay(),
+        };
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(delay) => {}
         }
     }
 }
+
+/// After a server's `GoAway`, how long the agent keeps retrying quickly (a restarted server binds its
+/// ports again within moments).
+const RESTART_WINDOW: Duration = Duration::from_secs(30);
+/// During that window, the longest pause between attempts (each drawn uniformly below it).
+const RESTART_RETRY: Duration = Duration::from_millis(200);
 
 /// Capped exponential backoff with full jitter.
 #[derive(Debug)]
@@ -76,9 +89,10 @@ impl Backoff {
         self.next = self.min;
     }
 
-    /// The delay before the next attempt: uniform in [next/2, next], then next doubles up to max.
+    /// The delay before the next attempt: uniform in [0, next] (full jitter, so that agents that lost
+    /// their server together do not return in step), then next doubles up to max.
     fn delay(&mut self) -> Duration {
-        let d = self.next.mul_f64(0.5 + fastrand::f64() / 2.0);
+        let d = self.next.mul_f64(fastrand::f64());
         self.next = (self.next * 2).min(self.max);
         d
     }
@@ -198,13 +212,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_with_jitter_up_to_the_cap() {
+    fn backoff_doubles_with_full_jitter_up_to_the_cap() {
         let mut b = Backoff::new((Duration::from_millis(100), Duration::from_secs(1)));
-        let delays: Vec<Duration> = (0..8).map(|_| b.delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
-        assert!(delays[3] >= Duration::from_millis(400) && delays[3] <= Duration::from_millis(800));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)));
-        assert!(delays[7] >= Duration::from_millis(500), "capped, not shrinking");
+        // Each attempt's delay is uniform below its cap: 100, 200, 400, 800 ms, then 1 s for good.
+        let caps = [100, 200, 400, 800, 1000, 1000, 1000, 1000].map(Duration::from_millis);
+        for cap in caps {
+            assert!(b.delay() <= cap);
+        }
+        // Spread over the whole range, not bunched at its top (1,000 agents must not return in step).
+        let samples: Vec<Duration> = (0..1000).map(|_| b.delay()).collect();
+        let low = samples.iter().filter(|d| **d < Duration::from_millis(250)).count();
+        assert!((150..350).contains(&low), "{low} of 1000 below a quarter of the cap");
         b.reset();
         assert!(b.delay() <= Duration::from_millis(100));
     }

@@ -216,8 +216,15 @@ pub async fn run_agent(
     let admin_stop = CancellationToken::new();
     if let Some(listener) = admin {
         let a = agent.clone();
-        let ready: crate::admin::Readiness =
-            Arc::new(move || a.metrics.control_connected.get() == 1 && a.metrics.pool_idle.get() > 0);
+        let ready: crate::admin::Readiness = Arc::new(move || {
+            if a.metrics.control_connected.get() != 1 {
+                Err("no control channel to the server")
+            } else if a.metrics.pool_idle.get() == 0 {
+                Err("no data connection parked at the server")
+            } else {
+                Ok(())
+            }
+        });
         tokio::spawn(crate::admin::serve(listener, Arc::new(registry), ready, admin_stop.clone()));
     }
     info!(agent = %agent.config.identity.agent_id, server = %agent.server_addr(), datapath = ?agent.datapath.mode(), "spoke-agent running");

@@ -12,6 +12,7 @@ use tracing::debug;
 use super::Agent;
 use super::policy::Policy;
 use crate::codec;
+use crate::datapath::Activity;
 use crate::metrics::inc;
 use crate::protocol::{DialStatus, Message};
 use crate::transport::DialedLink;
@@ -133,7 +134,7 @@ pub(super) async fn serve(
     let Some(mut target) = target else { return };
     let outcome = {
         let _open = agent.metrics.stream.opened();
-        agent.datapath.relay(&mut conn, &mut target, &[]).await
+        agent.datapath.relay(&mut conn, &mut target, &[], &Activity::default()).await
     };
     agent.metrics.stream.record(&outcome, ENDS);
 }

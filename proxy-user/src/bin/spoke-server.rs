@@ -1,5 +1,6 @@
 //! spoke-server: see `spoke-server --help`.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::ExitCode;
@@ -8,11 +9,17 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use spoke::server::Listeners;
 use spoke::server::config::{ServerArgs, ServerConfig};
+use spoke::transport::accept::SocketFile;
 use spoke::transport::tls::{self, ClientCerts, Versions};
 use tokio::net::{TcpListener, UnixListener};
 
-/// Binds the Unix socket at `path` with mode 0600, replacing a stale socket file (never another kind of file).
-fn bind_uds(path: &Path) -> anyhow::Result<UnixListener> {
+/// Connections each TCP listener's kernel queue holds before they are accepted.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds the Unix socket at `path` with mode 0600, replacing a socket file already there (never another
+/// kind of file): a stale one, or a draining predecessor's, which keeps serving the connections it has
+/// while new ones come here. Returns the listener and its file.
+fn bind_uds(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
             std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
@@ -25,22 +32,32 @@ fn bind_uds(path: &Path) -> anyhow::Result<UnixListener> {
     let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
-    Ok(listener)
+    let file = SocketFile::of(path).with_context(|| format!("inspect {}", path.display()))?;
+    Ok((listener, file))
 }
 
-async fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
+/// Binds a TCP listener with `SO_REUSEPORT`, so that a replacement server can bind the same ports
+/// while this one still drains (both accept until this one stops).
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
     let uds = config.uds_name.as_deref().map(bind_uds).transpose()?;
     let frontend_tcp = match &config.frontend {
-        Some(f) => {
-            Some(TcpListener::bind(f.bind).await.with_context(|| format!("bind frontend {}", f.bind))?)
-        }
+        Some(f) => Some(bind_tcp(f.bind).with_context(|| format!("bind frontend {}", f.bind))?),
         None => None,
     };
-    let agent = TcpListener::bind(config.agent_bind)
-        .await
-        .with_context(|| format!("bind agent listener {}", config.agent_bind))?;
+    let agent =
+        bind_tcp(config.agent_bind).with_context(|| format!("bind agent listener {}", config.agent_bind))?;
     let admin = match config.admin_bind {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind admin {addr}"))?),
+        Some(addr) => Some(bind_tcp(addr).with_context(|| format!("bind admin {addr}"))?),
         None => None,
     };
     Ok(Listeners { uds, frontend_tcp, agent, admin })
@@ -74,7 +91,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
-    let listeners = bind(&config).await?;
+    let listeners = bind(&config)?;
     let addr = |l: &Option<TcpListener>| {
         l.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string())
     };
@@ -86,11 +103,7 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         addr(&listeners.admin),
         config.uds_name.as_ref().map_or("off".into(), |p| p.display().to_string()),
     );
-    let uds_path = config.uds_name.clone();
     let shutdown = spoke::shutdown::on_signals().context("install signal handlers")?;
     spoke::run_server(listeners, config, shutdown).await?;
-    if let Some(path) = uds_path {
-        let _ = std::fs::remove_file(path);
-    }
     Ok(())
 }

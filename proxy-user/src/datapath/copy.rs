@@ -15,7 +15,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{End, Moved, RelayError, buffer};
+use super::{Activity, End, Moved, RelayError, buffer};
 use crate::transport::Stream;
 
 /// First buffer size of each direction.
@@ -39,7 +39,8 @@ struct Pump {
 }
 
 impl Pump {
-    fn new(initial: &[u8]) -> Self {
+    fn new(initial: &[u8], activity: &Activity) -> Self {
+        activity.read(initial.len());
         let buf = if initial.is_empty() {
             Vec::new()
         } else {
@@ -65,6 +66,7 @@ impl Pump {
         cx: &mut Context<'_>,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
+        activity: &Activity,
     ) -> Poll<Result<(), (End, io::Error)>>
     where
         R: AsyncRead + ?Sized,
@@ -90,6 +92,7 @@ impl Pump {
                 match r.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         self.filled = rb.filled().len();
+                        activity.read(self.filled);
                         if self.filled == 0 {
                             self.read_done = true;
                         }
@@ -115,6 +118,7 @@ impl Pump {
                 }
                 self.written += n;
                 self.total += n as u64;
+                activity.wrote(n);
                 self.needs_flush = true;
             }
             if self.read_done {
@@ -134,16 +138,22 @@ fn grow(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
 
 /// Copies between `a` and `b` in both directions until both have ended. `a_early` holds bytes already
 /// read from `a` (e.g. past a request header) that go to `b` first. On an error both streams are aborted.
-pub async fn relay<A: Stream, B: Stream>(a: &mut A, b: &mut B, a_early: &[u8]) -> Result<Moved, RelayError> {
-    let mut up = Pump::new(a_early);
-    let mut down = Pump::new(&[]);
+/// Progress is reported to `activity`.
+pub async fn relay<A: Stream, B: Stream>(
+    a: &mut A,
+    b: &mut B,
+    a_early: &[u8],
+    activity: &Activity,
+) -> Result<Moved, RelayError> {
+    let mut up = Pump::new(a_early, activity);
+    let mut down = Pump::new(&[], activity);
     let flip = |(end, e): (End, io::Error)| (if end == End::A { End::B } else { End::A }, e);
     let result = poll_fn(|cx| {
-        let up_state = up.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b));
+        let up_state = up.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b), activity);
         if let Poll::Ready(Err(e)) = up_state {
             return Poll::Ready(Err(e));
         }
-        let down_state = down.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a)).map_err(flip);
+        let down_state = down.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a), activity).map_err(flip);
         if let Poll::Ready(Err(e)) = down_state {
             return Poll::Ready(Err(e));
         }
@@ -172,7 +182,7 @@ mod tests {
         // client <-> (a  relay  b) <-> server
         let (mut client, mut a) = crate::transport::tcp_pair().await;
         let (mut b, mut server) = crate::transport::tcp_pair().await;
-        let relay = tokio::spawn(async move { relay(&mut a, &mut b, b"early ").await });
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, b"early ", &Activity::default()).await });
 
         client.write_all(b"hello").await.unwrap();
         client.shutdown().await.unwrap();
@@ -194,7 +204,7 @@ mod tests {
     async fn reset_on_one_side_aborts_the_other() {
         let (client, mut a) = crate::transport::tcp_pair().await;
         let (mut b, mut server) = crate::transport::tcp_pair().await;
-        let relay = tokio::spawn(async move { relay(&mut a, &mut b, &[]).await });
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, &[], &Activity::default()).await });
         // Unread data at close makes the kernel send RST; set linger 0 to make it explicit.
         client.abort();
         drop(client);

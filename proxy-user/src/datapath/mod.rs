@@ -16,6 +16,7 @@ mod tcp;
 
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::io::AsyncWriteExt as _;
 use tracing::{debug, info, warn};
@@ -39,6 +40,38 @@ pub enum Mode {
     /// plaintext TCP (the others, and streams whose sockets cannot be inserted, fall back). Needs root
     /// and BPF; agent only.
     Sockmap,
+}
+
+/// What a relay reports while it runs, for a caller that closes idle streams (a server draining for a
+/// restart): the bytes taken in and passed on, both directions together. Equal counts mean nothing is
+/// in flight; equal counts that stay put mean the stream is idle. The sockmap tier moves bytes out of
+/// sight, so its streams never look idle.
+#[derive(Debug, Default)]
+pub struct Activity {
+    read: AtomicU64,
+    written: AtomicU64,
+    opaque: AtomicBool,
+}
+
+impl Activity {
+    fn read(&self, n: usize) {
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn wrote(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The bytes passed on so far, if nothing is in flight now; `None` while bytes are in flight or
+    /// where the tier cannot tell. Two equal samples some time apart mean the stream sat idle between.
+    #[must_use]
+    pub fn settled(&self) -> Option<u64> {
+        if self.opaque.load(Ordering::Relaxed) {
+            return None;
+        }
+        let written = self.written.load(Ordering::Acquire);
+        (self.read.load(Ordering::Acquire) == written).then_some(written)
+    }
 }
 
 /// The tier that carried a stream.
@@ -240,7 +273,13 @@ impl Datapath {
     /// `early` (bytes already read from `a`, such as what followed a request head) goes to `b` first.
     /// Until the relay ends cleanly both connections reset when closed, so a stream cut off (by an
     /// error, or by the end of a grace period) never looks complete to either end.
-    pub async fn relay<A: Stream, B: Stream>(&self, a: &mut A, b: &mut B, early: &[u8]) -> Outcome {
+    pub async fn relay<A: Stream, B: Stream>(
+        &self,
+        a: &mut A,
+        b: &mut B,
+        early: &[u8],
+        activity: &Activity,
+    ) -> Outcome {
         a.reset_on_close(true);
         b.reset_on_close(true);
         let (tier, fallback) = self.tier_for(a.plain(), b.plain());
@@ -248,10 +287,12 @@ impl Datapath {
             info!(reason, tier = tier.as_str(), "datapath fallback");
         }
         let outcome = match tier {
-            Tier::Copy => Outcome::new(Tier::Copy, fallback, copy::relay(a, b, early).await),
+            Tier::Copy => Outcome::new(Tier::Copy, fallback, copy::relay(a, b, early, activity).await),
             // The kernel tiers' state sits on the heap only for the streams that take them, so that a
             // copied stream's task stays small (thousands of idle streams are held at once).
-            Tier::Splice | Tier::Sockmap => Box::pin(self.in_kernel(tier, fallback, a, b, early)).await,
+            Tier::Splice | Tier::Sockmap => {
+                Box::pin(self.in_kernel(tier, fallback, a, b, early, activity)).await
+            }
         };
         if outcome.failure.is_none() {
             a.reset_on_close(false);
@@ -269,6 +310,7 @@ impl Datapath {
         a: &mut A,
         b: &mut B,
         early: &[u8],
+        activity: &Activity,
     ) -> Outcome {
         if let Err(source) = b.write_all(early).await {
             a.abort();
@@ -285,6 +327,7 @@ impl Datapath {
         };
         if let (Tier::Sockmap, Plain::Tcp(ta), Plain::Tcp(tb), Some(map)) = (tier, pa, pb, &self.sockmap) {
             // Boxed: its state is large, and inline it would enlarge every spliced stream's state too.
+            activity.opaque.store(true, Ordering::Relaxed);
             match Box::pin(sockmap::stream::relay(map, ta, tb, self.limits)).await {
                 Ok(spliced) => {
                     let stats = SockmapStats {
@@ -315,15 +358,16 @@ impl Datapath {
                 Err(e) => {
                     let reason = e.reason();
                     debug!(error = %e, reason, "sockmap insert failed: copying the stream");
-                    return Outcome::new(Tier::Copy, Some(reason), with_early(copy::relay(a, b, &[]).await));
+                    let copied = copy::relay(a, b, &[], activity).await;
+                    return Outcome::new(Tier::Copy, Some(reason), with_early(copied));
                 }
             }
         }
         if tier == Tier::Sockmap {
             // Sockmap asked for but not loaded (a datapath built without it): copied, as before.
-            return Outcome::new(Tier::Copy, fallback, with_early(copy::relay(a, b, &[]).await));
+            return Outcome::new(Tier::Copy, fallback, with_early(copy::relay(a, b, &[], activity).await));
         }
-        Outcome::new(Tier::Splice, fallback, with_early(splice::relay_plain(pa, pb).await))
+        Outcome::new(Tier::Splice, fallback, with_early(splice::relay_plain(pa, pb, activity).await))
     }
 }
 
@@ -357,7 +401,8 @@ mod tests {
     async fn a_streams_relay_state_stays_small() {
         let datapath = Datapath::new(Mode::Auto);
         let (mut a, mut b) = crate::transport::tcp_pair().await;
-        let relay = datapath.relay(&mut a, &mut b, &[]);
+        let activity = Activity::default();
+        let relay = datapath.relay(&mut a, &mut b, &[], &activity);
         assert!(size_of_val(&relay) <= 512, "relay future of {} bytes", size_of_val(&relay));
     }
 }

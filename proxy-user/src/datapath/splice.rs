@@ -14,7 +14,7 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
-use super::{End, Moved, RelayError};
+use super::{Activity, End, Moved, RelayError};
 use crate::transport::{Plain, Stream};
 
 /// Capacity asked for each direction's pipe (`F_SETPIPE_SZ`); 1 MiB moved 2.3–2.4 GB/s here (DESIGN §5 k).
@@ -92,7 +92,11 @@ const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLI
 /// One direction: `src` → pipe → `dst` until `src` ends, then FIN on `dst`. Errors say which end
 /// failed: `End::A` the source, `End::B` the destination. The pipe is held only while it has bytes
 /// or `src` has more to give.
-async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (End, io::Error)> {
+async fn pump<S: Spliceable, D: Spliceable>(
+    src: &S,
+    dst: &D,
+    activity: &Activity,
+) -> Result<u64, (End, io::Error)> {
     let mut pipe: Option<Pipe> = None;
     let mut in_pipe = 0usize;
     let mut total = 0u64;
@@ -117,6 +121,7 @@ async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (En
                 Ok(0) => eof = true,
                 Ok(n) => {
                     in_pipe += n;
+                    activity.read(n);
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained_source = true,
@@ -128,6 +133,7 @@ async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (En
                 Ok(n) => {
                     in_pipe -= n;
                     total += n as u64;
+                    activity.wrote(n);
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -156,21 +162,28 @@ async fn pump<S: Spliceable, D: Spliceable>(src: &S, dst: &D) -> Result<u64, (En
 }
 
 /// Splices `a` and `b` in both directions until both have ended; on an error both are aborted.
-pub async fn relay<A: Spliceable, B: Spliceable>(a: &A, b: &B) -> Result<Moved, RelayError> {
-    super::both_directions(pump(a, b), pump(b, a)).await.map_err(|((end, source), a_to_b, b_to_a)| {
-        a.abort();
-        b.abort();
-        RelayError { end, source, moved: (a_to_b.unwrap_or(0), b_to_a.unwrap_or(0)) }
-    })
+/// Progress is reported to `activity`.
+pub async fn relay<A: Spliceable, B: Spliceable>(
+    a: &A,
+    b: &B,
+    activity: &Activity,
+) -> Result<Moved, RelayError> {
+    super::both_directions(pump(a, b, activity), pump(b, a, activity)).await.map_err(
+        |((end, source), a_to_b, b_to_a)| {
+            a.abort();
+            b.abort();
+            RelayError { end, source, moved: (a_to_b.unwrap_or(0), b_to_a.unwrap_or(0)) }
+        },
+    )
 }
 
 /// [`relay`] for two plaintext sockets of any kind.
-pub async fn relay_plain(a: Plain<'_>, b: Plain<'_>) -> Result<Moved, RelayError> {
+pub async fn relay_plain(a: Plain<'_>, b: Plain<'_>, activity: &Activity) -> Result<Moved, RelayError> {
     match (a, b) {
-        (Plain::Tcp(a), Plain::Tcp(b)) => relay(a, b).await,
-        (Plain::Unix(a), Plain::Tcp(b)) => relay(a, b).await,
-        (Plain::Tcp(a), Plain::Unix(b)) => relay(a, b).await,
-        (Plain::Unix(a), Plain::Unix(b)) => relay(a, b).await,
+        (Plain::Tcp(a), Plain::Tcp(b)) => relay(a, b, activity).await,
+        (Plain::Unix(a), Plain::Tcp(b)) => relay(a, b, activity).await,
+        (Plain::Tcp(a), Plain::Unix(b)) => relay(a, b, activity).await,
+        (Plain::Unix(a), Plain::Unix(b)) => relay(a, b, activity).await,
     }
 }
 
@@ -184,7 +197,7 @@ mod tests {
     async fn carries_bytes_and_half_close_both_ways() {
         let (mut client, a) = crate::transport::tcp_pair().await;
         let (b, mut server) = crate::transport::tcp_pair().await;
-        let relay = tokio::spawn(async move { relay(&a, &b).await });
+        let relay = tokio::spawn(async move { relay(&a, &b, &Activity::default()).await });
         let big: Vec<u8> = (0..(3 * PIPE_SIZE + 7)).map(|i| u8::try_from(i % 251).unwrap()).collect();
         let to_send = big.clone();
         let writer = tokio::spawn(async move {
@@ -210,7 +223,7 @@ mod tests {
     async fn reset_on_one_side_aborts_the_other() {
         let (client, a) = crate::transport::tcp_pair().await;
         let (b, mut server) = crate::transport::tcp_pair().await;
-        let relay = tokio::spawn(async move { relay(&a, &b).await });
+        let relay = tokio::spawn(async move { relay(&a, &b, &Activity::default()).await });
         client.abort();
         drop(client);
         let err = relay.await.unwrap().expect_err("reset must surface");

@@ -114,6 +114,15 @@ pub struct ServerArgs {
     /// How often agents send heartbeats; an agent silent for three intervals is dropped.
     #[arg(long, env = "SPOKE_SERVER_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// `/readyz` says ready once an agent is connected, or after this long without one (a cluster may
+    /// have no nodes yet); never while shutting down.
+    #[arg(long, env = "SPOKE_SERVER_READINESS_GRACE", default_value = "60s", value_parser = parse_duration)]
+    pub readiness_grace: Duration,
+    /// While draining after SIGTERM, a stream that moved no byte for this long (and has none in flight)
+    /// is closed with an orderly end: kube-apiserver keeps idle keep-alive tunnels to kubelets open,
+    /// and waiting the whole grace period for them would hold a restart up.
+    #[arg(long, env = "SPOKE_SERVER_DRAIN_IDLE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub drain_idle_timeout: Duration,
     /// How long open streams may go on after SIGTERM.
     #[arg(long, env = "SPOKE_SERVER_GRACEFUL_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub graceful_shutdown_timeout: Duration,
@@ -137,11 +146,17 @@ pub struct ServerArgs {
     /// logged as a warning at start).
     #[arg(long, env = "SPOKE_SERVER_AGENT_CLAIMS", value_enum, default_value_t = AgentClaims::NodeObjects)]
     pub agent_claims: AgentClaims,
-    /// The cluster's Service CIDRs (kube-apiserver's --service-cluster-ip-range). With `--agent-claims
-    /// node-objects`, an agent may announce a CIDR inside them (every node reaches services), as no
-    /// Node object states them.
+    /// The cluster's Service CIDRs (kube-apiserver's --service-cluster-ip-range). Every node reaches
+    /// services, so a destination inside them that no agent announced goes to any agent (the less
+    /// loaded of two), and with `--agent-claims node-objects` an agent may announce a CIDR inside them.
     #[arg(long, env = "SPOKE_SERVER_SERVICE_CIDRS", value_delimiter = ',')]
     pub service_cidrs: Vec<IpNet>,
+    /// The cluster's pod network (kubeadm's --pod-network-cidr), for clusters where the server cannot
+    /// read Node objects: a pod address that no agent's own CIDR matches goes to any agent, which
+    /// reaches it over the pod network. With Node objects, each node's `spec.podCIDRs` route to its own
+    /// agent first.
+    #[arg(long, env = "SPOKE_SERVER_POD_NETWORK_CIDRS", value_delimiter = ',')]
+    pub pod_network_cidrs: Vec<IpNet>,
     /// Kubeconfig file for the apiserver (Node watch, `TokenReview`); without it, the pod's in-cluster
     /// credentials. Used only with `--agent-claims node-objects` or `--agent-auth token`.
     #[arg(long, env = "SPOKE_SERVER_KUBECONFIG")]
@@ -245,6 +260,10 @@ pub struct ServerLimits {
     pub heartbeat_interval: Duration,
     /// See [`ServerArgs::graceful_shutdown_timeout`].
     pub grace_period: Duration,
+    /// See [`ServerArgs::readiness_grace`].
+    pub readiness_grace: Duration,
+    /// See [`ServerArgs::drain_idle_timeout`].
+    pub drain_idle_timeout: Duration,
 }
 
 /// Validated configuration of `spoke-server`.
@@ -272,8 +291,10 @@ pub struct ServerConfig {
     pub default_route_agents: Vec<String>,
     /// What agents may announce.
     pub agent_claims: AgentClaims,
-    /// Service CIDRs any agent may announce.
+    /// Service CIDRs: any agent may announce them, and any agent takes them.
     pub service_cidrs: Vec<IpNet>,
+    /// The pod network: any agent takes what no agent's own CIDR matches.
+    pub pod_network_cidrs: Vec<IpNet>,
     /// The apiserver, where claims or tokens are checked with it.
     pub apiserver: Option<Access>,
     /// How tokens are checked (`--agent-auth token`).
@@ -369,6 +390,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             default_route_agents: a.default_route_agents,
             agent_claims: a.agent_claims,
             service_cidrs: a.service_cidrs.iter().map(IpNet::trunc).collect(),
+            pod_network_cidrs: a.pod_network_cidrs.iter().map(IpNet::trunc).collect(),
             apiserver,
             tokens,
             allow_plaintext_tunnel: a.allow_plaintext_tunnel,
@@ -390,6 +412,8 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 handshake_timeout: nonzero_duration("--handshake-timeout", a.handshake_timeout)?,
                 heartbeat_interval: nonzero_duration("--heartbeat-interval", a.heartbeat_interval)?,
                 grace_period: a.graceful_shutdown_timeout,
+                readiness_grace: a.readiness_grace,
+                drain_idle_timeout: nonzero_duration("--drain-idle-timeout", a.drain_idle_timeout)?,
             },
         })
     }

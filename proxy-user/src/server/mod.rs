@@ -11,6 +11,7 @@ mod trust;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UnixListener};
@@ -18,14 +19,14 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::apiserver::nodes::Nodes;
 use crate::apiserver::tokens::Reviewer;
 use crate::apiserver::{self, AccessError};
 use crate::datapath::Datapath;
 use crate::metrics::{ServerMetrics, inc};
-use crate::transport::accept::{self, Accepted, Budget, Refused};
+use crate::transport::accept::{self, Accepted, Budget, Refused, SocketFile};
 use crate::transport::tls::{self, ClientCerts, TlsError, Versions};
 use config::{AgentAuth, AgentClaims, ServerConfig};
 use registry::AgentRegistry;
@@ -44,8 +45,8 @@ pub enum ServerError {
 /// The listeners `spoke-server` serves, bound by the caller.
 #[derive(Debug)]
 pub struct Listeners {
-    /// CONNECT over a Unix socket.
-    pub uds: Option<UnixListener>,
+    /// CONNECT over a Unix socket, and its file (removed as the drain ends, if still this server's).
+    pub uds: Option<(UnixListener, SocketFile)>,
     /// CONNECT over TCP with mutual TLS.
     pub frontend_tcp: Option<TcpListener>,
     /// Agents' control channels and data connections.
@@ -53,6 +54,11 @@ pub struct Listeners {
     /// /livez, /readyz, /metrics.
     pub admin: Option<TcpListener>,
 }
+
+/// How often the drain looks whether streams are still open.
+const DRAIN_CHECK: Duration = Duration::from_millis(50);
+/// How long the server waits, at its end, for its agents' sessions to be told to go away.
+const AGENTS_TOLD: Duration = Duration::from_secs(1);
 
 /// State shared by every task of a server.
 struct Server {
@@ -66,13 +72,19 @@ struct Server {
     reviewer: Option<Reviewer>,
     pending_dials: Semaphore,
     next_stream_id: AtomicU64,
-    /// Every connection task; waited for at shutdown.
+    /// Frontend connection tasks (CONNECT streams); the drain waits for them.
+    frontend: TaskTracker,
+    /// Agent connection tasks (control sessions, parked data connections).
     tracker: TaskTracker,
-    shutdown: CancellationToken,
+    /// Cancelled at SIGTERM: the drain starts (not ready; idle streams close; still serving).
+    draining: CancellationToken,
+    /// Cancelled when the drain is over: listeners close, agents are told to go away.
+    stop: CancellationToken,
 }
 
-/// Runs the server on `listeners` until `shutdown` is cancelled, then lets open streams finish for the
-/// configured grace period.
+/// Runs the server on `listeners` until `shutdown` is cancelled, then drains: it reports itself not
+/// ready and keeps accepting and serving, closes streams that sit idle, and returns once no stream is
+/// open (at most the grace period later), telling its agents to go away as it stops.
 pub async fn run_server(
     listeners: Listeners,
     config: ServerConfig,
@@ -84,7 +96,11 @@ pub async fn run_server(
     let metrics = ServerMetrics::register(&mut registry);
     let grace = config.limits.grace_period;
     let server = Arc::new(Server {
-        agents: AgentRegistry::new(config.strategies.clone(), config.limits.max_streams_per_agent),
+        agents: AgentRegistry::new(
+            config.strategies.clone(),
+            config.service_cidrs.iter().chain(&config.pod_network_cidrs).copied().collect(),
+            config.limits.max_streams_per_agent,
+        ),
         pending_dials: Semaphore::new(config.limits.max_pending_dials),
         next_stream_id: AtomicU64::new(1),
         datapath: Datapath::new(config.datapath),
@@ -92,13 +108,15 @@ pub async fn run_server(
         reviewer,
         metrics,
         config,
+        frontend: TaskTracker::new(),
         tracker: TaskTracker::new(),
-        shutdown: shutdown.clone(),
+        draining: shutdown.clone(),
+        stop: CancellationToken::new(),
     });
 
     let admin_stop = CancellationToken::new();
     if let Some(admin) = listeners.admin {
-        let ready: crate::admin::Readiness = Arc::new(|| true);
+        let ready = readiness(server.clone());
         tokio::spawn(crate::admin::serve(admin, Arc::new(registry), ready, admin_stop.clone()));
     }
     let limits = &server.config.limits;
@@ -113,14 +131,15 @@ pub async fn run_server(
         peer_in_logs: false,
     };
     let mut loops = tokio::task::JoinSet::new();
-    if let Some(uds) = listeners.uds {
+    let uds_file = listeners.uds.as_ref().map(|(_, file)| file.clone());
+    if let Some((uds, _)) = listeners.uds {
         // The header timeout bounds a silent client, with a 408 the apiserver can report.
         let s = server.clone();
         loops.spawn(accept::serve(
             uds,
             frontend("uds"),
-            shutdown.clone(),
-            server.tracker.clone(),
+            server.stop.clone(),
+            server.frontend.clone(),
             move |c| stream::serve_unix(s.clone(), c),
         ));
     }
@@ -133,7 +152,7 @@ pub async fn run_server(
             ..frontend("frontend")
         };
         let s = server.clone();
-        loops.spawn(accept::serve(tcp, budget, shutdown.clone(), server.tracker.clone(), move |c| {
+        loops.spawn(accept::serve(tcp, budget, server.stop.clone(), server.frontend.clone(), move |c| {
             stream::serve_tls(s.clone(), acceptor.clone(), c)
         }));
     }
@@ -152,7 +171,7 @@ pub async fn run_server(
     loops.spawn(accept::serve(
         listeners.agent,
         budget,
-        shutdown.clone(),
+        server.stop.clone(),
         server.tracker.clone(),
         move |c: Accepted<_>| session::serve(s.clone(), agent_tls.clone(), c),
     ));
@@ -160,17 +179,46 @@ pub async fn run_server(
     log_start(&server.config);
 
     shutdown.cancelled().await;
-    info!(grace_period = ?grace, "stopping: no new connections; open streams may finish");
+    drain(&server, grace, uds_file.as_ref()).await;
     loops.shutdown().await;
     server.tracker.close();
-    if tokio::time::timeout(grace, server.tracker.wait()).await.is_err() {
-        warn!(open = server.tracker.len(), "grace period over: closing open streams");
+    // Control sessions end as they tell their agents to go away; parked data connections close.
+    if tokio::time::timeout(AGENTS_TOLD, server.tracker.wait()).await.is_err() {
+        debug!(open = server.tracker.len(), "agent connections still closing");
     }
     admin_stop.cancel();
     info!("spoke-server stopped");
     Ok(())
 }
 
+/// After SIGTERM: keeps serving (new requests too: the apiserver has no other server until this one
+/// exits), while idle streams close (`stream::serve`); once no frontend connection is open, or the
+/// grace period is over, stops accepting and tells agents to go away.
+async fn drain(server: &Server, grace: Duration, uds_file: Option<&SocketFile>) {
+    let deadline = tokio::time::Instant::now() + grace;
+    info!(
+        grace_period = ?grace,
+        idle_after = ?server.config.limits.drain_idle_timeout,
+        open = server.frontend.len(),
+        "draining: not ready, still serving; idle streams close; stopping when no stream is open"
+    );
+    let quiet = async {
+        while !server.frontend.is_empty() {
+            tokio::time::sleep(DRAIN_CHECK).await;
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, quiet).await;
+    // No new connection can reach the socket once its file is gone; then the listeners stop, serving
+    // what the kernel had already queued. Those are served to their end, within the grace period.
+    if let Some(file) = uds_file {
+        file.remove_if_own();
+    }
+    server.stop.cancel();
+    server.frontend.close();
+    if tokio::time::timeout_at(deadline, server.frontend.wait()).await.is_err() {
+        warn!(open = server.frontend.len(), "grace period over: closing open streams");
+    }
+}
 /// The apiserver's Node watch and token reviewer, where the configuration uses them.
 async fn apiserver_parts(
     config: &ServerConfig,
@@ -182,6 +230,21 @@ async fn apiserver_parts(
         .then(|| Nodes::watch(client.clone(), shutdown.clone()));
     let reviewer = config.tokens.clone().map(|policy| Reviewer::new(client, policy));
     Ok((nodes, reviewer))
+}
+
+/// `/readyz`: ready once an agent is connected, or after the readiness grace without one; never while
+/// draining.
+fn readiness(server: Arc<Server>) -> crate::admin::Readiness {
+    let started = tokio::time::Instant::now();
+    Arc::new(move || {
+        if server.draining.is_cancelled() {
+            Err("shutting down")
+        } else if server.agents.is_empty() && started.elapsed() < server.config.limits.readiness_grace {
+            Err("no agent connected yet")
+        } else {
+            Ok(())
+        }
+    })
 }
 
 /// The agent listener's TLS acceptor, and the TCP frontend's.

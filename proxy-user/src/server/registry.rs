@@ -12,6 +12,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::apiserver::nodes::NodeFacts;
 use crate::protocol::{DataKey, Identity, NONCE_LEN, SessionId};
 use crate::transport::AcceptedLink;
 
@@ -163,9 +164,42 @@ impl AgentHandle {
     }
 }
 
+/// Where an agent takes streams: what it announced and, where the server reads Node objects, what its
+/// Node states (so that a node's pod CIDR and addresses route to it even when its agent announces none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routes {
+    /// Exact destination hosts (normalized: canonical address text or a lower-case name).
+    pub hosts: Vec<String>,
+    /// Networks, for longest-prefix routing.
+    pub cidrs: Vec<IpNet>,
+    /// Whether the agent takes destinations nothing else matched.
+    pub default_route: bool,
+}
+
+impl Routes {
+    /// The routes of an agent announcing `identity`, on a node `facts` describes (if known).
+    #[must_use]
+    pub fn of(identity: &Identity, facts: Option<&NodeFacts>) -> Self {
+        let mut hosts: Vec<String> = std::iter::once(identity.node_name.clone())
+            .chain(identity.hostnames.iter().cloned())
+            .chain(identity.addresses.iter().map(ToString::to_string))
+            .chain(facts.iter().flat_map(|f| f.names.iter().cloned()))
+            .chain(facts.iter().flat_map(|f| f.addresses.iter().map(ToString::to_string)))
+            .map(|k| host_key(&k))
+            .collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        let mut cidrs: Vec<IpNet> =
+            identity.cidrs.iter().chain(facts.iter().flat_map(|f| f.pod_cidrs.iter())).copied().collect();
+        cidrs.sort_unstable();
+        cidrs.dedup();
+        Self { hosts, cidrs, default_route: identity.default_route }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Index {
-    by_id: HashMap<String, Arc<AgentHandle>>,
+    by_id: HashMap<String, (Arc<AgentHandle>, Routes)>,
     by_session: HashMap<SessionId, Arc<AgentHandle>>,
     by_host: HashMap<String, Vec<Arc<AgentHandle>>>,
     cidrs: Vec<(IpNet, Arc<AgentHandle>)>,
@@ -179,41 +213,35 @@ fn host_key(host: &str) -> String {
 }
 
 impl Index {
-    fn keys(id: &Identity) -> impl Iterator<Item = String> + '_ {
-        std::iter::once(id.node_name.clone())
-            .chain(id.hostnames.iter().cloned())
-            .chain(id.addresses.iter().map(ToString::to_string))
-            .map(|k| host_key(&k))
-    }
-
-    fn insert(&mut self, agent: &Arc<AgentHandle>) {
-        self.by_id.insert(agent.identity.agent_id.clone(), agent.clone());
+    fn insert(&mut self, agent: &Arc<AgentHandle>, routes: Routes) {
         self.by_session.insert(agent.session_id, agent.clone());
-        for key in Self::keys(&agent.identity) {
-            let list = self.by_host.entry(key).or_default();
-            if !list.iter().any(|a| Arc::ptr_eq(a, agent)) {
-                list.push(agent.clone());
-            }
+        for key in &routes.hosts {
+            self.by_host.entry(key.clone()).or_default().push(agent.clone());
         }
-        self.cidrs.extend(agent.identity.cidrs.iter().map(|n| (*n, agent.clone())));
-        if agent.identity.default_route {
+        self.cidrs.extend(routes.cidrs.iter().map(|n| (*n, agent.clone())));
+        if routes.default_route {
             self.default_routes.push(agent.clone());
         }
+        self.by_id.insert(agent.identity.agent_id.clone(), (agent.clone(), routes));
     }
 
     fn remove(&mut self, agent: &Arc<AgentHandle>) {
-        self.by_id.remove(&agent.identity.agent_id);
+        let Some((_, routes)) = self.by_id.remove(&agent.identity.agent_id) else { return };
         self.by_session.remove(&agent.session_id);
-        for key in Self::keys(&agent.identity) {
-            if let Some(list) = self.by_host.get_mut(&key) {
+        for key in &routes.hosts {
+            if let Some(list) = self.by_host.get_mut(key) {
                 list.retain(|a| !Arc::ptr_eq(a, agent));
                 if list.is_empty() {
-                    self.by_host.remove(&key);
+                    self.by_host.remove(key);
                 }
             }
         }
         self.cidrs.retain(|(_, a)| !Arc::ptr_eq(a, agent));
         self.default_routes.retain(|a| !Arc::ptr_eq(a, agent));
+    }
+
+    fn is_current(&self, agent: &Arc<AgentHandle>) -> bool {
+        self.by_id.get(&agent.identity.agent_id).is_some_and(|(a, _)| Arc::ptr_eq(a, agent))
     }
 }
 
@@ -222,14 +250,17 @@ impl Index {
 pub struct AgentRegistry {
     index: RwLock<Index>,
     strategies: Vec<Strategy>,
+    /// Networks any agent reaches (service CIDRs, the pod network): the `cidr` strategy's last resort.
+    any_agent: Vec<IpNet>,
     max_streams: usize,
 }
 
 impl AgentRegistry {
-    /// An empty registry routing with `strategies` in order.
+    /// An empty registry routing with `strategies` in order; destinations inside `any_agent` that no
+    /// agent's own CIDR matches go to any agent.
     #[must_use]
-    pub fn new(strategies: Vec<Strategy>, max_streams: usize) -> Self {
-        Self { index: RwLock::new(Index::default()), strategies, max_streams }
+    pub fn new(strategies: Vec<Strategy>, any_agent: Vec<IpNet>, max_streams: usize) -> Self {
+        Self { index: RwLock::new(Index::default()), strategies, any_agent, max_streams }
     }
 
     /// Number of registered agents.
@@ -247,28 +278,38 @@ impl AgentRegistry {
         self.len() == 0
     }
 
-    /// Registers `agent`; an earlier session of the same agent id is replaced and returned.
-    pub fn register(&self, agent: &Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
+    /// Registers `agent` with its `routes`; an earlier session of the same agent id is replaced and
+    /// returned.
+    pub fn register(&self, agent: &Arc<AgentHandle>, routes: Routes) -> Option<Arc<AgentHandle>> {
         let mut index = self.index.write().expect("registry lock poisoned");
-        let old = index.by_id.get(&agent.identity.agent_id).cloned();
+        let old = index.by_id.get(&agent.identity.agent_id).map(|(a, _)| a.clone());
         if let Some(old) = &old {
             index.remove(old);
         }
-        index.insert(agent);
+        index.insert(agent, routes);
         old
+    }
+
+    /// Gives `agent`, if it is still registered, new `routes` (its Node changed).
+    pub fn reroute(&self, agent: &Arc<AgentHandle>, routes: Routes) {
+        let mut index = self.index.write().expect("registry lock poisoned");
+        if index.is_current(agent) && index.by_id[&agent.identity.agent_id].1 != routes {
+            index.remove(agent);
+            index.insert(agent, routes);
+        }
     }
 
     /// Removes `agent` if it is still the registered session of its id.
     pub fn unregister(&self, agent: &Arc<AgentHandle>) {
         let mut index = self.index.write().expect("registry lock poisoned");
-        if index.by_id.get(&agent.identity.agent_id).is_some_and(|a| Arc::ptr_eq(a, agent)) {
+        if index.is_current(agent) {
             index.remove(agent);
         }
     }
 
     /// Every registered agent.
     pub fn all(&self) -> Vec<Arc<AgentHandle>> {
-        self.index.read().expect("registry lock poisoned").by_id.values().cloned().collect()
+        self.index.read().expect("registry lock poisoned").by_id.values().map(|(a, _)| a.clone()).collect()
     }
 
     /// The agent of a live control session.
@@ -289,10 +330,16 @@ impl AgentRegistry {
                     let Some(ip) = ip else { continue };
                     let matching = index.cidrs.iter().filter(|(n, a)| n.contains(&ip) && a.usable());
                     let longest = matching.clone().map(|(n, _)| n.prefix_len()).max();
-                    matching.filter(|(n, _)| Some(n.prefix_len()) == longest).map(|(_, a)| a).collect()
+                    let own: Vec<_> =
+                        matching.filter(|(n, _)| Some(n.prefix_len()) == longest).map(|(_, a)| a).collect();
+                    if own.is_empty() && self.any_agent.iter().any(|n| n.contains(&ip)) {
+                        index.by_id.values().map(|(a, _)| a).collect()
+                    } else {
+                        own
+                    }
                 }
                 Strategy::DefaultRoute => index.default_routes.iter().collect(),
-                Strategy::Default => index.by_id.values().collect(),
+                Strategy::Default => index.by_id.values().map(|(a, _)| a).collect(),
             };
             let usable: Vec<&Arc<AgentHandle>> = candidates.into_iter().filter(|a| a.usable()).collect();
             if let Some(pick) = self.pick(&usable) {
@@ -343,16 +390,21 @@ mod tests {
         ))
     }
 
+    fn reg(r: &AgentRegistry, a: &Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
+        r.register(a, Routes::of(&a.identity, None))
+    }
+
     fn routed(r: &AgentRegistry, host: &str) -> Option<String> {
         r.route(host).map(|a| a.identity.agent_id.clone())
     }
 
     #[test]
     fn strategies_in_order() {
-        let r = AgentRegistry::new(vec![Strategy::DestHost, Strategy::Cidr, Strategy::DefaultRoute], 16);
-        r.register(&agent("node-a", &["a.example"], &["10.0.0.1", "fd00::1"], &["10.244.0.0/16"], false));
-        r.register(&agent("node-b", &[], &["10.0.0.2"], &["10.244.1.0/24"], false));
-        r.register(&agent("edge", &[], &[], &[], true));
+        let r =
+            AgentRegistry::new(vec![Strategy::DestHost, Strategy::Cidr, Strategy::DefaultRoute], vec![], 16);
+        reg(&r, &agent("node-a", &["a.example"], &["10.0.0.1", "fd00::1"], &["10.244.0.0/16"], false));
+        reg(&r, &agent("node-b", &[], &["10.0.0.2"], &["10.244.1.0/24"], false));
+        reg(&r, &agent("edge", &[], &[], &[], true));
         assert_eq!(routed(&r, "10.0.0.1").as_deref(), Some("node-a"));
         assert_eq!(routed(&r, "[fd00:0:0::1]").as_deref(), Some("node-a"));
         assert_eq!(routed(&r, "A.Example").as_deref(), Some("node-a"));
@@ -362,22 +414,22 @@ mod tests {
         assert_eq!(routed(&r, "10.244.9.7").as_deref(), Some("node-a"));
         assert_eq!(routed(&r, "192.0.2.1").as_deref(), Some("edge"));
         assert_eq!(routed(&r, "unknown.example").as_deref(), Some("edge"));
-        let strict = AgentRegistry::new(vec![Strategy::DestHost], 16);
-        strict.register(&agent("node-a", &[], &["10.0.0.1"], &[], false));
+        let strict = AgentRegistry::new(vec![Strategy::DestHost], vec![], 16);
+        reg(&strict, &agent("node-a", &[], &["10.0.0.1"], &[], false));
         assert_eq!(routed(&strict, "10.0.0.9"), None);
     }
 
     #[test]
     fn draining_and_replaced_agents_are_skipped() {
-        let r = AgentRegistry::new(vec![Strategy::DestHost, Strategy::Default], 16);
+        let r = AgentRegistry::new(vec![Strategy::DestHost, Strategy::Default], vec![], 16);
         let a = agent("node-a", &[], &["10.0.0.1"], &[], false);
         let b = agent("node-b", &[], &["10.0.0.2"], &[], false);
-        r.register(&a);
-        r.register(&b);
+        reg(&r, &a);
+        reg(&r, &b);
         a.draining.store(true, Ordering::Relaxed);
         assert_eq!(routed(&r, "10.0.0.1").as_deref(), Some("node-b"), "falls through to default");
         let a2 = agent("node-a", &[], &["10.0.0.1"], &[], false);
-        let old = r.register(&a2).expect("replaces the earlier session");
+        let old = reg(&r, &a2).expect("replaces the earlier session");
         assert!(Arc::ptr_eq(&old, &a));
         assert_eq!(routed(&r, "10.0.0.1").as_deref(), Some("node-a"));
         r.unregister(&a); // stale session: no effect
@@ -390,14 +442,42 @@ mod tests {
 
     #[test]
     fn equal_candidates_share_the_load() {
-        let r = AgentRegistry::new(vec![Strategy::Cidr], 16);
+        let r = AgentRegistry::new(vec![Strategy::Cidr], vec![], 16);
         let a = agent("a", &[], &[], &["10.96.0.0/12"], false);
         let b = agent("b", &[], &[], &["10.96.0.0/12"], false);
-        r.register(&a);
-        r.register(&b);
+        reg(&r, &a);
+        reg(&r, &b);
         // Load agent a fully: every pick of two that sees b prefers it.
         let _held = a.stream_slots.clone().try_acquire_many_owned(10).unwrap();
         let to_b = (0..200).filter(|_| routed(&r, "10.96.0.10").as_deref() == Some("b")).count();
         assert!(to_b > 120, "the less loaded agent gets most picks: {to_b}/200");
+    }
+
+    #[test]
+    fn node_facts_and_any_agent_networks_route() {
+        let services: IpNet = "10.96.0.0/12".parse().unwrap();
+        let r = AgentRegistry::new(vec![Strategy::DestHost, Strategy::Cidr], vec![services], 16);
+        let a = agent("node-a", &[], &[], &[], false);
+        let b = agent("node-b", &[], &[], &[], false);
+        let facts = |addr: &str, pods: &str| NodeFacts {
+            names: vec![],
+            addresses: vec![addr.parse().unwrap()],
+            pod_cidrs: vec![pods.parse().unwrap()],
+        };
+        r.register(&a, Routes::of(&a.identity, Some(&facts("10.0.0.1", "10.244.1.0/24"))));
+        r.register(&b, Routes::of(&b.identity, Some(&facts("10.0.0.2", "10.244.2.0/24"))));
+        // A pod on node b (a webhook), node a's address (its kubelet), a service (either agent).
+        assert_eq!(routed(&r, "10.244.2.9").as_deref(), Some("node-b"));
+        assert_eq!(routed(&r, "10.0.0.1").as_deref(), Some("node-a"));
+        assert!(routed(&r, "10.96.0.10").is_some());
+        assert_eq!(routed(&r, "10.245.0.1"), None, "outside every network");
+        // Node b's pod CIDR moves: the route follows.
+        r.reroute(&b, Routes::of(&b.identity, Some(&facts("10.0.0.2", "10.244.3.0/24"))));
+        assert_eq!(routed(&r, "10.244.2.9"), None);
+        assert_eq!(routed(&r, "10.244.3.9").as_deref(), Some("node-b"));
+        // A stale handle is not re-added.
+        r.unregister(&b);
+        r.reroute(&b, Routes::of(&b.identity, None));
+        assert_eq!(routed(&r, "node-b"), None);
     }
 }

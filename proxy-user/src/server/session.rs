@@ -10,7 +10,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::config::AgentAuth;
-use super::registry::{AgentHandle, ParkError, Parked};
+use super::registry::{AgentHandle, ParkError, Parked, Routes};
 use super::{Server, trust};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
@@ -47,12 +47,17 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
     }
     match first {
         Message::Hello { identity, token, .. } => {
-            if let Err(refusal) = trust::admit(&server, &conn, &identity, &token, deadline).await {
-                warn!(agent = %identity.agent_id, node = %identity.node_name, reason = %refusal.message, "agent refused");
-                inc(&server.metrics.agent_conn_failures, "reason", refusal.label);
-                return reject(&mut conn, &refusal.message).await;
+            match trust::admit(&server, &conn, &identity, &token, deadline).await {
+                Ok(facts) => {
+                    let routes = Routes::of(&identity, facts.as_deref());
+                    control(server, conn, identity, routes).await;
+                }
+                Err(refusal) => {
+                    warn!(agent = %identity.agent_id, node = %identity.node_name, reason = %refusal.message, "agent refused");
+                    inc(&server.metrics.agent_conn_failures, "reason", refusal.label);
+                    reject(&mut conn, &refusal.message).await;
+                }
             }
-            control(server, conn, identity).await;
         }
         Message::DataHello { session_id, .. } => park(&server, conn, session_id, deadline).await,
         _ => unreachable!("other first frames were refused above"),
@@ -172,7 +177,7 @@ async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId, de
     }
 }
 
-async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity) {
+async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity, routes: Routes) {
     let limits = &server.config.limits;
     if identity.agent_id.is_empty() {
         inc(&server.metrics.agent_conn_failures, "reason", "protocol");
@@ -204,7 +209,7 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         server.metrics.data_conns_idle.clone(),
     ));
     // Registered before the ack, so that data connections quoting the session find it.
-    if let Some(old) = server.agents.register(&agent) {
+    if let Some(old) = server.agents.register(&agent, routes) {
         info!(agent = %agent.identity.agent_id, "agent reconnected: replacing its earlier session");
         old.gone.cancel();
         old.drop_idle();
@@ -243,7 +248,7 @@ async fn session(
     let silence = server.config.limits.heartbeat_interval * MISSED_HEARTBEATS;
     let result = loop {
         let msg = tokio::select! {
-            () = server.shutdown.cancelled() => {
+            () = server.stop.cancelled() => {
                 let _ = codec::write_message(&mut wr, &Message::GoAway { reason: "server shutting down".into() }).await;
                 break Ok("server shutting down");
             }

@@ -15,6 +15,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 use super::Server;
 use super::registry::{AgentHandle, DataConn};
 use crate::codec::{self, CodecError};
+use crate::datapath::Activity;
 use crate::frontend::{self, ConnectRequest, ESTABLISHED};
 use crate::metrics::inc;
 use crate::protocol::{DialStatus, MAC_LEN, Message};
@@ -34,6 +35,10 @@ pub const REPLY_MARGIN: Duration = Duration::from_secs(1);
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most unread request bytes drained after an error reply.
 pub const LINGER_MAX_BYTES: u64 = 64 * 1024;
+/// While draining, how often each stream looks whether it sits idle.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
+/// Time an idle stream's orderly close may take before it is reset.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Writes an error reply, closes our side, and drains what the client still sends for a moment
 /// ("lingering close"): closing a socket with unread input resets it, which can destroy the reply
@@ -175,14 +180,54 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
         }
         inc(&server.metrics.stream.results, "result", "ok");
         debug!(agent = %agent.identity.agent_id, "stream open");
+        let activity = Activity::default();
         let outcome = {
             let _open = server.metrics.stream.opened();
-            server.datapath.relay(&mut client, &mut data, &req.early_data).await
+            tokio::select! {
+                outcome = server.datapath.relay(&mut client, &mut data, &req.early_data, &activity) => Some(outcome),
+                () = idle_while_draining(server, &activity) => None,
+            }
         };
-        server.metrics.stream.record(&outcome, ENDS);
+        if let Some(outcome) = outcome {
+            server.metrics.stream.record(&outcome, ENDS);
+        } else {
+            debug!("idle while the server drains: closing the stream");
+            server.metrics.drain_closed_idle.inc();
+            close_orderly(&mut client, &mut data).await;
+        }
     }
     .instrument(span)
     .await;
+}
+
+/// Returns once the server drains and the stream has sat idle, nothing in flight, for the drain's idle
+/// timeout; never otherwise.
+async fn idle_while_draining(server: &Server, activity: &Activity) {
+    server.draining.cancelled().await;
+    let idle_for = server.config.limits.drain_idle_timeout;
+    let mut seen = activity.settled();
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(IDLE_CHECK.min(idle_for)).await;
+        let now = activity.settled();
+        if now.is_none() || now != seen {
+            (seen, since) = (now, Instant::now());
+        } else if since.elapsed() >= idle_for {
+            return;
+        }
+    }
+}
+
+/// Ends an idle stream in order, both ways (FIN or TLS `close_notify`), as a server closing a kept-alive
+/// connection does: the client sees an end between requests, not a reset.
+async fn close_orderly<S: Stream>(client: &mut S, data: &mut DataConn) {
+    client.reset_on_close(false);
+    data.reset_on_close(false);
+    let both = async { tokio::join!(client.shutdown(), data.shutdown()) };
+    if tokio::time::timeout(CLOSE_TIMEOUT, both).await.is_err() {
+        client.abort();
+        data.abort();
+    }
 }
 
 /// Routes `req`, has an agent dial it, and returns the data connection ready for raw bytes, with the

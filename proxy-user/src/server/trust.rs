@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::Server;
 use super::config::{AgentAuth, AgentClaims};
+use super::registry::Routes;
 use crate::apiserver::nodes::{Change, NodeFacts, Unknown};
 use crate::apiserver::tokens::ReviewError;
 use crate::metrics::inc;
@@ -33,14 +34,15 @@ impl Refusal {
     }
 }
 
-/// Admits the agent of a new control channel, by `deadline`, or says why not.
+/// Admits the agent of a new control channel, by `deadline`, or says why not. Returns its Node's facts
+/// where the server reads them.
 pub(super) async fn admit(
     server: &Server,
     conn: &AcceptedLink,
     identity: &Identity,
     token: &Secret,
     deadline: Instant,
-) -> Result<(), Refusal> {
+) -> Result<Option<Arc<NodeFacts>>, Refusal> {
     let node = authenticate(server, conn, token, deadline).await?;
     if let Some(node) = node
         && (identity.node_name != node || identity.agent_id != node)
@@ -64,8 +66,9 @@ pub(super) async fn admit(
         })?;
         check_claims(identity, &facts, &server.config.service_cidrs)
             .map_err(|message| Refusal::new("claim_refused", message))?;
+        return Ok(Some(facts));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The node the agent proved to be: `None` with `--agent-auth shared-cert`, where it proves none.
@@ -164,13 +167,14 @@ fn list(cidrs: &[IpNet]) -> String {
 }
 
 /// Re-checks connected agents whenever their Node changes or goes: a session whose claims no longer
-/// hold is ended (its agent reconnects and is checked afresh).
+/// hold is ended (its agent reconnects and is checked afresh); one whose claims hold takes its Node's
+/// new routes.
 pub(super) async fn recheck_on_node_changes(server: Arc<Server>) {
     let Some(nodes) = server.nodes.clone() else { return };
     let mut changes = nodes.changes();
     loop {
         let change = tokio::select! {
-            () = server.shutdown.cancelled() => return,
+            () = server.stop.cancelled() => return,
             change = changes.next() => change,
         };
         let Some(change) = change else { return };
@@ -181,15 +185,21 @@ pub(super) async fn recheck_on_node_changes(server: Arc<Server>) {
                 continue;
             }
             let verdict = match nodes.known(&agent.identity.node_name) {
-                Ok(facts) => check_claims(&agent.identity, &facts, &server.config.service_cidrs),
+                Ok(facts) => {
+                    check_claims(&agent.identity, &facts, &server.config.service_cidrs).map(|()| Some(facts))
+                }
                 Err(Unknown::NoSuchNode) => Err(format!("Node {:?} was deleted", agent.identity.node_name)),
-                Err(Unknown::NotSynced) => Ok(()),
+                Err(Unknown::NotSynced) => Ok(None),
             };
             match verdict {
-                Ok(()) if matches!(change, Change::Node(_)) => {
-                    info!(agent = %agent.identity.agent_id, "Node changed; the agent's claims still hold");
+                Ok(Some(facts)) => {
+                    if matches!(change, Change::Node(_)) {
+                        info!(agent = %agent.identity.agent_id, "Node changed; the agent's claims still hold");
+                    }
+                    // Its routes follow its Node (a new pod CIDR or address).
+                    server.agents.reroute(&agent, Routes::of(&agent.identity, Some(&facts)));
                 }
-                Ok(()) => {}
+                Ok(None) => {}
                 Err(reason) => {
                     warn!(agent = %agent.identity.agent_id, %reason, "agent's claims no longer hold: ending its session");
                     inc(&server.metrics.agent_conn_failures, "reason", "claim_revoked");

@@ -64,6 +64,9 @@ pub trait Listener: Send + Sync + 'static {
     type Conn: Send + 'static;
     /// Accepts one connection.
     fn accept_conn(&self) -> impl Future<Output = io::Result<(Self::Conn, Peer)>> + Send;
+    /// Accepts a connection the kernel already completed, without waiting (`WouldBlock` if none). Asks
+    /// the kernel itself: the runtime's readiness may not know of it yet.
+    fn accept_pending(&self) -> io::Result<(Self::Conn, Peer)>;
     /// Waits until `conn` has a byte to read (or has ended), leaving the byte unread. (Readiness alone
     /// will not do: tokio presets an accepted socket as readable.)
     fn first_byte(conn: &Self::Conn) -> impl Future<Output = io::Result<()>> + Send;
@@ -74,6 +77,13 @@ impl Listener for TcpListener {
 
     async fn accept_conn(&self) -> io::Result<(TcpStream, Peer)> {
         self.accept().await.map(|(conn, addr)| (conn, Peer::Tcp(addr)))
+    }
+
+    fn accept_pending(&self) -> io::Result<(TcpStream, Peer)> {
+        let (socket, addr) = socket2::SockRef::from(self).accept()?;
+        socket.set_nonblocking(true)?;
+        let addr = addr.as_socket().ok_or_else(|| io::Error::other("not an IP peer"))?;
+        Ok((TcpStream::from_std(socket.into())?, Peer::Tcp(addr)))
     }
 
     async fn first_byte(conn: &TcpStream) -> io::Result<()> {
@@ -88,6 +98,12 @@ impl Listener for UnixListener {
         self.accept().await.map(|(conn, _)| (conn, Peer::Unix))
     }
 
+    fn accept_pending(&self) -> io::Result<(UnixStream, Peer)> {
+        let (socket, _) = socket2::SockRef::from(self).accept()?;
+        socket.set_nonblocking(true)?;
+        Ok((UnixStream::from_std(socket.into())?, Peer::Unix))
+    }
+
     async fn first_byte(conn: &UnixStream) -> io::Result<()> {
         let mut byte = [std::mem::MaybeUninit::uninit()];
         loop {
@@ -98,6 +114,33 @@ impl Listener for UnixListener {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// A Unix socket's file, as this process bound it: removed only while it is still that file (a
+/// successor may have bound its own at the same path meanwhile).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketFile {
+    path: std::path::PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    /// The file now at `path` (just bound by this process).
+    pub fn of(path: &std::path::Path) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(Self { path: path.to_owned(), id: (meta.dev(), meta.ino()) })
+    }
+
+    /// Removes the file if it is still this one.
+    pub fn remove_if_own(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+            && let Err(error) = std::fs::remove_file(&self.path)
+        {
+            warn!(%error, path = %self.path.display(), "remove the socket file");
         }
     }
 }
@@ -269,33 +312,12 @@ pub async fn serve<L, H, F>(
     let epoch = Instant::now();
     let budget = Arc::new(budget);
     let handler = Arc::new(handler);
-    let mut pause = ACCEPT_ERROR_PAUSE;
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-        };
-        let (conn, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept_conn() => match r {
-                Ok(c) => c,
-                Err(error) => {
-                    warn!(%error, listener = budget.name, "accept failed");
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(pause) => {}
-                    }
-                    pause = (pause * 2).min(MAX_ACCEPT_ERROR_PAUSE);
-                    continue;
-                }
-            },
-        };
-        pause = ACCEPT_ERROR_PAUSE;
+    let dispatch = |conn: L::Conn, peer: Peer, permit: OwnedSemaphorePermit| {
         let source = match (budget.per_source, peer) {
             (Some(max), Peer::Tcp(addr)) => {
                 let Some(slot) = take_source_slot(&sources, addr.ip(), max) else {
                     refuse(&budget, &refusals, epoch, peer, Refused::SourceBusy);
-                    continue;
+                    return;
                 };
                 Some(slot)
             }
@@ -321,6 +343,37 @@ pub async fn serve<L, H, F>(
             }
             .instrument(span),
         );
+    };
+    let mut pause = ACCEPT_ERROR_PAUSE;
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (conn, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            r = listener.accept_conn() => match r {
+                Ok(c) => c,
+                Err(error) => {
+                    warn!(%error, listener = budget.name, "accept failed");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(MAX_ACCEPT_ERROR_PAUSE);
+                    continue;
+                }
+            },
+        };
+        pause = ACCEPT_ERROR_PAUSE;
+        dispatch(conn, peer, permit);
+    }
+    // Connections the kernel completed before the stop are served, not reset with the listener.
+    while let Ok(permit) = slots.clone().try_acquire_owned() {
+        match listener.accept_pending() {
+            Ok((conn, peer)) => dispatch(conn, peer, permit),
+            Err(_) => break,
+        }
     }
 }
 

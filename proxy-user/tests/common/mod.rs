@@ -66,6 +66,13 @@ impl Proc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits (at most [`WAIT`]) for the process to exit; its exit status.
+    pub async fn exited(&mut self) -> std::process::ExitStatus {
+        let waited = tokio::time::timeout(WAIT, self.child.wait()).await;
+        let Ok(status) = waited else { panic!("{} did not exit in time\n{}", self.name, self.log()) };
+        status.expect("wait for the process")
+    }
 }
 
 impl Drop for Proc {
@@ -414,7 +421,12 @@ impl Server {
 
 /// One small exchange through a stream to the echo server `echo`.
 pub async fn round_trip(srv: &Server, echo: SocketAddr) {
-    let mut s = tunnel(srv, echo).await;
+    round_trip_via(&srv.uds, echo).await;
+}
+
+/// [`round_trip`] through the server's Unix socket `uds` (for tasks that cannot borrow the server).
+pub async fn round_trip_via(uds: &Path, echo: SocketAddr) {
+    let mut s = tunnel_via(uds, echo).await;
     s.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).await.unwrap();
@@ -490,7 +502,12 @@ pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
 
 /// Opens a tunnel through the server's Unix socket; panics unless the answer is 200.
 pub async fn tunnel(server: &Server, dest: SocketAddr) -> UnixStream {
-    let mut s = UnixStream::connect(&server.uds).await.expect("connect to the Unix socket");
+    tunnel_via(&server.uds, dest).await
+}
+
+/// [`tunnel`] through the server's Unix socket `uds` (for tasks that cannot borrow the server).
+pub async fn tunnel_via(uds: &Path, dest: SocketAddr) -> UnixStream {
+    let mut s = UnixStream::connect(uds).await.expect("connect to the Unix socket");
     let (status, head) = connect_on(&mut s, &dest.to_string()).await;
     assert_eq!(status, 200, "CONNECT {dest}: {head}");
     assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
@@ -510,7 +527,12 @@ pub async fn connect_status(server: &Server, dest: &str) -> (u16, String) {
 
 /// An echo backend: every connection gets its bytes back, and a FIN after the client's FIN.
 pub async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    echo_on("127.0.0.1").await
+}
+
+/// An echo server on loopback address `ip` (any of 127.0.0.0/8), port 0.
+pub async fn echo_on(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind echo");
     let addr = listener.local_addr().expect("echo address");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
