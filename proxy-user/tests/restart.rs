@@ -96,20 +96,20 @@ async fn restarting_the_server_fails_no_request_while_it_drains() {
         // A request that finds no listener (the file gone, or nobody accepting) falls in the gap between
         // the old process and the new one, which the stop-then-start order makes; any other failure
         // before the old process exited happened while it drained.
-        let load_now = load.lock().unwrap();
+        let failures: Vec<(Instant, String)> =
+            load.lock().unwrap().failures.iter().filter(|(at, _)| *at >= drain_started).cloned().collect();
         let since_term = |at: &Instant| at.duration_since(drain_started);
         let (mut gap, mut draining, mut routing) = (Vec::new(), Vec::new(), Vec::new());
-        for (at, e) in load_now.failures.iter().filter(|(at, _)| *at >= drain_started) {
+        for (at, e) in &failures {
             let line = format!("{:?} after SIGTERM: {}", since_term(at), e.lines().next().unwrap_or(""));
             if e.starts_with("connect:") {
                 gap.push(line);
-            } else if *at < exited {
+            } else if at < &exited {
                 draining.push(line);
             } else {
                 routing.push(line);
             }
         }
-        drop(load_now);
         eprintln!(
             "restart {round}: drained in {:?} serving {served_while_draining} requests; agent back {routed:?} \
              after the new server started; no listener for {} requests {gap:?}; {} requests before the \

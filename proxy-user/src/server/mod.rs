@@ -76,6 +76,8 @@ struct Server {
     frontend: TaskTracker,
     /// Agent connection tasks (control sessions, parked data connections).
     tracker: TaskTracker,
+    /// When the server started (requests wait for agents for a moment after it).
+    started: tokio::time::Instant,
     /// Cancelled at SIGTERM: the drain starts (not ready; idle streams close; still serving).
     draining: CancellationToken,
     /// Cancelled when the drain is over: listeners close, agents are told to go away.
@@ -110,6 +112,7 @@ pub async fn run_server(
         config,
         frontend: TaskTracker::new(),
         tracker: TaskTracker::new(),
+        started: tokio::time::Instant::now(),
         draining: shutdown.clone(),
         stop: CancellationToken::new(),
     });

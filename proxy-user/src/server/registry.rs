@@ -249,6 +249,8 @@ impl Index {
 #[derive(Debug)]
 pub struct AgentRegistry {
     index: RwLock<Index>,
+    /// Bumped at every registration, for requests waiting for an agent.
+    registrations: tokio::sync::watch::Sender<u64>,
     strategies: Vec<Strategy>,
     /// Networks any agent reaches (service CIDRs, the pod network): the `cidr` strategy's last resort.
     any_agent: Vec<IpNet>,
@@ -260,7 +262,18 @@ impl AgentRegistry {
     /// agent's own CIDR matches go to any agent.
     #[must_use]
     pub fn new(strategies: Vec<Strategy>, any_agent: Vec<IpNet>, max_streams: usize) -> Self {
-        Self { index: RwLock::new(Index::default()), strategies, any_agent, max_streams }
+        Self {
+            index: RwLock::new(Index::default()),
+            registrations: tokio::sync::watch::Sender::new(0),
+            strategies,
+            any_agent,
+            max_streams,
+        }
+    }
+
+    /// A receiver that sees every registration after this call (`changed()`).
+    pub fn registrations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.registrations.subscribe()
     }
 
     /// Number of registered agents.
@@ -287,6 +300,8 @@ impl AgentRegistry {
             index.remove(old);
         }
         index.insert(agent, routes);
+        drop(index);
+        self.registrations.send_modify(|n| *n += 1);
         old
     }
 

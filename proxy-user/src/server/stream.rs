@@ -35,6 +35,10 @@ pub const REPLY_MARGIN: Duration = Duration::from_secs(1);
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most unread request bytes drained after an error reply.
 pub const LINGER_MAX_BYTES: u64 = 64 * 1024;
+/// After start, how long requests for which no agent is connected wait for agents to (re)connect...
+pub const STARTUP_WINDOW: Duration = Duration::from_secs(10);
+/// ...each for at most this long (agents told `GoAway` retry within 200 ms).
+pub const STARTUP_WAIT: Duration = Duration::from_secs(1);
 /// While draining, how often each stream looks whether it sits idle.
 const IDLE_CHECK: Duration = Duration::from_millis(250);
 /// Time an idle stream's orderly close may take before it is reset.
@@ -200,6 +204,30 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
     .await;
 }
 
+/// The agent for `req`. A server that started moments ago (a restart) has not heard from every agent
+/// yet: within [`STARTUP_WINDOW`] of its start it waits up to [`STARTUP_WAIT`] (and `deadline`) for
+/// agents to connect before answering that none serves the destination. Later, the answer is immediate.
+async fn route(
+    server: &Server,
+    req: &ConnectRequest,
+    deadline: Instant,
+) -> Result<Arc<AgentHandle>, DialError> {
+    let now = Instant::now();
+    let hold_until =
+        if now < server.started + STARTUP_WINDOW { deadline.min(now + STARTUP_WAIT) } else { now };
+    loop {
+        let mut registrations = server.agents.registrations();
+        if let Some(agent) = server.agents.route(&req.host) {
+            return Ok(agent);
+        }
+        if Instant::now() >= hold_until
+            || tokio::time::timeout_at(hold_until, registrations.changed()).await.is_err()
+        {
+            return Err(DialError::NoAgent(req.to_string()));
+        }
+    }
+}
+
 /// Returns once the server drains and the stream has sat idle, nothing in flight, for the drain's idle
 /// timeout; never otherwise.
 async fn idle_while_draining(server: &Server, activity: &Activity) {
@@ -255,7 +283,7 @@ async fn dial(
 
     let mut last_error = None;
     for _ in 0..MAX_DIAL_ATTEMPTS {
-        let agent = server.agents.route(&req.host).ok_or_else(|| DialError::NoAgent(req.to_string()))?;
+        let agent = route(server, req, deadline).await?;
         let agent_id = || agent.identity.agent_id.clone();
         let slot =
             agent.stream_slots.clone().try_acquire_owned().map_err(|_| DialError::AgentBusy(agent_id()))?;
