@@ -62,7 +62,7 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
     out.put_u32(0);
     out.put_u8(msg.kind());
     match msg {
-        Message::Hello { version, identity, token } => {
+        Message::Hello { version, identity, token, held } => {
             out.put_u16(*version);
             put_str(out, &identity.agent_id)?;
             put_str(out, &identity.node_name)?;
@@ -78,14 +78,17 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
             })?;
             out.put_u8(u8::from(identity.default_route));
             put_text(out, token.expose(), MAX_TOKEN_LEN)?;
+            put_list(out, held, |o, s| put_str(o, s))?;
         }
-        Message::HelloAck { version, server_id, server_count, session_id, heartbeat_ms } => {
+        Message::HelloAck { version, server_id, server_count, session_id, heartbeat_ms, data_addr } => {
             out.put_u16(*version);
             put_str(out, server_id)?;
             out.put_u16(*server_count);
             out.put_u128(session_id.0);
             out.put_u32(*heartbeat_ms);
+            put_str(out, data_addr)?;
         }
+        Message::ServerCount { count } => out.put_u16(*count),
         Message::Ping { nonce } | Message::Pong { nonce } => out.put_u64(*nonce),
         Message::Drain => {}
         Message::GoAway { reason } | Message::Reject { reason } => put_str(out, reason)?,
@@ -134,10 +137,12 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
             })?;
             let default_route = get_bool(b, "default route")?;
             let token = Secret(get_text(b, "token", MAX_TOKEN_LEN)?);
+            let held = get_list(b, "held servers", |b| get_str(b, "server id"))?;
             Message::Hello {
                 version,
                 identity: Identity { agent_id, node_name, hostnames, addresses, cidrs, default_route },
                 token,
+                held,
             }
         }
         kind::HELLO_ACK => Message::HelloAck {
@@ -146,7 +151,9 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
             server_count: get_u16(b, "server count")?,
             session_id: get_session_id(b)?,
             heartbeat_ms: get_u32(b, "heartbeat")?,
+            data_addr: get_str(b, "data address")?,
         },
+        kind::SERVER_COUNT => Message::ServerCount { count: get_u16(b, "server count")? },
         kind::PING => Message::Ping { nonce: get_u64(b, "nonce")? },
         kind::PONG => Message::Pong { nonce: get_u64(b, "nonce")? },
         kind::DRAIN => Message::Drain,
@@ -379,6 +386,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 identity: identity(),
                 token: Secret("header.claims.signature".into()),
+                held: vec!["server-1".into()],
             },
             Message::HelloAck {
                 version: PROTOCOL_VERSION,
@@ -386,7 +394,9 @@ mod tests {
                 server_count: 3,
                 session_id: SessionId(u128::MAX - 7),
                 heartbeat_ms: 5000,
+                data_addr: "10.0.0.1:8091".into(),
             },
+            Message::ServerCount { count: 4 },
             Message::Ping { nonce: 42 },
             Message::Pong { nonce: 42 },
             Message::Drain,
@@ -493,9 +503,14 @@ mod tests {
 
     #[test]
     fn bad_hello_fields_are_errors() {
-        let hello = frame(&Message::Hello { version: 1, identity: identity(), token: Secret::default() })
-            .freeze()
-            .slice(4..);
+        let hello = frame(&Message::Hello {
+            version: 1,
+            identity: identity(),
+            token: Secret::default(),
+            held: vec![],
+        })
+        .freeze()
+        .slice(4..);
         // Every proper prefix of a valid body is truncated, never a panic.
         for cut in 0..hello.len() {
             assert!(decode(hello.slice(..cut)).is_err(), "prefix of {cut} bytes");
@@ -512,17 +527,23 @@ mod tests {
         bad.put_slice(&[4, 10, 0, 0, 0, 33]);
         bad.put_u8(0);
         bad.put_u16(0);
+        bad.put_u16(0);
         assert!(matches!(decode(bad.freeze()), Err(CodecError::Invalid("cidr prefix"))));
     }
 
     #[test]
     fn a_token_never_shows_in_debug_output() {
-        let hello = Message::Hello { version: 3, identity: identity(), token: Secret("s3cr3t.t0ken".into()) };
+        let hello = Message::Hello {
+            version: 3,
+            identity: identity(),
+            token: Secret("s3cr3t.t0ken".into()),
+            held: vec![],
+        };
         let shown = format!("{hello:?}");
         assert!(!shown.contains("s3cr3t") && shown.contains("Secret(12 bytes)"), "{shown}");
         let long = Secret("t".repeat(MAX_TOKEN_LEN + 1));
         let mut buf = BytesMut::new();
-        let too_long = Message::Hello { version: 3, identity: identity(), token: long };
+        let too_long = Message::Hello { version: 3, identity: identity(), token: long, held: vec![] };
         assert!(matches!(encode(&too_long, &mut buf), Err(CodecError::Oversized(_))));
     }
 
@@ -534,7 +555,10 @@ mod tests {
         let mut id = identity();
         id.hostnames = vec!["h".repeat(MAX_STRING_LEN); 20];
         assert!(matches!(
-            encode(&Message::Hello { version: 1, identity: id, token: Secret::default() }, &mut buf),
+            encode(
+                &Message::Hello { version: 1, identity: id, token: Secret::default(), held: vec![] },
+                &mut buf
+            ),
             Err(CodecError::Oversized("frame"))
         ));
         assert!(buf.is_empty(), "a refused frame leaves nothing behind");

@@ -220,8 +220,10 @@ pub struct AgentMetrics {
     pub dial_duration: Histogram,
     /// Idle data connections parked at the server.
     pub pool_idle: Gauge,
-    /// 1 while the control channel is up.
+    /// Control channels up (one per server replica reached).
     pub control_connected: Gauge,
+    /// Server replicas the agent should reach, as the servers say.
+    pub server_count: Gauge,
     /// Failed connections to the server, by `kind` (control, data).
     pub server_conn_failures: Counters,
     /// TLS handshakes with the server by `kind`: `full` or `resumed` (session tickets).
@@ -237,12 +239,18 @@ impl AgentMetrics {
             dial_duration: dial_buckets(),
             pool_idle: Gauge::default(),
             control_connected: Gauge::default(),
+            server_count: Gauge::default(),
             server_conn_failures: Counters::default(),
             server_handshakes: Counters::default(),
         };
         r.register("dial_duration_seconds", "Time to connect to a target", m.dial_duration.clone());
         r.register("pool_idle", "Idle data connections parked at the server", m.pool_idle.clone());
-        r.register("control_connected", "1 while the control channel is up", m.control_connected.clone());
+        r.register(
+            "control_connected",
+            "Control channels up, one per server replica",
+            m.control_connected.clone(),
+        );
+        r.register("server_count", "Server replicas the agent should reach", m.server_count.clone());
         r.register(
             "server_conn_failures",
             "Failed connections to the server, by kind",

@@ -160,6 +160,14 @@ impl DataKey {
     }
 }
 
+/// The `Reject` reason for a `Hello` that reached a replica the agent holds a session with already
+/// (through a load balancer).
+pub const ALREADY_HELD: &str = "this replica holds a session with the agent already";
+
+/// The `Reject` reason for a `DataHello` whose session this server does not hold (expired, or another
+/// replica's: the agent then replaces the connection at once).
+pub const UNKNOWN_SESSION: &str = "unknown or expired session";
+
 /// Largest frame body (type byte and payload) either side accepts.
 pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Longest string field (identifiers, host names, reasons).
@@ -270,6 +278,9 @@ pub enum Message {
         identity: Identity,
         /// A service-account token proving the agent's node (`--agent-auth token`); empty otherwise.
         token: Secret,
+        /// The server replicas (ids) the agent holds a session with already: a replica among them
+        /// answers [`ALREADY_HELD`] and keeps the agent's session it has, rather than replacing it.
+        held: Vec<String>,
     },
     /// Server → agent, answer to `Hello`.
     HelloAck {
@@ -283,6 +294,14 @@ pub enum Message {
         session_id: SessionId,
         /// How often the agent must send `Ping` (milliseconds).
         heartbeat_ms: u32,
+        /// `host:port` where this replica takes the session's data connections (its own address, where
+        /// agents reach replicas through a load balancer); empty: where the control channel went.
+        data_addr: String,
+    },
+    /// Server → agent on the control channel: the number of replicas changed.
+    ServerCount {
+        /// How many server replicas the agent should keep a control channel to.
+        count: u16,
     },
     /// Either direction on the control channel: liveness probe.
     Ping {
@@ -353,6 +372,7 @@ pub enum Message {
 pub(crate) mod kind {
     pub const HELLO: u8 = 1;
     pub const HELLO_ACK: u8 = 2;
+    pub const SERVER_COUNT: u8 = 7;
     pub const PING: u8 = 3;
     pub const PONG: u8 = 4;
     pub const DRAIN: u8 = 5;
@@ -372,6 +392,7 @@ impl Message {
         match self {
             Self::Hello { .. } => kind::HELLO,
             Self::HelloAck { .. } => kind::HELLO_ACK,
+            Self::ServerCount { .. } => kind::SERVER_COUNT,
             Self::Ping { .. } => kind::PING,
             Self::Pong { .. } => kind::PONG,
             Self::Drain => kind::DRAIN,

@@ -168,7 +168,12 @@ async fn a_control_channel_without_tls_is_refused_even_when_plaintext_is_allowed
     };
     spoke::codec::write_message(
         &mut s,
-        &Message::Hello { version: PROTOCOL_VERSION, identity, token: spoke::protocol::Secret::default() },
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            identity,
+            token: spoke::protocol::Secret::default(),
+            held: vec![],
+        },
     )
     .await
     .unwrap();
@@ -395,7 +400,12 @@ async fn control_session(
     };
     spoke::codec::write_message(
         &mut control,
-        &Message::Hello { version: PROTOCOL_VERSION, identity, token: spoke::protocol::Secret::default() },
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            identity,
+            token: spoke::protocol::Secret::default(),
+            held: vec![],
+        },
     )
     .await
     .unwrap();

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use client::{Opener, Via};
 use scenarios::{Ctx, Sample, Sizes};
-use spoke::agent::config::{AgentConfig, Credential, TunnelTls};
+use spoke::agent::config::{AgentConfig, Credential, ServerAddr, TunnelTls};
 use spoke::agent::policy::{AllowRule, Policy};
 use spoke::datapath::{self, Mode};
 use spoke::protocol::Identity;
@@ -295,9 +295,8 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
     for i in 0..a.count {
         let name = format!("agent-{i}");
         let config = AgentConfig {
-            server_host: a.server.ip().to_string(),
-            server_port: a.server.port(),
-            tls_server_name: a.tls_name.clone(),
+            servers: vec![ServerAddr { host: a.server.ip().to_string(), port: a.server.port() }],
+            tls_server_name: Some(a.tls_name.clone()),
             credential: Credential::Cert(TlsFiles {
                 ca: a.ca.clone(),
                 cert: a.cert.clone(),

@@ -25,6 +25,53 @@ pub enum TunnelTls {
     Off,
 }
 
+/// A server address: a host name or IP address, and a port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServerAddr {
+    /// Host name or address (without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl ServerAddr {
+    /// Parses `HOST`, `HOST:PORT`, `[IPV6]` or `[IPV6]:PORT`; `default_port` where none is given. An
+    /// unbracketed IPv6 address takes the default port.
+    pub fn parse(s: &str, default_port: u16) -> Result<Self, ConfigError> {
+        let bad = || ConfigError(format!("server address {s:?}: expected HOST, HOST:PORT or [IPV6]:PORT"));
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            match after.strip_prefix(':') {
+                Some(p) => (host, port(p)?),
+                None if after.is_empty() => (host, default_port),
+                None => return Err(bad()),
+            }
+        } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
+            (s, default_port)
+        } else {
+            match s.rsplit_once(':') {
+                Some((host, p)) => (host, port(p)?),
+                None => (s, default_port),
+            }
+        };
+        if host.is_empty() || host.len() > MAX_STRING_LEN || host.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        Ok(Self { host: host.to_owned(), port })
+    }
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// How the agent proves which node it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Credential {
@@ -43,13 +90,16 @@ pub enum Credential {
 #[derive(Debug, Parser)]
 #[command(name = "spoke-agent", version, about)]
 pub struct AgentArgs {
-    /// Host name or address of spoke-server's agent listener.
-    #[arg(long, env = "SPOKE_AGENT_PROXY_SERVER_HOST")]
-    pub proxy_server_host: String,
-    /// Port of spoke-server's agent listener.
+    /// Where spoke-server's agent listeners are: one address (a load balancer in front of the replicas,
+    /// or the only server) or several (one per replica, or several balancers), comma-separated, each
+    /// `HOST`, `HOST:PORT` or `[IPV6]:PORT`. The agent keeps a control channel to as many distinct
+    /// replicas as the servers say there are.
+    #[arg(long, env = "SPOKE_AGENT_PROXY_SERVER_HOST", value_delimiter = ',')]
+    pub proxy_server_host: Vec<String>,
+    /// Port of spoke-server's agent listener, where an address names none.
     #[arg(long, env = "SPOKE_AGENT_PROXY_SERVER_PORT", default_value_t = 8091)]
     pub proxy_server_port: u16,
-    /// Name the server's certificate must carry (default: --proxy-server-host).
+    /// Name the server's certificate must carry (default: the host of the address dialed).
     #[arg(long, env = "SPOKE_AGENT_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
     /// CA bundle that the server's certificate must chain to.
@@ -142,12 +192,10 @@ pub struct AgentArgs {
 /// Validated configuration of `spoke-agent`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {
-    /// Server host (to dial).
-    pub server_host: String,
-    /// Server port.
-    pub server_port: u16,
-    /// Name the server certificate must carry.
-    pub tls_server_name: String,
+    /// Where the servers are (to dial).
+    pub servers: Vec<ServerAddr>,
+    /// Name the server certificate must carry (`None`: the host of the address dialed).
+    pub tls_server_name: Option<String>,
     /// How the agent proves which node it is.
     pub credential: Credential,
     /// What the agent announces.
@@ -249,11 +297,18 @@ impl TryFrom<AgentArgs> for AgentConfig {
         {
             return err(format!("--agent-identifiers: at most {MAX_LIST_LEN} of each kind"));
         }
-        if a.proxy_server_host.is_empty() {
-            return err("--proxy-server-host is empty");
-        }
         if a.proxy_server_port == 0 {
             return err("--proxy-server-port must not be 0");
+        }
+        let mut servers = Vec::new();
+        for entry in a.proxy_server_host.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            let addr = ServerAddr::parse(entry, a.proxy_server_port)?;
+            if !servers.contains(&addr) {
+                servers.push(addr);
+            }
+        }
+        if servers.is_empty() || servers.len() > MAX_LIST_LEN {
+            return err(format!("--proxy-server-host: give 1 to {MAX_LIST_LEN} addresses"));
         }
         if a.pool_size == 0 || a.pool_size > MAX_POOL_SIZE {
             return err(format!("--pool-size must be 1 to {MAX_POOL_SIZE}"));
@@ -288,9 +343,8 @@ impl TryFrom<AgentArgs> for AgentConfig {
             served: pod_cidrs.into_iter().chain(a.service_cidr.iter().map(IpNet::trunc)).collect(),
         };
         Ok(Self {
-            tls_server_name: a.tls_server_name.unwrap_or_else(|| a.proxy_server_host.clone()),
-            server_host: a.proxy_server_host,
-            server_port: a.proxy_server_port,
+            tls_server_name: a.tls_server_name,
+            servers,
             credential,
             identity,
             policy,
@@ -332,6 +386,27 @@ mod tests {
     }
 
     #[test]
+    fn server_addresses_are_a_list_with_default_ports() {
+        let c =
+            agent(&["--proxy-server-host", "lb.example, 10.0.0.2:9000,[fd00::1]:7000,fd00::2,lb.example"])
+                .unwrap();
+        // The base arguments name cp.example first; the flag may repeat.
+        let want = [
+            ("cp.example", 8091),
+            ("lb.example", 8091),
+            ("10.0.0.2", 9000),
+            ("fd00::1", 7000),
+            ("fd00::2", 8091),
+        ];
+        let got: Vec<(&str, u16)> = c.servers.iter().map(|s| (s.host.as_str(), s.port)).collect();
+        assert_eq!(got, want, "duplicates dropped, order kept");
+        assert_eq!(c.servers[3].to_string(), "[fd00::1]:7000");
+        for bad in ["a:0", "a:x", "[fd00::1", "[fd00::1]x", "a b:1"] {
+            assert!(agent(&["--proxy-server-host", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn credential_is_a_certificate_or_a_token() {
         assert!(matches!(agent(&[]).unwrap().credential, Credential::Cert(_)));
         let token = |extra: &[&str]| {
@@ -369,7 +444,8 @@ mod tests {
         assert_eq!(cidrs, vec!["10.244.1.0/24", "10.96.0.0/12"]);
         assert!(c.identity.default_route);
         assert_eq!(c.policy.allow.len(), 2);
-        assert_eq!(c.tls_server_name, "cp.example");
+        assert_eq!(c.tls_server_name, None);
+        assert_eq!(c.servers, [ServerAddr { host: "cp.example".into(), port: 8091 }]);
     }
 
     #[test]

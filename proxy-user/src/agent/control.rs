@@ -1,14 +1,20 @@
-//! The agent's control channel: connect and say hello, keep the session with heartbeats (its pool of
-//! data connections lives as long as it does), and reconnect with backoff when it ends.
+//! The agent's control channels: one to each distinct server replica. A sync loop dials the configured
+//! addresses (load balancers or replicas) until it holds a control session with as many replicas as the
+//! servers say there are, dropping a connection that lands on a replica it already holds; each session
+//! keeps heartbeats and its own pool of data connections, and when one ends the loop dials again (at
+//! once after a `GoAway`, a planned restart; with backoff after a failure).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, error, info, info_span, warn};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
+use super::config::ServerAddr;
 use super::{Agent, ConnectError, pool};
 use crate::codec;
 use crate::metrics::inc;
@@ -22,6 +28,8 @@ pub(super) struct Session {
     pub(super) id: SessionId,
     /// Proves plain data connections and checks the server's dials on them.
     pub(super) key: DataKey,
+    /// Where its data connections go: the replica's advertised address, or the control channel's.
+    pub(super) data_addr: ServerAddr,
 }
 
 /// Control frames buffered between the reader task and the session loop.
@@ -30,47 +38,203 @@ const CONTROL_QUEUE: usize = 16;
 const MISSED_HEARTBEATS: u32 = 3;
 /// Shortest heartbeat interval the agent follows, whatever the server asks.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+/// With every replica held, how often the loop looks again anyway.
+const SYNC_INTERVAL: Duration = Duration::from_secs(10);
+/// Connections in a row that landed on replicas already held, past which the loop backs off (the
+/// servers may count more replicas than answer).
+const MAX_DUPLICATES: u32 = 8;
 
-/// Keeps a control session with the server until `shutdown` is cancelled, reconnecting with backoff;
-/// after a server said it goes away (a planned restart), quickly, without the backoff.
+/// The replicas held, shared by the sync loop and the sessions.
+#[derive(Default)]
+struct Held {
+    /// Server id → the replica count it last told.
+    replicas: Mutex<HashMap<String, u16>>,
+    /// Woken when a session ends or a count changes.
+    changed: Notify,
+    /// Set by a session that ended with `GoAway`: the loop retries at once for a while.
+    planned_until: Mutex<Option<Instant>>,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u16>> {
+        self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// (held, wanted): the replicas held, and the most any of them says there are (1 with none held).
+    fn counts(&self) -> (usize, usize) {
+        let replicas = self.lock();
+        let wanted = replicas.values().copied().max().map_or(1, usize::from).max(1);
+        (replicas.len(), wanted)
+    }
+}
+
+/// Keeps control sessions with every server replica until `shutdown` is cancelled.
 pub(super) async fn run(agent: &Arc<Agent>, shutdown: &CancellationToken) {
+    let held = Arc::new(Held::default());
+    let mut sessions = tokio::task::JoinSet::new();
     let mut backoff = Backoff::new(agent.config.reconnect);
-    let mut planned_until: Option<Instant> = None;
-    while !shutdown.is_cancelled() {
-        let end = session(agent, shutdown).await;
-        match end {
-            Ok(SessionEnd::Shutdown) => break,
-            Ok(SessionEnd::GoAway(reason)) => {
-                backoff.reset();
-                planned_until = Some(Instant::now() + RESTART_WINDOW);
-                info!(%reason, "server going away: reconnecting at once");
+    let mut next = 0usize;
+    let mut duplicates = 0u32;
+    let mut last_wanted = 1usize;
+    loop {
+        let (have, wanted) = held.counts();
+        let wanted = if have == 0 { last_wanted } else { wanted };
+        last_wanted = wanted;
+        agent.metrics.server_count.set(i64::try_from(wanted).unwrap_or(i64::MAX));
+        agent.metrics.control_connected.set(i64::try_from(have).unwrap_or(i64::MAX));
+        if have >= wanted {
+            duplicates = 0;
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = held.changed.notified() => {}
+                () = tokio::time::sleep(SYNC_INTERVAL) => {}
+                Some(_) = sessions.join_next() => {}
             }
-            Ok(SessionEnd::Lost(reason)) => {
+            continue;
+        }
+        let server = agent.config.servers[next % agent.config.servers.len()].clone();
+        next += 1;
+        let ids: Vec<String> = held.lock().keys().cloned().collect();
+        let opened = tokio::select! {
+            () = shutdown.cancelled() => break,
+            opened = open(agent, &server, ids) => opened,
+        };
+        let delay = match opened {
+            Ok(Some(opened)) => {
+                held.lock().insert(opened.server_id.clone(), opened.server_count);
                 backoff.reset();
-                error!(%reason, "control channel lost: reconnecting");
+                duplicates = 0;
+                let (agent, held, shutdown) = (agent.clone(), held.clone(), shutdown.clone());
+                sessions.spawn(async move { serve(&agent, opened, &held, &shutdown).await });
+                continue;
+            }
+            Ok(None) => {
+                // A load balancer sent us to a replica we hold already: try again shortly.
+                debug!(via = %server, "reached a replica already held");
+                duplicates += 1;
+                if duplicates < MAX_DUPLICATES {
+                    RETRY_SOON.mul_f64(fastrand::f64())
+                } else {
+                    backoff.delay()
+                }
             }
             Err(e) => {
                 inc(&agent.metrics.server_conn_failures, "kind", "control");
-                warn!(error = %e, "cannot reach the server");
+                warn!(error = %e, server = %server, "cannot reach the server");
+                let planned = held
+                    .planned_until
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .is_some_and(|t| Instant::now() < t);
+                // A restarting server comes back within moments: try again soon.
+                if planned { RETRY_SOON.mul_f64(fastrand::f64()) } else { backoff.delay() }
             }
-        }
-        let delay = match planned_until {
-            // A restarting server comes back within moments: try again soon, spread over a short window.
-            Some(until) if Instant::now() < until => RESTART_RETRY.mul_f64(fastrand::f64()),
-            _ => backoff.delay(),
         };
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(delay) => {}
         }
     }
+    // Each session sends `Drain` and lets its pool go.
+    while sessions.join_next().await.is_some() {}
+    agent.metrics.control_connected.set(0);
+}
+
+/// A control channel that the server accepted.
+struct Opened {
+    conn: DialedLink,
+    server_id: String,
+    server_count: u16,
+    heartbeat: Duration,
+    session: Session,
+}
+
+/// Connects to `server` and says hello, naming the replicas `held` already; the server's answer
+/// (`Ok(None)`: a replica among them).
+async fn open(
+    agent: &Arc<Agent>,
+    server: &ServerAddr,
+    held: Vec<String>,
+) -> Result<Option<Opened>, ConnectError> {
+    let token = agent.token().await?;
+    let identity = agent.config.identity.clone();
+    let hello = Message::Hello { version: PROTOCOL_VERSION, identity, token, held };
+    let mut conn = agent.connect(server, &hello, true).await?;
+    let ack = tokio::time::timeout(agent.config.connect_timeout, codec::read_message(&mut conn))
+        .await
+        .map_err(|_| ConnectError::Timeout(server.to_string()))??;
+    let (session_id, heartbeat_ms, server_id, server_count, data_addr) = match ack {
+        Message::HelloAck { version, server_id, server_count, session_id, heartbeat_ms, data_addr }
+            if protocol::check_version(version).is_ok() =>
+        {
+            (session_id, heartbeat_ms, server_id, server_count, data_addr)
+        }
+        Message::HelloAck { version, .. } => {
+            let reason = protocol::check_version(version).expect_err("the arm above took matching versions");
+            return Err(ConnectError::Rejected(reason));
+        }
+        Message::Reject { reason } if reason == protocol::ALREADY_HELD => return Ok(None),
+        Message::Reject { reason } => return Err(ConnectError::Rejected(reason)),
+        other => return Err(ConnectError::Unexpected(other.kind())),
+    };
+    let data_addr = if data_addr.is_empty() {
+        server.clone()
+    } else {
+        ServerAddr::parse(&data_addr, server.port).map_err(|_| {
+            ConnectError::Rejected(format!("the server named a bad data address {data_addr:?}"))
+        })?
+    };
+    let Link::Tls(tls) = &conn else { unreachable!("the control channel is always TLS") };
+    let key = crate::transport::tls::data_key(tls.get_ref().1, session_id).map_err(ConnectError::DataKey)?;
+    Ok(Some(Opened {
+        conn,
+        server_id,
+        server_count,
+        heartbeat: Duration::from_millis(heartbeat_ms.into()).max(MIN_HEARTBEAT),
+        session: Session { id: session_id, key, data_addr },
+    }))
+}
+
+/// Serves one control session until it ends: heartbeats, with the session's pool of data connections.
+async fn serve(agent: &Arc<Agent>, opened: Opened, held: &Held, shutdown: &CancellationToken) {
+    let Opened { conn, server_id, server_count, heartbeat, session } = opened;
+    let span = info_span!("session", id = %session.id.label(), server = %server_id);
+    async {
+        info!(server_count, heartbeat = ?heartbeat, data = %session.data_addr, "connected to server");
+        let pool_stop = CancellationToken::new();
+        let pool = tokio::spawn(pool::run(agent.clone(), Arc::new(session), pool_stop.clone()));
+        let end = heartbeats(agent, conn, heartbeat, shutdown, |count| {
+            if let Some(c) = held.lock().get_mut(&server_id) {
+                *c = count;
+            }
+            info!(count, "the servers count changed");
+            held.changed.notify_one();
+        })
+        .await;
+        pool_stop.cancel();
+        let _ = pool.await;
+        match &end {
+            SessionEnd::Shutdown => {}
+            SessionEnd::GoAway(reason) => {
+                *held.planned_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(Instant::now() + RESTART_WINDOW);
+                info!(%reason, "server going away: reconnecting at once");
+            }
+            SessionEnd::Lost(reason) => error!(%reason, "control channel lost: reconnecting"),
+        }
+        held.lock().remove(&server_id);
+        held.changed.notify_one();
+    }
+    .instrument(span)
+    .await;
 }
 
 /// After a server's `GoAway`, how long the agent keeps retrying quickly (a restarted server binds its
 /// ports again within moments).
 const RESTART_WINDOW: Duration = Duration::from_secs(30);
-/// During that window, the longest pause between attempts (each drawn uniformly below it).
-const RESTART_RETRY: Duration = Duration::from_millis(200);
+/// During that window, and after landing on a replica already held, the longest pause before the next
+/// attempt (each drawn uniformly below it).
+const RETRY_SOON: Duration = Duration::from_millis(200);
 
 /// Capped exponential backoff with full jitter.
 #[derive(Debug)]
@@ -108,60 +272,13 @@ enum SessionEnd {
     Lost(String),
 }
 
-/// One control session: hello, then heartbeats until it ends. The data-connection pool lives as long
-/// as the session.
-async fn session(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<SessionEnd, ConnectError> {
-    let token = agent.token().await?;
-    let hello = Message::Hello { version: PROTOCOL_VERSION, identity: agent.config.identity.clone(), token };
-    let mut conn = tokio::select! {
-        () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        c = agent.connect(&hello, true) => c?,
-    };
-    let ack = tokio::time::timeout(agent.config.connect_timeout, codec::read_message(&mut conn))
-        .await
-        .map_err(|_| ConnectError::Timeout(agent.server_addr()))??;
-    let (session_id, heartbeat, server_id, server_count) = match ack {
-        Message::HelloAck { version, server_id, server_count, session_id, heartbeat_ms }
-            if protocol::check_version(version).is_ok() =>
-        {
-            (
-                session_id,
-                Duration::from_millis(heartbeat_ms.into()).max(MIN_HEARTBEAT),
-                server_id,
-                server_count,
-            )
-        }
-        Message::HelloAck { version, .. } => {
-            let reason = protocol::check_version(version).expect_err("the arm above took matching versions");
-            return Err(ConnectError::Rejected(reason));
-        }
-        Message::Reject { reason } => return Err(ConnectError::Rejected(reason)),
-        other => return Err(ConnectError::Unexpected(other.kind())),
-    };
-    let Link::Tls(tls) = &conn else { unreachable!("the control channel is always TLS") };
-    let key = crate::transport::tls::data_key(tls.get_ref().1, session_id).map_err(ConnectError::DataKey)?;
-    let session = Session { id: session_id, key };
-    let span = info_span!("session", id = %session_id.label(), server = %server_id);
-    async move {
-        info!(server_count, heartbeat = ?heartbeat, "connected to server");
-        agent.metrics.control_connected.set(1);
-        let pool_stop = CancellationToken::new();
-        let pool = tokio::spawn(pool::run(agent.clone(), Arc::new(session), pool_stop.clone()));
-        let end = heartbeats(agent, conn, heartbeat, shutdown).await;
-        agent.metrics.control_connected.set(0);
-        pool_stop.cancel();
-        let _ = pool.await;
-        Ok(end)
-    }
-    .instrument(span)
-    .await
-}
-
+/// Heartbeats on a control channel until it ends; `on_count` hears the servers' new replica counts.
 async fn heartbeats(
     agent: &Agent,
     conn: DialedLink,
     heartbeat: Duration,
     shutdown: &CancellationToken,
+    on_count: impl Fn(u16),
 ) -> SessionEnd {
     let (rd, mut wr) = tokio::io::split(conn);
     let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
@@ -197,6 +314,7 @@ async fn heartbeats(
                         }
                     }
                     Some(Ok(Message::GoAway { reason })) => break SessionEnd::GoAway(reason),
+                    Some(Ok(Message::ServerCount { count })) => on_count(count),
                     Some(Ok(Message::Reject { reason })) => break SessionEnd::Lost(format!("server refused: {reason}")),
                     Some(Ok(other)) => break SessionEnd::Lost(format!("unexpected control frame {}", other.kind())),
                 }

@@ -27,7 +27,7 @@ use crate::metrics::{AgentMetrics, inc};
 use crate::protocol::{MAX_TOKEN_LEN, Message, Secret};
 use crate::transport::tls::{self, HandshakeError};
 use crate::transport::{self, DialedLink, Link};
-use config::{AgentConfig, Credential, TunnelTls};
+use config::{AgentConfig, Credential, ServerAddr, TunnelTls};
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,9 @@ pub enum ConnectError {
     /// The session's data key could not be derived from the control channel's TLS session.
     #[error("derive the session's data key: {0}")]
     DataKey(rustls::Error),
+    /// The TLS server name is not a valid DNS name or IP address.
+    #[error("{0:?} is not a valid TLS server name")]
+    ServerName(String),
     /// The service-account token file could not be read.
     #[error("service-account token {path}: {reason}")]
     Token {
@@ -85,7 +88,6 @@ pub(crate) struct Agent {
     config: AgentConfig,
     /// TLS to the server, rebuilt when the certificate files change (a rotation).
     tls: tls::ClientTls,
-    server_name: ServerName<'static>,
     metrics: AgentMetrics,
     datapath: Datapath,
     /// Set at SIGTERM: new dials are refused with `Draining`.
@@ -114,17 +116,21 @@ impl Agent {
         matches!(conn, Link::Plain(_)) || matches!(self.config.credential, Credential::Token { .. })
     }
 
-    fn server_addr(&self) -> String {
-        format!("{}:{}", self.config.server_host, self.config.server_port)
-    }
-
-    /// Opens one link to the server (TLS unless `tls` is false) and sends `first`, all within the
-    /// connect timeout.
-    async fn connect(&self, first: &Message, tls: bool) -> Result<DialedLink, ConnectError> {
-        let addr = self.server_addr();
+    /// Opens one link to the server at `server` (TLS unless `tls` is false) and sends `first`, all
+    /// within the connect timeout.
+    async fn connect(
+        &self,
+        server: &ServerAddr,
+        first: &Message,
+        tls: bool,
+    ) -> Result<DialedLink, ConnectError> {
+        let addr = server.to_string();
         let deadline = Instant::now() + self.config.connect_timeout;
+        let name = self.config.tls_server_name.clone().unwrap_or_else(|| server.host.clone());
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|_| ConnectError::ServerName(name.clone()))?;
         let setup = async {
-            let tcp = TcpStream::connect((self.config.server_host.as_str(), self.config.server_port))
+            let tcp = TcpStream::connect((server.host.as_str(), server.port))
                 .await
                 .map_err(|source| ConnectError::Connect { addr: addr.clone(), source })?;
             if let Err(error) = transport::tune_link(&tcp) {
@@ -132,7 +138,7 @@ impl Agent {
             }
             let mut conn = if tls {
                 let connector = TlsConnector::from(self.tls.config());
-                let conn = match tls::connect(&connector, self.server_name.clone(), tcp, deadline).await {
+                let conn = match tls::connect(&connector, server_name, tcp, deadline).await {
                     Ok(conn) => conn,
                     Err(HandshakeError::Timeout) => return Err(ConnectError::Timeout(addr.clone())),
                     Err(HandshakeError::Failed(source)) => {
@@ -195,8 +201,9 @@ pub async fn run_agent(
     admin: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let server_name = ServerName::try_from(config.tls_server_name.clone())
-        .map_err(|_| AgentError::ServerName(config.tls_server_name.clone()))?;
+    if let Some(name) = &config.tls_server_name {
+        ServerName::try_from(name.clone()).map_err(|_| AgentError::ServerName(name.clone()))?;
+    }
     let tls = match &config.credential {
         Credential::Cert(files) => tls::ClientTls::load(files)?,
         Credential::Token { ca, .. } => tls::ClientTls::anonymous(ca)?,
@@ -206,7 +213,6 @@ pub async fn run_agent(
     let datapath = datapath(&config)?;
     let agent = Arc::new(Agent {
         tls,
-        server_name,
         metrics,
         datapath,
         draining: AtomicBool::new(false),
@@ -217,8 +223,8 @@ pub async fn run_agent(
     if let Some(listener) = admin {
         let a = agent.clone();
         let ready: crate::admin::Readiness = Arc::new(move || {
-            if a.metrics.control_connected.get() != 1 {
-                Err("no control channel to the server")
+            if a.metrics.control_connected.get() == 0 {
+                Err("no control channel to a server")
             } else if a.metrics.pool_idle.get() == 0 {
                 Err("no data connection parked at the server")
             } else {
@@ -227,7 +233,7 @@ pub async fn run_agent(
         });
         tokio::spawn(crate::admin::serve(listener, Arc::new(registry), ready, admin_stop.clone()));
     }
-    info!(agent = %agent.config.identity.agent_id, server = %agent.server_addr(), datapath = ?agent.datapath.mode(), "spoke-agent running");
+    info!(agent = %agent.config.identity.agent_id, servers = %agent.config.servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), datapath = ?agent.datapath.mode(), "spoke-agent running");
     if agent.config.tunnel_tls == TunnelTls::Off {
         warn!(
             "--tunnel-tls off: stream bytes cross the network UNENCRYPTED; only for an underlay that is already encrypted"

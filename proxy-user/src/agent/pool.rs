@@ -14,7 +14,7 @@ use super::Agent;
 use super::control::Session;
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{Message, NONCE_LEN, PROTOCOL_VERSION};
+use crate::protocol::{Message, NONCE_LEN, PROTOCOL_VERSION, UNKNOWN_SESSION};
 use crate::transport::{DialedLink, Stream as _};
 
 /// Pause after a data connection failed before it is replaced (keeps a broken server from being
@@ -25,8 +25,13 @@ const FAILED_CONN_PAUSE: Duration = Duration::from_millis(500);
 struct Counts {
     idle: AtomicUsize,
     dialing: AtomicUsize,
+    /// Data connections in a row that a load balancer sent to another replica than the session's.
+    misrouted: AtomicUsize,
     wake: Notify,
 }
+
+/// Misrouted data connections in a row replaced at once; past it, with the usual pause.
+const MAX_MISROUTED: usize = 16;
 
 /// Keeps `pool_size` data connections parked for `session` until `stop` is cancelled.
 pub(super) async fn run(agent: Arc<Agent>, session: Arc<Session>, stop: CancellationToken) {
@@ -61,7 +66,7 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
             counts.dialing.fetch_sub(1, Ordering::AcqRel);
             return;
         }
-        c = agent.connect(&hello, agent.config.tunnel_tls == super::config::TunnelTls::On) => c,
+        c = agent.connect(&session.data_addr, &hello, agent.config.tunnel_tls == super::config::TunnelTls::On) => c,
     };
     counts.dialing.fetch_sub(1, Ordering::AcqRel);
     let mut conn = match connected {
@@ -88,6 +93,7 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
     };
     counts.idle.fetch_add(1, Ordering::AcqRel);
     agent.metrics.pool_idle.inc();
+
     // Reading is not cancel-safe, but a cancelled read drops the connection anyway.
     let first = tokio::select! {
         () = stop.cancelled() => None,
@@ -109,12 +115,23 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
             pause_then_wake(&counts, &stop).await;
         }
         Some(Ok(Message::Dial { stream_id, host, port, timeout_ms, .. })) => {
+            counts.misrouted.store(0, Ordering::Release);
             let span = info_span!("stream", id = stream_id, dest = %format_args!("{host}:{port}"));
             let a = agent.clone();
             agent.streams.spawn(
                 async move { super::stream::serve(&a, conn, stream_id, &host, port, timeout_ms).await }
                     .instrument(span),
             );
+        }
+        Some(Ok(Message::Reject { reason })) if reason == UNKNOWN_SESSION => {
+            // Behind a load balancer without advertised replica addresses, a data connection may reach
+            // another replica than its session's: replace it at once, a bounded number of times.
+            debug!("data connection reached another replica: replacing it");
+            if counts.misrouted.fetch_add(1, Ordering::AcqRel) < MAX_MISROUTED {
+                counts.wake.notify_one();
+            } else {
+                pause_then_wake(&counts, &stop).await;
+            }
         }
         Some(Ok(Message::Reject { reason })) => {
             warn!(%reason, "server refused a data connection");

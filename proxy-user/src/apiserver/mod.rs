@@ -1,7 +1,8 @@
 //! The server's access to the Kubernetes apiserver: one client (from a kubeconfig file or the pod's
-//! in-cluster credentials), the Node facts agents' claims are checked against ([`nodes`]), and token
-//! reviews ([`tokens`]). Nothing here knows about agents or streams.
+//! in-cluster credentials), the Node facts agents' claims are checked against ([`nodes`]), token
+//! reviews ([`tokens`]) and the replica count from Leases ([`leases`]). Nothing here knows about agents or streams.
 
+pub mod leases;
 pub mod nodes;
 pub mod tokens;
 

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use super::registry::Strategy;
 use crate::apiserver::Access;
+use crate::apiserver::leases::LeaseConfig;
 use crate::apiserver::tokens::TokenPolicy;
 use crate::config::{ConfigError, err, nonzero_duration, parse_admin_bind, parse_duration, positive};
 use crate::datapath::Mode;
@@ -75,9 +76,34 @@ pub struct ServerArgs {
     /// Identifier of this server replica, told to agents.
     #[arg(long, env = "SPOKE_SERVER_SERVER_ID", default_value = "spoke-server-0")]
     pub server_id: String,
-    /// Number of server replicas agents should connect to.
+    /// Number of server replicas agents should connect to (each agent keeps a control channel to that
+    /// many distinct replicas).
     #[arg(long, env = "SPOKE_SERVER_SERVER_COUNT", default_value_t = 1)]
     pub server_count: u16,
+    /// Count the server replicas from Leases instead of --server-count: each replica renews a Lease of
+    /// its own (named after --server-id) in --lease-namespace with --lease-label, and counts the
+    /// labelled Leases not expired; agents are told when the count changes. Needs apiserver access
+    /// (--kubeconfig) with get, create, update, patch, list and delete on leases there.
+    #[arg(long, env = "SPOKE_SERVER_ENABLE_LEASE_CONTROLLER")]
+    pub enable_lease_controller: bool,
+    /// Namespace of the replicas' Leases.
+    #[arg(long, env = "SPOKE_SERVER_LEASE_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// Label (`KEY=VALUE`) of the replicas' Leases.
+    #[arg(long, env = "SPOKE_SERVER_LEASE_LABEL", default_value = "app.kubernetes.io/name=spoke-server")]
+    pub lease_label: String,
+    /// How long a replica's Lease counts after its last renewal.
+    #[arg(long, env = "SPOKE_SERVER_LEASE_DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// How often a replica renews its Lease and counts the others.
+    #[arg(long, env = "SPOKE_SERVER_LEASE_RENEWAL_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub lease_renewal_interval: Duration,
+    /// `host:port` where agents reach this replica's agent listener directly, told to them for their
+    /// data connections: set it where agents reach the replicas through a load balancer, which would
+    /// send a data connection to any replica. Without it, agents dial data connections where their
+    /// control channel went.
+    #[arg(long, env = "SPOKE_SERVER_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
     /// Most CONNECT connections open at once (reading, dialing or relaying).
     #[arg(long, env = "SPOKE_SERVER_MAX_FRONTEND_CONNS", default_value_t = 16_384)]
     pub max_frontend_conns: usize,
@@ -285,6 +311,8 @@ pub struct ServerConfig {
     pub server_id: String,
     /// Replicas agents should reach.
     pub server_count: u16,
+    /// Where agents send this replica's data connections (empty: where the control channel went).
+    pub advertise_address: String,
     /// How agents prove which node they are.
     pub agent_auth: AgentAuth,
     /// Agents that may announce a default route (`*`: any).
@@ -299,6 +327,8 @@ pub struct ServerConfig {
     pub apiserver: Option<Access>,
     /// How tokens are checked (`--agent-auth token`).
     pub tokens: Option<TokenPolicy>,
+    /// The replica count from Leases (`--enable-lease-controller`).
+    pub leases: Option<LeaseConfig>,
     /// Whether data connections may skip TLS.
     pub allow_plaintext_tunnel: bool,
     /// How streams are relayed.
@@ -321,6 +351,8 @@ impl TryFrom<ServerArgs> for ServerConfig {
     type Error = ConfigError;
 
     fn try_from(a: ServerArgs) -> Result<Self, ConfigError> {
+        let tokens = token_policy(&a)?;
+        let leases = lease_config(&a)?;
         if a.uds_name.is_none() && a.frontend_bind.is_none() {
             return err("no frontend: give --uds-name, --frontend-bind, or both");
         }
@@ -355,27 +387,10 @@ impl TryFrom<ServerArgs> for ServerConfig {
         if a.server_count == 0 {
             return err("--server-count must be at least 1");
         }
-        let tokens = if a.agent_auth == AgentAuth::Token {
-            if [&a.authentication_audience, &a.agent_namespace, &a.agent_service_account]
-                .iter()
-                .any(|s| s.is_empty())
-            {
-                return err(
-                    "--agent-auth token needs --authentication-audience, --agent-namespace and --agent-service-account",
-                );
-            }
-            Some(TokenPolicy {
-                audience: a.authentication_audience,
-                namespace: a.agent_namespace,
-                service_account: a.agent_service_account,
-                cache_ttl: a.token_review_cache_ttl,
-                qps: positive("--token-review-qps", a.token_review_qps)?,
-                max_in_flight: positive("--max-token-reviews-in-flight", a.max_token_reviews_in_flight)?,
-            })
-        } else {
-            None
-        };
-        let apiserver = (a.agent_claims == AgentClaims::NodeObjects || tokens.is_some())
+        if let Some(addr) = &a.advertise_address {
+            check_host_port("--advertise-address", addr)?;
+        }
+        let apiserver = (a.agent_claims == AgentClaims::NodeObjects || tokens.is_some() || leases.is_some())
             .then(|| a.kubeconfig.map_or(Access::InCluster, Access::Kubeconfig));
         Ok(Self {
             uds_name: a.uds_name,
@@ -386,6 +401,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             strategies: a.proxy_strategies,
             server_id: a.server_id,
             server_count: a.server_count,
+            advertise_address: a.advertise_address.unwrap_or_default(),
             agent_auth: a.agent_auth,
             default_route_agents: a.default_route_agents,
             agent_claims: a.agent_claims,
@@ -393,6 +409,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             pod_network_cidrs: a.pod_network_cidrs.iter().map(IpNet::trunc).collect(),
             apiserver,
             tokens,
+            leases,
             allow_plaintext_tunnel: a.allow_plaintext_tunnel,
             datapath: a.datapath,
             worker_threads: a.worker_threads,
@@ -417,6 +434,56 @@ impl TryFrom<ServerArgs> for ServerConfig {
             },
         })
     }
+}
+
+/// How tokens are checked, with `--agent-auth token`.
+fn token_policy(a: &ServerArgs) -> Result<Option<TokenPolicy>, ConfigError> {
+    if a.agent_auth != AgentAuth::Token {
+        return Ok(None);
+    }
+    if [&a.authentication_audience, &a.agent_namespace, &a.agent_service_account].iter().any(|s| s.is_empty())
+    {
+        return err(
+            "--agent-auth token needs --authentication-audience, --agent-namespace and --agent-service-account",
+        );
+    }
+    Ok(Some(TokenPolicy {
+        audience: a.authentication_audience.clone(),
+        namespace: a.agent_namespace.clone(),
+        service_account: a.agent_service_account.clone(),
+        cache_ttl: a.token_review_cache_ttl,
+        qps: positive("--token-review-qps", a.token_review_qps)?,
+        max_in_flight: positive("--max-token-reviews-in-flight", a.max_token_reviews_in_flight)?,
+    }))
+}
+
+/// How the replica count comes from Leases, with `--enable-lease-controller`.
+fn lease_config(a: &ServerArgs) -> Result<Option<LeaseConfig>, ConfigError> {
+    if !a.enable_lease_controller {
+        return Ok(None);
+    }
+    let label = match a.lease_label.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => (k.to_owned(), v.to_owned()),
+        _ => return err(format!("--lease-label {:?}: expected KEY=VALUE", a.lease_label)),
+    };
+    if a.lease_namespace.is_empty() {
+        return err("--lease-namespace is empty");
+    }
+    let duration = nonzero_duration("--lease-duration", a.lease_duration)?;
+    let renew_every = nonzero_duration("--lease-renewal-interval", a.lease_renewal_interval)?;
+    if renew_every >= duration {
+        return err("--lease-renewal-interval must be shorter than --lease-duration");
+    }
+    Ok(Some(LeaseConfig { namespace: a.lease_namespace.clone(), label, duration, renew_every }))
+}
+
+/// Checks a `HOST:PORT` flag value.
+fn check_host_port(flag: &str, value: &str) -> Result<(), ConfigError> {
+    let valid = value.len() <= MAX_STRING_LEN
+        && value
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+    if valid { Ok(()) } else { err(format!("{flag} {value:?}: expected HOST:PORT")) }
 }
 
 #[cfg(test)]

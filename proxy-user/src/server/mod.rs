@@ -76,6 +76,9 @@ struct Server {
     frontend: TaskTracker,
     /// Agent connection tasks (control sessions, parked data connections).
     tracker: TaskTracker,
+    /// How many replicas agents should reach (`--server-count`, or counted from Leases); agents are told
+    /// when it changes.
+    replicas: tokio::sync::watch::Sender<u16>,
     /// When the server started (requests wait for agents for a moment after it).
     started: tokio::time::Instant,
     /// Cancelled at SIGTERM: the drain starts (not ready; idle streams close; still serving).
@@ -93,10 +96,11 @@ pub async fn run_server(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let (agent_tls, frontend_tls) = acceptors(&config)?;
-    let (nodes, reviewer) = apiserver_parts(&config, &shutdown).await?;
+    let (client, nodes, reviewer) = apiserver_parts(&config, &shutdown).await?;
     let mut registry = Registry::default();
     let metrics = ServerMetrics::register(&mut registry);
     let grace = config.limits.grace_period;
+    let replicas = config.server_count;
     let server = Arc::new(Server {
         agents: AgentRegistry::new(
             config.strategies.clone(),
@@ -113,6 +117,7 @@ pub async fn run_server(
         frontend: TaskTracker::new(),
         tracker: TaskTracker::new(),
         started: tokio::time::Instant::now(),
+        replicas: tokio::sync::watch::Sender::new(replicas),
         draining: shutdown.clone(),
         stop: CancellationToken::new(),
     });
@@ -178,7 +183,7 @@ pub async fn run_server(
         server.tracker.clone(),
         move |c: Accepted<_>| session::serve(s.clone(), agent_tls.clone(), c),
     ));
-    tokio::spawn(trust::recheck_on_node_changes(server.clone()));
+    spawn_watchers(&server, client);
     log_start(&server.config);
 
     shutdown.cancelled().await;
@@ -222,17 +227,29 @@ async fn drain(server: &Server, grace: Duration, uds_file: Option<&SocketFile>) 
         warn!(open = server.frontend.len(), "grace period over: closing open streams");
     }
 }
-/// The apiserver's Node watch and token reviewer, where the configuration uses them.
+/// Starts what follows the apiserver: agents' claims re-checked as Nodes change, and the replica count
+/// from Leases.
+fn spawn_watchers(server: &Arc<Server>, client: Option<kube::Client>) {
+    tokio::spawn(trust::recheck_on_node_changes(server.clone()));
+    if let (Some(client), Some(leases)) = (client, server.config.leases.clone()) {
+        // Stopped at SIGTERM: the Lease goes, so the other replicas count this one out at once.
+        let (id, replicas, draining) =
+            (server.config.server_id.clone(), server.replicas.clone(), server.draining.clone());
+        tokio::spawn(crate::apiserver::leases::run(client, leases, id, replicas, draining));
+    }
+}
+
+/// The apiserver client, its Node watch and its token reviewer, where the configuration uses them.
 async fn apiserver_parts(
     config: &ServerConfig,
     shutdown: &CancellationToken,
-) -> Result<(Option<Nodes>, Option<Reviewer>), AccessError> {
-    let Some(access) = &config.apiserver else { return Ok((None, None)) };
+) -> Result<(Option<kube::Client>, Option<Nodes>, Option<Reviewer>), AccessError> {
+    let Some(access) = &config.apiserver else { return Ok((None, None, None)) };
     let client = apiserver::client(access).await?;
     let nodes = (config.agent_claims == AgentClaims::NodeObjects)
         .then(|| Nodes::watch(client.clone(), shutdown.clone()));
-    let reviewer = config.tokens.clone().map(|policy| Reviewer::new(client, policy));
-    Ok((nodes, reviewer))
+    let reviewer = config.tokens.clone().map(|policy| Reviewer::new(client.clone(), policy));
+    Ok((Some(client), nodes, reviewer))
 }
 
 /// `/readyz`: ready once an agent is connected, or after the readiness grace without one; never while

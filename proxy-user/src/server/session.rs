@@ -46,6 +46,11 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
         return reject(&mut conn, &reason).await;
     }
     match first {
+        Message::Hello { held, .. } if held.contains(&server.config.server_id) => {
+            // A load balancer sent an agent to a replica it holds already: keep the session it has.
+            debug!("agent reached a replica it holds already");
+            reject(&mut conn, protocol::ALREADY_HELD).await;
+        }
         Message::Hello { identity, token, .. } => {
             match trust::admit(&server, &conn, &identity, &token, deadline).await {
                 Ok(facts) => {
@@ -134,7 +139,7 @@ async fn reject(conn: &mut AcceptedLink, reason: &str) {
 async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId, deadline: Instant) {
     let Some(agent) = server.agents.session(session_id) else {
         inc(&server.metrics.agent_conn_failures, "reason", "unknown_session");
-        return reject(&mut conn, "unknown or expired session").await;
+        return reject(&mut conn, protocol::UNKNOWN_SESSION).await;
     };
     // With node certificates, a TLS data connection joins only a session of the node it proves to be.
     // (A plain one has no certificate: it is bound by the session id alone.)
@@ -192,9 +197,10 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
     let ack = Message::HelloAck {
         version: PROTOCOL_VERSION,
         server_id: server.config.server_id.clone(),
-        server_count: server.config.server_count,
+        server_count: *server.replicas.borrow(),
         session_id,
         heartbeat_ms,
+        data_addr: server.config.advertise_address.clone(),
     };
     let Some(data_key) = data_key(&conn, session_id) else {
         inc(&server.metrics.agent_conn_failures, "reason", "protocol");
@@ -246,8 +252,16 @@ async fn session(
     let (rd, mut wr) = tokio::io::split(conn);
     let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
     let silence = server.config.limits.heartbeat_interval * MISSED_HEARTBEATS;
+    let mut count = server.replicas.subscribe();
     let result = loop {
         let msg = tokio::select! {
+            Ok(()) = count.changed() => {
+                let count = *count.borrow_and_update();
+                if let Err(e) = codec::write_message(&mut wr, &Message::ServerCount { count }).await {
+                    break Err(e);
+                }
+                continue;
+            }
             () = server.stop.cancelled() => {
                 let _ = codec::write_message(&mut wr, &Message::GoAway { reason: "server shutting down".into() }).await;
                 break Ok("server shutting down");

@@ -1,7 +1,8 @@
 //! A stand-in for kube-apiserver on 127.0.0.1 over HTTPS, answering what spoke-server asks, with the
 //! JSON shapes of the real API (Kubernetes v1.33): Node list and watch (`/api/v1/nodes`), Pod get
-//! (`/api/v1/namespaces/{ns}/pods/{name}`) and `TokenReview` create
-//! (`/apis/authentication.k8s.io/v1/tokenreviews`). Requests need the bearer token of the kubeconfig it
+//! (`/api/v1/namespaces/{ns}/pods/{name}`), `TokenReview` create
+//! (`/apis/authentication.k8s.io/v1/tokenreviews`) and Leases (`/apis/coordination.k8s.io/v1`: create,
+//! merge-patch, list by label, delete). Requests need the bearer token of the kubeconfig it
 //! writes (401 otherwise, as the real one answers). Each connection serves one request.
 #![allow(dead_code, reason = "each test uses a different subset")]
 
@@ -57,6 +58,8 @@ struct State {
     pods: BTreeMap<String, Value>,
     tokens: BTreeMap<String, FakeToken>,
     reviews: u64,
+    /// Leases by (namespace, name).
+    leases: BTreeMap<(String, String), Value>,
 }
 
 /// The running stand-in.
@@ -228,6 +231,12 @@ async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
             .find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v.to_owned()))
     };
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", rest @ ..] = segments.as_slice()
+    {
+        let (code, answer) =
+            lease_request(&state, &method, ns, rest.first().copied(), param("labelSelector"), &body);
+        return respond(&mut conn, code, &answer).await;
+    }
     match (method.as_str(), segments.as_slice()) {
         ("GET", ["api", "v1", "nodes"]) if param("watch").as_deref() == Some("true") => {
             let since = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -267,6 +276,97 @@ async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
                 &status_json(404, "NotFound", "the server could not find the requested resource"),
             )
             .await;
+        }
+    }
+}
+
+/// A Lease request as the real API answers it: create (201, 409 if it exists), merge-patch (200, 404 if
+/// it does not), list by label equality, delete (200 Status).
+fn lease_request(
+    state: &Mutex<State>,
+    method: &str,
+    ns: &str,
+    name: Option<&str>,
+    selector: Option<String>,
+    body: &[u8],
+) -> (u16, Value) {
+    let mut s = state.lock().unwrap();
+    s.resource_version += 1;
+    let rv = s.resource_version.to_string();
+    let not_found = |name: &str| {
+        status_json(404, "NotFound", &format!("leases.coordination.k8s.io \"{name}\" not found"))
+    };
+    match (method, name) {
+        ("POST", None) => {
+            let mut lease: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let name = lease["metadata"]["name"].as_str().unwrap_or("").to_owned();
+            let key = (ns.to_owned(), name.clone());
+            if s.leases.contains_key(&key) {
+                let msg = format!("leases.coordination.k8s.io \"{name}\" already exists");
+                return (409, status_json(409, "AlreadyExists", &msg));
+            }
+            lease["metadata"]["namespace"] = json!(ns);
+            lease["metadata"]["resourceVersion"] = json!(rv);
+            lease["metadata"]["uid"] = json!(format!("uid-lease-{name}"));
+            s.leases.insert(key, lease.clone());
+            (201, lease)
+        }
+        ("PATCH", Some(name)) => {
+            let Some(lease) = s.leases.get_mut(&(ns.to_owned(), name.to_owned())) else {
+                return (404, not_found(name));
+            };
+            let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            merge_patch(lease, &patch);
+            lease["metadata"]["resourceVersion"] = json!(rv);
+            (200, lease.clone())
+        }
+        ("DELETE", Some(name)) => match s.leases.remove(&(ns.to_owned(), name.to_owned())) {
+            Some(_) => {
+                (200, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}))
+            }
+            None => (404, not_found(name)),
+        },
+        ("GET", None) => {
+            let selector = selector.map(|v| v.replace("%3D", "=").replace("%2F", "/")).unwrap_or_default();
+            let wanted = selector.split_once('=');
+            let items: Vec<&Value> = s
+                .leases
+                .iter()
+                .filter(|((n, _), _)| n == ns)
+                .map(|(_, l)| l)
+                .filter(|l| wanted.is_none_or(|(k, v)| l["metadata"]["labels"][k].as_str() == Some(v)))
+                .collect();
+            (
+                200,
+                json!({"kind": "LeaseList", "apiVersion": "coordination.k8s.io/v1", "metadata": {"resourceVersion": rv}, "items": items}),
+            )
+        }
+        _ => (
+            405,
+            status_json(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            ),
+        ),
+    }
+}
+
+/// JSON merge patch (RFC 7386): objects merge, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let object = target.as_object_mut().expect("an object");
+    for (key, value) in fields {
+        if value.is_null() {
+            object.remove(key);
+        } else {
+            merge_patch(object.entry(key.clone()).or_insert(Value::Null), value);
         }
     }
 }

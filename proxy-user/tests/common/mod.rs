@@ -185,6 +185,12 @@ impl ServerBuilder {
         self
     }
 
+    /// Sets a flag that takes no value.
+    pub fn switch(mut self, name: &'static str) -> Self {
+        self.switches.push(name);
+        self
+    }
+
     pub async fn run(self) -> Server {
         let f = &self.certs.files;
         let uds = self.certs.dir.path().join(format!("spoke-{}.sock", fastrand::u32(..)));
