@@ -31,6 +31,27 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
     builder.enable_all().build()
 }
 
+/// Parses a binary's flags. A value clap rejects ends the process with `EX_USAGE`, like every other
+/// configuration error, reported in the log format the command line asks for (`--help` and
+/// `--version` end it with success).
+pub fn parse_args<A: clap::Parser>(name: &str) -> Result<A, std::process::ExitCode> {
+    A::try_parse().map_err(|e| {
+        if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) {
+            let _ = e.print();
+            return std::process::ExitCode::SUCCESS;
+        }
+        let json =
+            crate::telemetry::LogFormat::asked_for(std::env::args()) == crate::telemetry::LogFormat::Json;
+        if json {
+            crate::telemetry::init_logging(crate::telemetry::LogFormat::Json);
+            tracing::error!(error = %e.render().to_string().trim_end(), "{name}: configuration");
+        } else {
+            let _ = e.print();
+        }
+        std::process::ExitCode::from(crate::EXIT_CONFIG)
+    })
+}
+
 /// A binary's configuration, checked by `validate` (the flags, then the files they name, such as TLS
 /// material). A failure is printed as `NAME: configuration: ERROR` and ends the process with
 /// `EX_USAGE`; with `check_only` (`--check-config`) the configuration is printed on stdout and the
@@ -42,7 +63,12 @@ pub fn configure<C: std::fmt::Debug>(
 ) -> Result<C, std::process::ExitCode> {
     match validate() {
         Err(e) => {
-            eprintln!("{name}: configuration: {e:#}");
+            // With JSON logs the error is one JSON line like every other record; else a plain line.
+            if crate::telemetry::json_logs() {
+                tracing::error!(error = %format!("{e:#}"), "{name}: configuration");
+            } else {
+                eprintln!("{name}: configuration: {e:#}");
+            }
             Err(std::process::ExitCode::from(crate::EXIT_CONFIG))
         }
         Ok(config) if check_only => {

@@ -175,3 +175,41 @@ async fn bad_configuration_exits_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test]
+async fn flag_values_clap_rejects_exit_64_in_the_log_format_asked_for() {
+    let run = |args: &'static [&'static str]| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_spoke-server")).args(args).output().await.unwrap()
+    };
+    let out = run(&["--max-agents", "many", "--uds-name", "s"]).await;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("many"));
+    let out = run(&["--log-format", "json", "--max-agents", "many"]).await;
+    assert_eq!(out.status.code(), Some(64));
+    let line = String::from_utf8_lossy(&out.stderr);
+    let record: serde_json::Value =
+        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(record["level"], "ERROR");
+    assert!(record["fields"]["error"].as_str().unwrap().contains("many"), "{record}");
+    // A configuration error past the flags, in JSON too.
+    let out = run(&[
+        "--log-format",
+        "json",
+        "--cluster-ca-cert",
+        "/nonexistent",
+        "--cluster-cert",
+        "/x",
+        "--cluster-key",
+        "/y",
+        "--uds-name",
+        "/tmp/x.sock",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(64));
+    let line = String::from_utf8_lossy(&out.stderr);
+    let last = line.lines().last().unwrap_or_default();
+    let record: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert!(record["fields"]["error"].as_str().unwrap().contains("/nonexistent"), "{record}");
+    let out = run(&["--help"]).await;
+    assert_eq!(out.status.code(), Some(0));
+}

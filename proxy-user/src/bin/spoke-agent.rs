@@ -3,13 +3,15 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use spoke::agent::config::{AgentArgs, AgentConfig, Credential};
 use spoke::transport::tls;
 use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
-    let args = AgentArgs::parse();
+    let args: AgentArgs = match spoke::process::parse_args("spoke-agent") {
+        Ok(args) => args,
+        Err(exit) => return exit,
+    };
     spoke::telemetry::init_logging(args.log_format);
     let check_only = args.check_config;
     let config = spoke::process::configure("spoke-agent", check_only, || {

@@ -6,7 +6,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use spoke::server::Listeners;
 use spoke::server::config::{ServerArgs, ServerConfig};
 use spoke::transport::accept::SocketFile;
@@ -75,7 +74,10 @@ fn check_tls(config: &ServerConfig) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = ServerArgs::parse();
+    let args: ServerArgs = match spoke::process::parse_args("spoke-server") {
+        Ok(args) => args,
+        Err(exit) => return exit,
+    };
     spoke::telemetry::init_logging(args.log_format);
     let check_only = args.check_config;
     let config = spoke::process::configure("spoke-server", check_only, || {

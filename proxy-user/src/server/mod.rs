@@ -79,6 +79,8 @@ struct Server {
     /// How many replicas agents should reach (`--server-count`, or counted from Leases); agents are told
     /// when it changes.
     replicas: tokio::sync::watch::Sender<u16>,
+    /// Refused requests' log lines, rate-limited.
+    refusal_log: crate::telemetry::Limiter,
     /// When the server started (requests wait for agents for a moment after it).
     started: tokio::time::Instant,
     /// Cancelled at SIGTERM: the drain starts (not ready; idle streams close; still serving).
@@ -117,6 +119,7 @@ pub async fn run_server(
         frontend: TaskTracker::new(),
         tracker: TaskTracker::new(),
         started: tokio::time::Instant::now(),
+        refusal_log: crate::telemetry::Limiter::new(stream::REFUSAL_LOG_INTERVAL),
         replicas: tokio::sync::watch::Sender::new(replicas),
         draining: shutdown.clone(),
         stop: CancellationToken::new(),

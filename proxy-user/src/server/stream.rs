@@ -39,6 +39,8 @@ pub const LINGER_MAX_BYTES: u64 = 64 * 1024;
 pub const STARTUP_WINDOW: Duration = Duration::from_secs(10);
 /// ...each for at most this long (agents told `GoAway` retry within 200 ms).
 pub const STARTUP_WAIT: Duration = Duration::from_secs(1);
+/// Refused requests are logged at most this often.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// While draining, how often each stream looks whether it sits idle.
 const IDLE_CHECK: Duration = Duration::from_millis(250);
 /// Time an idle stream's orderly close may take before it is reset.
@@ -148,7 +150,7 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
     let req = match head.await {
         Ok(Ok(req)) => req,
         Ok(Err(e)) => {
-            debug!(error = %e, "bad request");
+            log_refusal(server, e.reason(), &e);
             inc(&server.metrics.stream.results, "result", e.reason());
             if let Some(status) = e.status() {
                 Box::pin(refuse(&mut client, status, &e.to_string())).await;
@@ -156,7 +158,7 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
             return;
         }
         Err(_) => {
-            debug!("request head timed out");
+            log_refusal(server, "header_timeout", &"the request head did not arrive in time");
             inc(&server.metrics.stream.results, "result", "header_timeout");
             Box::pin(refuse(&mut client, 408, "request head not received in time")).await;
             return;
@@ -169,7 +171,7 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
         let (mut data, agent, _slot) = match Box::pin(open(server, &req, stream_id)).await {
             Ok(opened) => opened,
             Err(e) => {
-                debug!(error = %e, "dial failed");
+                log_refusal(server, e.reason(), &e);
                 inc(&server.metrics.stream.results, "result", e.reason());
                 Box::pin(refuse(&mut client, e.status(), &e.to_string())).await;
                 return;
@@ -202,6 +204,15 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
     }
     .instrument(span)
     .await;
+}
+
+/// Logs a refused or failed request at the default level (the apiserver shows its user only the status),
+/// at most once per [`REFUSAL_LOG_INTERVAL`]; `count` says how many there were since the last line,
+/// and `streams_total{result}` counts every one.
+fn log_refusal(server: &Server, reason: &'static str, error: &dyn std::fmt::Display) {
+    if let Some(count) = server.refusal_log.note() {
+        warn!(reason, %error, count, "request refused");
+    }
 }
 
 /// The agent for `req`. A server that started moments ago (a restart) has not heard from every agent

@@ -22,7 +22,6 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +31,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug_span, info_span, warn};
+
+use crate::telemetry::Limiter;
 
 /// First pause after a failed accept.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -250,38 +251,12 @@ fn take_source_slot(held: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: 
     Some(SourceSlot { held: held.clone(), ip })
 }
 
-/// Counts refusals and lets a warning through at most once per [`WARN_INTERVAL`].
-#[derive(Debug, Default)]
-struct Refusals {
-    /// Milliseconds since `epoch` of the last warning (0: none yet).
-    last_warned_ms: AtomicU64,
-    unsaid: AtomicU64,
-}
-
-impl Refusals {
-    /// Records a refusal; `Some(n)` when a warning is due, `n` refusals since the last one.
-    fn note(&self, epoch: Instant) -> Option<u64> {
-        let unsaid = self.unsaid.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
-        let last = self.last_warned_ms.load(Ordering::Relaxed);
-        let interval = u64::try_from(WARN_INTERVAL.as_millis()).expect("a short interval");
-        if last != 0 && now - last < interval {
-            return None;
-        }
-        if self.last_warned_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
-            return None;
-        }
-        self.unsaid.fetch_sub(unsaid, Ordering::Relaxed);
-        Some(unsaid)
-    }
-}
-
 /// Counts a refused connection and warns about it when a warning is due.
-fn refuse(budget: &Budget, refusals: &Refusals, epoch: Instant, peer: Peer, why: Refused) {
+fn refuse(budget: &Budget, refusals: &Limiter, peer: Peer, why: Refused) {
     if let Some(on_refused) = &budget.on_refused {
         on_refused(peer, why);
     }
-    if let Some(count) = refusals.note(epoch) {
+    if let Some(count) = refusals.note() {
         match why {
             Refused::Silent => {
                 warn!(listener = budget.name, %peer, count, deadline = ?budget.first_byte, "peers sent nothing by the first-byte deadline: closed");
@@ -308,15 +283,14 @@ pub async fn serve<L, H, F>(
 {
     let slots = Arc::new(Semaphore::new(budget.max_conns));
     let sources = Arc::new(Mutex::new(HashMap::new()));
-    let refusals = Arc::new(Refusals::default());
-    let epoch = Instant::now();
+    let refusals = Arc::new(Limiter::new(WARN_INTERVAL));
     let budget = Arc::new(budget);
     let handler = Arc::new(handler);
     let dispatch = |conn: L::Conn, peer: Peer, permit: OwnedSemaphorePermit| {
         let source = match (budget.per_source, peer) {
             (Some(max), Peer::Tcp(addr)) => {
                 let Some(slot) = take_source_slot(&sources, addr.ip(), max) else {
-                    refuse(&budget, &refusals, epoch, peer, Refused::SourceBusy);
+                    refuse(&budget, &refusals, peer, Refused::SourceBusy);
                     return;
                 };
                 Some(slot)
@@ -336,7 +310,7 @@ pub async fn serve<L, H, F>(
                 if let Some(deadline) = budget.first_byte
                     && tokio::time::timeout(deadline, L::first_byte(&accepted.conn)).await.is_err()
                 {
-                    refuse(&budget, &refusals, epoch, accepted.peer, Refused::Silent);
+                    refuse(&budget, &refusals, accepted.peer, Refused::Silent);
                     return;
                 }
                 handler(accepted).await;
@@ -379,7 +353,7 @@ pub async fn serve<L, H, F>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
