@@ -125,19 +125,22 @@ async fn unix_socket_is_private_and_stale_files_are_replaced() {
     drop(srv);
 }
 
+/// Server flags naming a CA file that does not exist.
+const MISSING_CA: [&str; 8] = [
+    "--cluster-ca-cert",
+    "/nonexistent",
+    "--cluster-cert",
+    "/x",
+    "--cluster-key",
+    "/y",
+    "--uds-name",
+    "/tmp/x.sock",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_64() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_spoke-server"))
-        .args([
-            "--cluster-ca-cert",
-            "/nonexistent",
-            "--cluster-cert",
-            "/x",
-            "--cluster-key",
-            "/y",
-            "--uds-name",
-            "/tmp/x.sock",
-        ])
+        .args(MISSING_CA)
         .output()
         .await
         .unwrap();
@@ -178,8 +181,15 @@ async fn bad_configuration_exits_64() {
 
 #[tokio::test]
 async fn flag_values_clap_rejects_exit_64_in_the_log_format_asked_for() {
-    let run = |args: &'static [&'static str]| async move {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_spoke-server")).args(args).output().await.unwrap()
+    let run = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_spoke-server"))
+                .args(args)
+                .output()
+                .await
+                .unwrap()
+        }
     };
     let out = run(&["--max-agents", "many", "--uds-name", "s"]).await;
     assert_eq!(out.status.code(), Some(64), "{out:?}");
@@ -192,19 +202,7 @@ async fn flag_values_clap_rejects_exit_64_in_the_log_format_asked_for() {
     assert_eq!(record["level"], "ERROR");
     assert!(record["fields"]["error"].as_str().unwrap().contains("many"), "{record}");
     // A configuration error past the flags, in JSON too.
-    let out = run(&[
-        "--log-format",
-        "json",
-        "--cluster-ca-cert",
-        "/nonexistent",
-        "--cluster-cert",
-        "/x",
-        "--cluster-key",
-        "/y",
-        "--uds-name",
-        "/tmp/x.sock",
-    ])
-    .await;
+    let out = run(&[&["--log-format", "json"][..], &MISSING_CA].concat()).await;
     assert_eq!(out.status.code(), Some(64));
     let line = String::from_utf8_lossy(&out.stderr);
     let last = line.lines().last().unwrap_or_default();
