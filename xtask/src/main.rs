@@ -7,6 +7,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod manifests;
 mod peers;
 
 use std::path::PathBuf;
@@ -36,8 +37,11 @@ enum Cmd {
     },
     /// Benchmark Spoke against direct TCP and peers on loopback; results under results/.
     Bench(bench::BenchOpts),
-    /// Run every check and test: formatting, clippy, unit, end-to-end and privileged tests, and each
-    /// fuzz target for a bounded time.
+    /// Check deploy/ against the binaries and the Kubernetes API: render it, validate every object,
+    /// and pass every container's flags through --check-config (part of `test`).
+    Manifests,
+    /// Run every check and test: formatting, clippy, unit, end-to-end and privileged tests, deploy/'s
+    /// manifests, and each fuzz target for a bounded time.
     Test {
         /// Only run tests whose name contains this filter (skips formatting and clippy).
         filter: Option<String>,
@@ -170,6 +174,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     t.env("SPOKE_SERVER_BIN", bins.join("spoke-server")).env("SPOKE_AGENT_BIN", bins.join("spoke-agent"));
     run(t)?;
     if filter.is_none() {
+        manifests::check(&bins)?;
         fuzz()?;
     }
     Ok(())
@@ -211,6 +216,7 @@ fn main() -> anyhow::Result<()> {
             demo::run(&datapath)
         }
         Cmd::Test { filter } => test(filter.as_deref()),
+        Cmd::Manifests => manifests::check(&build_binaries()?),
         Cmd::Bench(opts) => bench::run(&opts),
     }
 }
