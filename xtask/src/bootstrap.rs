@@ -142,11 +142,13 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .filter(|(_, program)| !on_path(program))
-        .map(|(package, _)| *package)
-        .collect();
+    ensure_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs the Debian `(package, program)` pairs whose program is not on the PATH.
+pub(crate) fn ensure_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> =
+        packages.iter().filter(|(_, program)| !on_path(program)).map(|(package, _)| *package).collect();
     if missing.is_empty() {
         return Ok(());
     }

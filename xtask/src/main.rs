@@ -7,6 +7,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod image;
 mod manifests;
 mod peers;
 
@@ -37,6 +38,9 @@ enum Cmd {
     },
     /// Benchmark Spoke against direct TCP and peers on loopback; results under results/.
     Bench(bench::BenchOpts),
+    /// Build the container image from source as an OCI archive (target/image/spoke-oci.tar), checked
+    /// with skopeo; push it with `skopeo copy oci-archive:target/image/spoke-oci.tar docker://REGISTRY/spoke:TAG`.
+    Image,
     /// Check deploy/ against the binaries and the Kubernetes API: render it, validate every object,
     /// and pass every container's flags through --check-config (part of `test`).
     Manifests,
@@ -217,6 +221,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { filter } => test(filter.as_deref()),
         Cmd::Manifests => manifests::check(&build_binaries()?),
+        Cmd::Image => image::build().map(drop),
         Cmd::Bench(opts) => bench::run(&opts),
     }
 }
