@@ -1,7 +1,8 @@
 //! deploy/ checked against the binaries and the Kubernetes API: every kustomization renders (`kubectl
-//! kustomize`), every object validates against the API's schemas (kubernetes-validate, strict), and
-//! every flag and `SPOKE_*` variable a container sets passes its binary's `--check-config`, so that the
-//! manifests and the binaries cannot drift apart.
+//! kustomize`), every object validates against the API's schemas (kubernetes-validate, strict) and
+//! passes checkov's Kubernetes checks (each check a manifest skips names its reason in a
+//! `checkov.io/skipN` annotation), and every flag and `SPOKE_*` variable a container sets passes its
+//! binary's `--check-config`, so that the manifests and the binaries cannot drift apart.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,8 +23,9 @@ const KUSTOMIZATIONS: [&str; 3] = ["deploy/base", "deploy/overlays/sockmap", "de
 const PLAIN: [&str; 1] = ["deploy/server/spoke-server.yaml"];
 /// The Kubernetes version the schemas are checked for (the oldest the apiserver client targets).
 const KUBERNETES_VERSION: &str = "1.33.0";
-/// The schema validator, from `PyPI`, into a virtual environment under the target directory.
-const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// The schema validator and the policy checker, from `PyPI`, into a virtual environment under the
+/// target directory.
+const PYTHON_TOOLS: [&str; 2] = ["kubernetes-validate==1.37.0", "checkov==3.3.30"];
 
 /// Stand-in values of the downward API, for `--check-config`.
 const NODE_NAME: &str = "node-a";
@@ -171,18 +173,32 @@ fn expand(value: &str, env: &[(String, String)]) -> String {
     out
 }
 
-/// Validates `files` against the Kubernetes API's schemas, strictly (unknown fields are errors).
+/// Validates `files` against the Kubernetes API's schemas, strictly (unknown fields are errors), and
+/// runs checkov's Kubernetes checks on them (offline: `--skip-download`).
 fn validate(work: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
     let venv = target_dir().join("tools/venv");
-    let validator = venv.join("bin/kubernetes-validate");
-    if !validator.exists() {
-        say(&format!("installing {KUBERNETES_VALIDATE} from PyPI into {}", venv.display()));
-        run(cmd("python3", &["-m", "venv", &venv.display().to_string()]))?;
-        run(cmd(&venv.join("bin/pip").display().to_string(), &["install", "-q", KUBERNETES_VALIDATE]))?;
+    let bin = |name: &str| venv.join("bin").join(name).display().to_string();
+    let installed = output(&bin("pip"), &["freeze"]).unwrap_or_default();
+    let missing: Vec<&str> =
+        PYTHON_TOOLS.iter().copied().filter(|t| !installed.lines().any(|l| l == *t)).collect();
+    if !missing.is_empty() {
+        say(&format!("installing {} from PyPI into {}", missing.join(" "), venv.display()));
+        if !venv.join("bin/pip").exists() {
+            run(cmd("python3", &["-m", "venv", &venv.display().to_string()]))?;
+        }
+        let mut pip = cmd(&bin("pip"), &["install", "-q"]);
+        pip.args(&missing);
+        run(pip)?;
     }
-    let mut c =
-        cmd(&validator.display().to_string(), &["--strict", "--kubernetes-version", KUBERNETES_VERSION]);
+    let mut c = cmd(&bin("kubernetes-validate"), &["--strict", "--kubernetes-version", KUBERNETES_VERSION]);
     c.args(files).current_dir(work);
     run(c).context("kubernetes-validate found manifests the API would refuse")?;
+    let mut c =
+        cmd(&bin("checkov"), &["--skip-download", "--framework", "kubernetes", "--compact", "--quiet"]);
+    for file in files {
+        c.arg("-f").arg(file);
+    }
+    c.current_dir(work);
+    run(c).context("checkov found manifests that break a check without a written reason to skip it")?;
     Ok(())
 }
