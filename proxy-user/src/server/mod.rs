@@ -85,7 +85,10 @@ struct Server {
     started: tokio::time::Instant,
     /// Cancelled at SIGTERM: the drain starts (not ready; idle streams close; still serving).
     draining: CancellationToken,
-    /// Cancelled when the drain is over: listeners close, agents are told to go away.
+    /// Cancelled when no stream is open any more: the frontends stop accepting.
+    frontend_stop: CancellationToken,
+    /// Cancelled once the frontends' last streams ended: the agent listener closes, agents are told to
+    /// go away (not before: those streams still need their agents).
     stop: CancellationToken,
 }
 
@@ -122,6 +125,7 @@ pub async fn run_server(
         refusal_log: crate::telemetry::Limiter::new(stream::REFUSAL_LOG_INTERVAL),
         replicas: tokio::sync::watch::Sender::new(replicas),
         draining: shutdown.clone(),
+        frontend_stop: CancellationToken::new(),
         stop: CancellationToken::new(),
     });
 
@@ -149,7 +153,7 @@ pub async fn run_server(
         loops.spawn(accept::serve(
             uds,
             frontend("uds"),
-            server.stop.clone(),
+            server.frontend_stop.clone(),
             server.frontend.clone(),
             move |c| stream::serve_unix(s.clone(), c),
         ));
@@ -163,9 +167,13 @@ pub async fn run_server(
             ..frontend("frontend")
         };
         let s = server.clone();
-        loops.spawn(accept::serve(tcp, budget, server.stop.clone(), server.frontend.clone(), move |c| {
-            stream::serve_tls(s.clone(), acceptor.clone(), c)
-        }));
+        loops.spawn(accept::serve(
+            tcp,
+            budget,
+            server.frontend_stop.clone(),
+            server.frontend.clone(),
+            move |c| stream::serve_tls(s.clone(), acceptor.clone(), c),
+        ));
     }
     let s = server.clone();
     let on_refused =
@@ -219,16 +227,18 @@ async fn drain(server: &Server, grace: Duration, uds_file: Option<&SocketFile>) 
         }
     };
     let _ = tokio::time::timeout_at(deadline, quiet).await;
-    // No new connection can reach the socket once its file is gone; then the listeners stop, serving
-    // what the kernel had already queued. Those are served to their end, within the grace period.
+    // No new connection can reach the socket once its file is gone; then the frontends stop, serving
+    // what the kernel had already queued. Those are served to their end, within the grace period, and
+    // only then are the agents told to go away.
     if let Some(file) = uds_file {
         file.remove_if_own();
     }
-    server.stop.cancel();
+    server.frontend_stop.cancel();
     server.frontend.close();
     if tokio::time::timeout_at(deadline, server.frontend.wait()).await.is_err() {
         warn!(open = server.frontend.len(), "grace period over: closing open streams");
     }
+    server.stop.cancel();
 }
 /// Starts what follows the apiserver: agents' claims re-checked as Nodes change, and the replica count
 /// from Leases.
