@@ -136,15 +136,7 @@ pub async fn run_server(
     }
     let limits = &server.config.limits;
     // Each listener has its own budget: a flood on one never starves another.
-    // Frontend connections log under their stream's span (request and destination), not their own.
-    let frontend = |name| Budget {
-        name,
-        max_conns: limits.max_frontend_conns,
-        first_byte: None,
-        per_source: None,
-        on_refused: None,
-        peer_in_logs: false,
-    };
+    let frontend = |name| frontend_budget(name, limits.max_frontend_conns);
     let mut loops = tokio::task::JoinSet::new();
     let uds_file = listeners.uds.as_ref().map(|(_, file)| file.clone());
     if let Some((uds, _)) = listeners.uds {
@@ -263,6 +255,12 @@ async fn apiserver_parts(
         .then(|| Nodes::watch(client.clone(), shutdown.clone()));
     let reviewer = config.tokens.clone().map(|policy| Reviewer::new(client.clone(), policy));
     Ok((Some(client), nodes, reviewer))
+}
+
+/// A frontend listener's budget. Its connections log under their stream's span (request and
+/// destination), not their own.
+fn frontend_budget(name: &'static str, max_conns: usize) -> Budget {
+    Budget { name, max_conns, first_byte: None, per_source: None, on_refused: None, peer_in_logs: false }
 }
 
 /// `/readyz`: ready once an agent is connected, or after the readiness grace without one; never while
