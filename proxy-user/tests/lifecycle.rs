@@ -6,6 +6,17 @@ use common::{agent, certs, connect_status, echo, eventually, metric, round_trip,
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Opens a control session's first frame by hand: a `Hello` with `identity`, no token, no replica held.
+async fn send_hello<S: tokio::io::AsyncWrite + Unpin>(conn: &mut S, identity: spoke::protocol::Identity) {
+    let hello = spoke::protocol::Message::Hello {
+        version: spoke::protocol::PROTOCOL_VERSION,
+        identity,
+        token: spoke::protocol::Secret::default(),
+        held: vec![],
+    };
+    spoke::codec::write_message(conn, &hello).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agent_is_replaced_by_its_restart() {
     let certs = certs();
@@ -154,7 +165,7 @@ async fn plaintext_data_connections_need_the_servers_consent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_channel_without_tls_is_refused_even_when_plaintext_is_allowed() {
-    use spoke::protocol::{Identity, Message, PROTOCOL_VERSION};
+    use spoke::protocol::{Identity, Message};
     let certs = certs();
     let srv = server(&certs).allow_plaintext_tunnel().run().await;
     let mut s = TcpStream::connect(srv.agent_addr).await.unwrap();
@@ -166,17 +177,7 @@ async fn a_control_channel_without_tls_is_refused_even_when_plaintext_is_allowed
         cidrs: vec![],
         default_route: true,
     };
-    spoke::codec::write_message(
-        &mut s,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-            identity,
-            token: spoke::protocol::Secret::default(),
-            held: vec![],
-        },
-    )
-    .await
-    .unwrap();
+    send_hello(&mut s, identity).await;
     let reply =
         tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut s)).await.expect("reply in time");
     assert!(matches!(reply, Ok(Message::Reject { .. })), "{reply:?}");
@@ -395,7 +396,7 @@ async fn control_session(
     (cert, key): (&std::path::Path, &std::path::Path),
     name: &str,
 ) -> (spoke::protocol::SessionId, impl Sized) {
-    use spoke::protocol::{Identity, Message, PROTOCOL_VERSION};
+    use spoke::protocol::{Identity, Message};
     let mut control = link_as(srv, cert, key).await;
     let identity = Identity {
         agent_id: name.into(),
@@ -405,17 +406,7 @@ async fn control_session(
         cidrs: vec![],
         default_route: false,
     };
-    spoke::codec::write_message(
-        &mut control,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-            identity,
-            token: spoke::protocol::Secret::default(),
-            held: vec![],
-        },
-    )
-    .await
-    .unwrap();
+    send_hello(&mut control, identity).await;
     let ack = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut control)).await.unwrap();
     let Ok(Message::HelloAck { session_id, .. }) = ack else { panic!("control session refused: {ack:?}") };
     (session_id, control)
