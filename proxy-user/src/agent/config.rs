@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
 use super::policy::{AllowRule, Policy};
+pub use crate::config::ServerAddr;
 use crate::config::{ConfigError, err, nonzero_duration, parse_admin_bind, parse_duration, parse_size};
 use crate::datapath::Mode;
 use crate::datapath::sockmap::stream::Limits;
@@ -23,53 +24,6 @@ pub enum TunnelTls {
     On,
     /// Plain TCP, for an underlay that is already encrypted; the server must allow it.
     Off,
-}
-
-/// A server address: a host name or IP address, and a port.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ServerAddr {
-    /// Host name or address (without brackets).
-    pub host: String,
-    /// Port.
-    pub port: u16,
-}
-
-impl ServerAddr {
-    /// Parses `HOST`, `HOST:PORT`, `[IPV6]` or `[IPV6]:PORT`; `default_port` where none is given. An
-    /// unbracketed IPv6 address takes the default port.
-    pub fn parse(s: &str, default_port: u16) -> Result<Self, ConfigError> {
-        let bad = || ConfigError(format!("server address {s:?}: expected HOST, HOST:PORT or [IPV6]:PORT"));
-        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
-        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
-            match after.strip_prefix(':') {
-                Some(p) => (host, port(p)?),
-                None if after.is_empty() => (host, default_port),
-                None => return Err(bad()),
-            }
-        } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
-            (s, default_port)
-        } else {
-            match s.rsplit_once(':') {
-                Some((host, p)) => (host, port(p)?),
-                None => (s, default_port),
-            }
-        };
-        if host.is_empty() || host.len() > MAX_STRING_LEN || host.contains(char::is_whitespace) {
-            return Err(bad());
-        }
-        Ok(Self { host: host.to_owned(), port })
-    }
-}
-
-impl std::fmt::Display for ServerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
 }
 
 /// How the agent proves which node it is.

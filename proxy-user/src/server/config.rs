@@ -13,7 +13,9 @@ use super::registry::Strategy;
 use crate::apiserver::Access;
 use crate::apiserver::leases::LeaseConfig;
 use crate::apiserver::tokens::TokenPolicy;
-use crate::config::{ConfigError, err, nonzero_duration, parse_admin_bind, parse_duration, positive};
+use crate::config::{
+    ConfigError, ServerAddr, err, nonzero_duration, parse_admin_bind, parse_duration, positive,
+};
 use crate::datapath::Mode;
 use crate::protocol::MAX_STRING_LEN;
 use crate::telemetry::LogFormat;
@@ -387,8 +389,11 @@ impl TryFrom<ServerArgs> for ServerConfig {
         if a.server_count == 0 {
             return err("--server-count must be at least 1");
         }
-        if let Some(addr) = &a.advertise_address {
-            check_host_port("--advertise-address", addr)?;
+        // A port is required (the agents' own default port is not known here): 0 stands for none.
+        if let Some(addr) = &a.advertise_address
+            && ServerAddr::parse(addr, 0).map_or(true, |parsed| parsed.port == 0)
+        {
+            return err(format!("--advertise-address {addr:?}: expected HOST:PORT"));
         }
         let apiserver = (a.agent_claims == AgentClaims::NodeObjects || tokens.is_some() || leases.is_some())
             .then(|| a.kubeconfig.map_or(Access::InCluster, Access::Kubeconfig));
@@ -477,15 +482,6 @@ fn lease_config(a: &ServerArgs) -> Result<Option<LeaseConfig>, ConfigError> {
     Ok(Some(LeaseConfig { namespace: a.lease_namespace.clone(), label, duration, renew_every }))
 }
 
-/// Checks a `HOST:PORT` flag value.
-fn check_host_port(flag: &str, value: &str) -> Result<(), ConfigError> {
-    let valid = value.len() <= MAX_STRING_LEN
-        && value
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-    if valid { Ok(()) } else { err(format!("{flag} {value:?}: expected HOST:PORT")) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,6 +557,18 @@ mod tests {
         assert!(server(&bad).unwrap_err().contains("--authentication-audience"));
         assert!(server(&["--uds-name", "s", "--service-cidrs", "10.96.0.0/12,fd00::/108"]).is_ok());
         assert!(server(&["--uds-name", "s", "--service-cidrs", "10.96.0.0"]).is_err());
+    }
+
+    #[test]
+    fn an_advertised_address_names_its_port() {
+        for ok in ["10.0.0.5:8091", "cp-1.example:8091", "[fd00::1]:8091"] {
+            let c = server(&["--uds-name", "s", "--advertise-address", ok]).unwrap();
+            assert_eq!(c.advertise_address, ok);
+        }
+        for bad in ["10.0.0.5", "cp-1.example:0", "fd00::1", "[fd00::1]", ":8091"] {
+            let e = server(&["--uds-name", "s", "--advertise-address", bad]).unwrap_err();
+            assert!(e.contains("expected HOST:PORT"), "{bad}: {e}");
+        }
     }
 
     #[test]
