@@ -31,11 +31,91 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
     builder.enable_all().build()
 }
 
+/// A binary's flags as parsed, and the effective setting of each (for `--check-config`).
+pub struct Parsed<A> {
+    /// The typed flags.
+    pub args: A,
+    /// Every flag's effective value and where it came from.
+    pub settings: Settings,
+}
+
+/// Where a setting's value came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// The command line.
+    CommandLine,
+    /// The flag's environment variable.
+    Env,
+    /// The flag's default.
+    Default,
+}
+
+/// One flag's effective setting.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Setting {
+    /// The values as given (one for most flags; a list for repeated or comma-separated ones).
+    pub values: Vec<String>,
+    /// Where they came from.
+    pub source: Source,
+    /// The environment variable that sets the flag, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+}
+
+/// Every flag a binary was given or defaulted, keyed by its long name (`--servers`): what
+/// `--check-config` prints, in a format that stays stable as the code changes (version 1):
+/// `{"format":1,"binary":NAME,"version":VERSION,"settings":{"--flag":{"values":[..],"source":"command-line"|"env"|"default","env":VAR}}}`,
+/// with the flags in lexical order. Flags without a value and without a default are left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Settings(pub std::collections::BTreeMap<String, Setting>);
+
+impl Settings {
+    fn from_matches(command: &clap::Command, matches: &clap::ArgMatches) -> Self {
+        let mut settings = std::collections::BTreeMap::new();
+        for arg in command.get_arguments() {
+            let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else { continue };
+            if long == "help" || long == "version" {
+                continue;
+            }
+            let source = match matches.value_source(id) {
+                Some(clap::parser::ValueSource::CommandLine) => Source::CommandLine,
+                Some(clap::parser::ValueSource::EnvVariable) => Source::Env,
+                Some(clap::parser::ValueSource::DefaultValue) => Source::Default,
+                _ => continue,
+            };
+            let values = matches
+                .get_raw(id)
+                .map(|raw| raw.map(|v| v.to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            settings.insert(format!("--{long}"), Setting { values, source, env });
+        }
+        Self(settings)
+    }
+
+    /// The `--check-config` document for `binary`.
+    #[must_use]
+    pub fn report(&self, binary: &str) -> serde_json::Value {
+        serde_json::json!({
+            "format": 1,
+            "binary": binary,
+            "version": env!("CARGO_PKG_VERSION"),
+            "settings": self,
+        })
+    }
+}
+
 /// Parses a binary's flags. A value clap rejects ends the process with `EX_USAGE`, like every other
 /// configuration error, reported in the log format the command line asks for (`--help` and
 /// `--version` end it with success).
-pub fn parse_args<A: clap::Parser>(name: &str) -> Result<A, std::process::ExitCode> {
-    A::try_parse().map_err(|e| {
+pub fn parse_args<A: clap::Parser>(name: &str) -> Result<Parsed<A>, std::process::ExitCode> {
+    let command = A::command();
+    let parsed = command.clone().try_get_matches().and_then(|matches| {
+        let args = A::from_arg_matches(&matches)?;
+        Ok(Parsed { args, settings: Settings::from_matches(&command, &matches) })
+    });
+    parsed.map_err(|e| {
         if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) {
             let _ = e.print();
             return std::process::ExitCode::SUCCESS;
@@ -54,11 +134,12 @@ pub fn parse_args<A: clap::Parser>(name: &str) -> Result<A, std::process::ExitCo
 
 /// A binary's configuration, checked by `validate` (the flags, then the files they name, such as TLS
 /// material). A failure is printed as `NAME: configuration: ERROR` and ends the process with
-/// `EX_USAGE`; with `check_only` (`--check-config`) the configuration is printed on stdout and the
-/// process ends with success. Otherwise the configuration comes back to run.
-pub fn configure<C: std::fmt::Debug>(
+/// `EX_USAGE`; with `check` (`--check-config`) the effective settings are printed on stdout as one
+/// JSON document (see [`Settings`]) and the process ends with success. Otherwise the configuration
+/// comes back to run.
+pub fn configure<C>(
     name: &str,
-    check_only: bool,
+    check: Option<&Settings>,
     validate: impl FnOnce() -> anyhow::Result<C>,
 ) -> Result<C, std::process::ExitCode> {
     match validate() {
@@ -71,11 +152,13 @@ pub fn configure<C: std::fmt::Debug>(
             }
             Err(std::process::ExitCode::from(crate::EXIT_CONFIG))
         }
-        Ok(config) if check_only => {
-            println!("{config:#?}");
-            Err(std::process::ExitCode::SUCCESS)
-        }
-        Ok(config) => Ok(config),
+        Ok(config) => match check {
+            Some(settings) => {
+                println!("{}", settings.report(name));
+                Err(std::process::ExitCode::SUCCESS)
+            }
+            None => Ok(config),
+        },
     }
 }
 

@@ -177,6 +177,16 @@ async fn bad_configuration_exits_64() {
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // The stable report: every flag, its values and where they came from.
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["format"], 1);
+    assert_eq!(report["binary"], "spoke-agent");
+    let settings = &report["settings"];
+    assert_eq!(settings["--node-name"]["values"], serde_json::json!(["n"]));
+    assert_eq!(settings["--node-name"]["source"], "command-line");
+    assert_eq!(settings["--pool-size"]["source"], "default");
+    assert!(settings["--pool-size"]["env"].as_str().is_some_and(|e| e.starts_with("SPOKE_AGENT_")));
+    assert!(settings.get("--help").is_none());
 }
 
 #[tokio::test]

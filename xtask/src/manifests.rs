@@ -161,6 +161,16 @@ fn check_container(
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // A variable no flag reads would be ignored without a word: every SPOKE_ one must set a flag.
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{what}: {binary} --check-config printed no JSON"))?;
+    let settings = report["settings"].as_object().cloned().unwrap_or_default();
+    for (key, _) in env.iter().filter(|(k, _)| k.starts_with("SPOKE_")) {
+        let used = settings.values().any(|s| s["env"] == key.as_str() && s["source"] == "env");
+        if !used {
+            bail!("{what}: {key} sets no flag of {binary}");
+        }
+    }
     Ok(())
 }
 

@@ -8,13 +8,14 @@ use spoke::transport::tls;
 use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
-    let args: AgentArgs = match spoke::process::parse_args("spoke-agent") {
-        Ok(args) => args,
-        Err(exit) => return exit,
-    };
+    let spoke::process::Parsed::<AgentArgs> { args, settings } =
+        match spoke::process::parse_args("spoke-agent") {
+            Ok(parsed) => parsed,
+            Err(exit) => return exit,
+        };
     spoke::telemetry::init_logging(args.log_format);
-    let check_only = args.check_config;
-    let config = spoke::process::configure("spoke-agent", check_only, || {
+    let check = args.check_config.then_some(&settings);
+    let config = spoke::process::configure("spoke-agent", check, || {
         let config = AgentConfig::try_from(args)?;
         match &config.credential {
             Credential::Cert(files) => drop(tls::client_config(files).context("TLS")?),

@@ -74,13 +74,14 @@ fn check_tls(config: &ServerConfig) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args: ServerArgs = match spoke::process::parse_args("spoke-server") {
-        Ok(args) => args,
-        Err(exit) => return exit,
-    };
+    let spoke::process::Parsed::<ServerArgs> { args, settings } =
+        match spoke::process::parse_args("spoke-server") {
+            Ok(parsed) => parsed,
+            Err(exit) => return exit,
+        };
     spoke::telemetry::init_logging(args.log_format);
-    let check_only = args.check_config;
-    let config = spoke::process::configure("spoke-server", check_only, || {
+    let check = args.check_config.then_some(&settings);
+    let config = spoke::process::configure("spoke-server", check, || {
         let config = ServerConfig::try_from(args)?;
         check_tls(&config)?;
         Ok(config)

@@ -225,7 +225,8 @@ pub struct ServerArgs {
     /// Log format.
     #[arg(long, env = "SPOKE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
-    /// Validate the configuration (including TLS files), print it, and exit 0.
+    /// Validate the configuration (including TLS files), print every flag's effective value and its
+    /// source as one JSON document (format 1, docs/operations.md), and exit 0.
     #[arg(long)]
     pub check_config: bool,
 }
