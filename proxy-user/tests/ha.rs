@@ -168,3 +168,51 @@ async fn agents_hold_every_replica_behind_a_load_balancer() {
         assert_eq!(metric(r.admin_addr, "spoke_server_agents_connected").await, 5);
     }
 }
+
+/// Plaintext data connections behind a balancer, with no advertised replica addresses: about half
+/// reach another replica than their session's. Each is replaced at once, not counted as a failure and
+/// paused after like a broken one, and both replicas' pools fill and carry streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_data_connections_that_reach_another_replica_are_replaced() {
+    let certs = certs();
+    let f = &certs.files;
+    let api =
+        apiserver::FakeApiserver::start(certs.dir.path(), &f.cluster_ca, &f.cluster_cert, &f.cluster_key)
+            .await;
+    let balancer = Balancer::start().await;
+    let mut replicas = Vec::new();
+    for id in 0..2 {
+        replicas.push(
+            server(&certs)
+                .flag("--server-id", &format!("spoke-server-{id}"))
+                .flag("--kubeconfig", &api.kubeconfig.display().to_string())
+                .switch("--enable-lease-controller")
+                .flag("--lease-renewal-interval", "200ms")
+                .flag("--lease-duration", "2s")
+                .allow_plaintext_tunnel()
+                .run()
+                .await,
+        );
+    }
+    balancer.set(&replicas.iter().map(|r| r.agent_addr).collect::<Vec<_>>());
+    let lb = balancer.addr;
+    let a = agent(&replicas[0])
+        .plaintext("splice")
+        .flag("--proxy-server-host", &lb.ip().to_string())
+        .flag("--proxy-server-port", &lb.port().to_string())
+        .flag("--tls-server-name", "localhost")
+        .flag("--pool-size", "8")
+        .spawn()
+        .await;
+    held_by_all(std::slice::from_ref(&a), 2).await;
+    eventually("both replicas' pools full", || async {
+        metric(a.admin_addr, "spoke_agent_pool_idle").await == 16
+    })
+    .await;
+    assert_eq!(metric(a.admin_addr, "spoke_agent_server_conn_failures_total{kind=\"data\"}").await, 0);
+    let echo = echo().await;
+    for (i, r) in replicas.iter().enumerate() {
+        let mut s = tunnel_via(&r.uds, echo).await;
+        exchange(&mut s, u8::try_from(i).unwrap()).await;
+    }
+}

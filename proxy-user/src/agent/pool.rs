@@ -58,20 +58,47 @@ async fn pause_then_wake(counts: &Counts, stop: &CancellationToken) {
     }
 }
 
+/// Behind a load balancer without advertised replica addresses, a data connection may reach another
+/// replica than its session's: it is replaced at once, up to [`MAX_MISROUTED`] times in a row.
+async fn replace_misrouted(counts: &Counts, stop: &CancellationToken) {
+    debug!("data connection reached another replica: replacing it");
+    if counts.misrouted.fetch_add(1, Ordering::AcqRel) < MAX_MISROUTED {
+        counts.wake.notify_one();
+    } else {
+        pause_then_wake(counts, stop).await;
+    }
+}
+
+/// Counts a data connection as dialing from its spawn until it parks or fails, so that the pool never
+/// sees it in neither count (and dials a replacement for one still on its way).
+struct Dialing<'a>(&'a Counts);
+
+impl Drop for Dialing<'_> {
+    fn drop(&mut self) {
+        self.0.dialing.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a data connection did not prove its session.
+enum Unproven {
+    /// It reached a replica that does not hold the session.
+    Misrouted,
+    /// Anything else.
+    Failed(CodecError),
+}
+
 /// One data connection: dial, park, wait for a dial, hand over to the stream.
 async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>, stop: CancellationToken) {
+    let dialing = Dialing(&counts);
     let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id: session.id };
     let connected = tokio::select! {
-        () = stop.cancelled() => {
-            counts.dialing.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
+        () = stop.cancelled() => return,
         c = agent.connect(&session.data_addr, &hello, agent.config.tunnel_tls == super::config::TunnelTls::On) => c,
     };
-    counts.dialing.fetch_sub(1, Ordering::AcqRel);
     let mut conn = match connected {
         Ok(conn) => conn,
         Err(error) => {
+            drop(dialing);
             inc(&agent.metrics.server_conn_failures, "kind", "data");
             debug!(%error, "data connection failed");
             return pause_then_wake(&counts, &stop).await;
@@ -82,7 +109,12 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
     let nonce = if agent.proves_data_conns(&conn) {
         match prove(&agent, &mut conn, &session).await {
             Ok(nonce) => Some(nonce),
-            Err(error) => {
+            Err(Unproven::Misrouted) => {
+                drop(dialing);
+                return replace_misrouted(&counts, &stop).await;
+            }
+            Err(Unproven::Failed(error)) => {
+                drop(dialing);
                 inc(&agent.metrics.server_conn_failures, "kind", "data");
                 debug!(%error, "data connection not admitted");
                 return pause_then_wake(&counts, &stop).await;
@@ -92,6 +124,7 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
         None
     };
     counts.idle.fetch_add(1, Ordering::AcqRel);
+    drop(dialing);
     agent.metrics.pool_idle.inc();
 
     // Reading is not cancel-safe, but a cancelled read drops the connection anyway.
@@ -124,14 +157,7 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
             );
         }
         Some(Ok(Message::Reject { reason })) if reason == UNKNOWN_SESSION => {
-            // Behind a load balancer without advertised replica addresses, a data connection may reach
-            // another replica than its session's: replace it at once, a bounded number of times.
-            debug!("data connection reached another replica: replacing it");
-            if counts.misrouted.fetch_add(1, Ordering::AcqRel) < MAX_MISROUTED {
-                counts.wake.notify_one();
-            } else {
-                pause_then_wake(&counts, &stop).await;
-            }
+            replace_misrouted(&counts, &stop).await;
         }
         Some(Ok(Message::Reject { reason })) => {
             warn!(%reason, "server refused a data connection");
@@ -153,23 +179,20 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
 }
 
 /// Answers the server's challenge on a data connection; the nonce signs the dial that follows.
-async fn prove(
-    agent: &Agent,
-    conn: &mut DialedLink,
-    session: &Session,
-) -> Result<[u8; NONCE_LEN], CodecError> {
+async fn prove(agent: &Agent, conn: &mut DialedLink, session: &Session) -> Result<[u8; NONCE_LEN], Unproven> {
     let exchange = async {
-        match codec::read_message(conn).await? {
+        match codec::read_message(conn).await.map_err(Unproven::Failed)? {
             Message::Challenge { nonce } => {
                 let proof = Message::DataProof { mac: session.key.proof(session.id, &nonce) };
-                codec::write_message(conn, &proof).await?;
+                codec::write_message(conn, &proof).await.map_err(Unproven::Failed)?;
                 Ok(nonce)
             }
-            Message::Reject { .. } => Err(CodecError::Invalid("refused by the server")),
-            _ => Err(CodecError::Invalid("challenge")),
+            Message::Reject { reason } if reason == UNKNOWN_SESSION => Err(Unproven::Misrouted),
+            Message::Reject { .. } => Err(Unproven::Failed(CodecError::Invalid("refused by the server"))),
+            _ => Err(Unproven::Failed(CodecError::Invalid("challenge"))),
         }
     };
     tokio::time::timeout(agent.config.connect_timeout, exchange)
         .await
-        .unwrap_or(Err(CodecError::Io(std::io::ErrorKind::TimedOut.into())))
+        .unwrap_or(Err(Unproven::Failed(CodecError::Io(std::io::ErrorKind::TimedOut.into()))))
 }
