@@ -69,6 +69,18 @@ async fn replace_misrouted(counts: &Counts, stop: &CancellationToken) {
     }
 }
 
+/// Wakes the pool to replace a taken data connection when dropped: by the stream once it has written
+/// its `DialReply`, so that the replacement's TCP and TLS handshakes (the costliest work of an open)
+/// run after the open they would otherwise compete with for the CPU, not during it. The pool keeps
+/// `--pool-size` connections, so other opens meanwhile take the others.
+pub(super) struct Refill(Arc<Counts>);
+
+impl Drop for Refill {
+    fn drop(&mut self) {
+        self.0.wake.notify_one();
+    }
+}
+
 /// Counts a data connection as dialing from its spawn until it parks or fails, so that the pool never
 /// sees it in neither count (and dials a replacement for one still on its way).
 struct Dialing<'a>(&'a Counts);
@@ -134,7 +146,11 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
     };
     counts.idle.fetch_sub(1, Ordering::AcqRel);
     agent.metrics.pool_idle.dec();
-    counts.wake.notify_one();
+    // A taken connection is replaced once its stream has replied (see `Refill`); any other end of an
+    // idle one, at once.
+    if !matches!(first, Some(Ok(Message::Dial { .. }))) {
+        counts.wake.notify_one();
+    }
     match first {
         None => {}
         Some(Ok(Message::Dial { stream_id, host, port, timeout_ms, mac }))
@@ -151,8 +167,9 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
             counts.misrouted.store(0, Ordering::Release);
             let span = info_span!("stream", id = stream_id, dest = %format_args!("{host}:{port}"));
             let a = agent.clone();
+            let refill = Refill(counts.clone());
             agent.streams.spawn(
-                async move { super::stream::serve(&a, conn, stream_id, &host, port, timeout_ms).await }
+                async move { super::stream::serve(&a, conn, stream_id, &host, port, timeout_ms, refill).await }
                     .instrument(span),
             );
         }

@@ -103,7 +103,8 @@ async fn open(agent: &Agent, host: &str, port: u16, timeout: Duration) -> Result
     })
 }
 
-/// Serves one `Dial` that arrived on `conn`.
+/// Serves one `Dial` that arrived on `conn`; `refill` is dropped once the reply is written (or the
+/// stream ends before), which wakes the pool to replace `conn`.
 pub(super) async fn serve(
     agent: &Agent,
     mut conn: DialedLink,
@@ -111,6 +112,7 @@ pub(super) async fn serve(
     host: &str,
     port: u16,
     timeout_ms: u32,
+    refill: super::pool::Refill,
 ) {
     let timeout = Duration::from_millis(timeout_ms.into()).min(agent.config.dial_timeout);
     let started = Instant::now();
@@ -127,7 +129,9 @@ pub(super) async fn serve(
     };
     inc(&agent.metrics.stream.results, "result", status.as_str());
     let reply = Message::DialReply { stream_id, status, message };
-    if let Err(error) = Box::pin(codec::write_message(&mut conn, &reply)).await {
+    let written = Box::pin(codec::write_message(&mut conn, &reply)).await;
+    drop(refill);
+    if let Err(error) = written {
         debug!(%error, "server left before the dial reply");
         return;
     }
