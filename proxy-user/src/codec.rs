@@ -90,6 +90,11 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
         }
         Message::ServerCount { count } => out.put_u16(*count),
         Message::Ping { nonce } | Message::Pong { nonce } => out.put_u64(*nonce),
+        Message::StreamEnd { stream_id, bytes } => {
+            out.put_u64(*stream_id);
+            out.put_u64(*bytes);
+        }
+        Message::StreamEndRead { stream_id } => out.put_u64(*stream_id),
         Message::Drain => {}
         Message::GoAway { reason } | Message::Reject { reason } => put_str(out, reason)?,
         Message::DataHello { version, session_id } => {
@@ -155,6 +160,10 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
         },
         kind::SERVER_COUNT => Message::ServerCount { count: get_u16(b, "server count")? },
         kind::PING => Message::Ping { nonce: get_u64(b, "nonce")? },
+        kind::STREAM_END => {
+            Message::StreamEnd { stream_id: get_u64(b, "stream id")?, bytes: get_u64(b, "byte count")? }
+        }
+        kind::STREAM_END_READ => Message::StreamEndRead { stream_id: get_u64(b, "stream id")? },
         kind::PONG => Message::Pong { nonce: get_u64(b, "nonce")? },
         kind::DRAIN => Message::Drain,
         kind::GO_AWAY => Message::GoAway { reason: get_str(b, "reason")? },
@@ -399,6 +408,8 @@ mod tests {
             Message::ServerCount { count: 4 },
             Message::Ping { nonce: 42 },
             Message::Pong { nonce: 42 },
+            Message::StreamEnd { stream_id: 7, bytes: u64::MAX },
+            Message::StreamEndRead { stream_id: 7 },
             Message::Drain,
             Message::GoAway { reason: "shutting down".into() },
             Message::DataHello { version: PROTOCOL_VERSION, session_id: SessionId(9) },

@@ -65,6 +65,8 @@ pub struct StreamMetrics {
     pub fallbacks: Counters,
     /// The sockmap tier's counters.
     pub sockmap: SockmapMetrics,
+    /// TLS data connections parked again after their stream ended by count, for the next stream.
+    pub reused: Counter,
 }
 
 /// Counts a stream as open until dropped.
@@ -87,6 +89,11 @@ impl StreamMetrics {
         r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
         r.register("datapath_streams", "Streams by datapath tier", m.by_tier.clone());
         r.register("datapath_bytes", "Stream payload bytes by datapath tier", m.tier_bytes.clone());
+        r.register(
+            "data_conns_reused",
+            "Data connections parked again for another stream after theirs ended by count",
+            m.reused.clone(),
+        );
         r.register(
             "datapath_fallbacks",
             "Streams that fell back from the configured tier, by reason",

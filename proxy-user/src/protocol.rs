@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 /// Version of the wire format spoken by this build. A peer announcing another version is refused with
 /// [`Message::Reject`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Checks a peer's protocol version; `Err` holds the reason to send back in a `Reject`.
 pub fn check_version(version: u16) -> Result<(), String> {
@@ -313,6 +313,21 @@ pub enum Message {
         /// The `Ping`'s nonce.
         nonce: u64,
     },
+    /// Either direction on the control channel: the sender wrote the last byte of its direction of
+    /// stream `stream_id` on the stream's data connection, `bytes` in all (after `DialReply`). The
+    /// data connection itself stays open, so that it can carry another stream (docs/protocol.md).
+    StreamEnd {
+        /// The stream (`Dial::stream_id`).
+        stream_id: u64,
+        /// Bytes the sender wrote in its direction.
+        bytes: u64,
+    },
+    /// Server → agent on the control channel: the server has read every byte the agent announced with
+    /// `StreamEnd`; the agent may write on the stream's data connection again.
+    StreamEndRead {
+        /// The stream.
+        stream_id: u64,
+    },
     /// Agent → server: take no new streams through me; open streams go on.
     Drain,
     /// Server → agent: this server is going away; reconnect (to another replica) later.
@@ -377,6 +392,8 @@ pub(crate) mod kind {
     pub const PONG: u8 = 4;
     pub const DRAIN: u8 = 5;
     pub const GO_AWAY: u8 = 6;
+    pub const STREAM_END: u8 = 8;
+    pub const STREAM_END_READ: u8 = 9;
     pub const DATA_HELLO: u8 = 16;
     pub const CHALLENGE: u8 = 19;
     pub const DATA_PROOF: u8 = 20;
@@ -395,6 +412,8 @@ impl Message {
             Self::ServerCount { .. } => kind::SERVER_COUNT,
             Self::Ping { .. } => kind::PING,
             Self::Pong { .. } => kind::PONG,
+            Self::StreamEnd { .. } => kind::STREAM_END,
+            Self::StreamEndRead { .. } => kind::STREAM_END_READ,
             Self::Drain => kind::DRAIN,
             Self::GoAway { .. } => kind::GO_AWAY,
             Self::DataHello { .. } => kind::DATA_HELLO,

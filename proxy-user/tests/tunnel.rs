@@ -315,3 +315,55 @@ async fn early_data(mode: Mode) {
     let up = "spoke_server_bytes_total{direction=\"up\"}";
     assert_eq!(common::counted(srv.admin_addr, up, 12).await, 12, "{up} counts the early bytes");
 }
+
+/// A TLS data connection whose stream ended both ways carries the next stream, without a new TLS
+/// handshake: every stream's bytes and ends arrive intact whether the client or the backend ends first,
+/// and both sides count the reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_data_connections_carry_one_stream_after_another() {
+    const STREAMS: u64 = 40;
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let agent = agent(&srv).flag("--pool-size", "2").run().await;
+    let handshakes = |admin| async move {
+        common::metric(admin, "spoke_agent_server_handshakes_total{kind=\"full\"}").await
+            + common::metric(admin, "spoke_agent_server_handshakes_total{kind=\"resumed\"}").await
+    };
+    let before = handshakes(agent.admin_addr).await;
+    // A backend that speaks first and ends its side, then reads the client's bytes to their end.
+    let banner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let banner_addr = banner.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = banner.accept().await {
+            tokio::spawn(async move {
+                s.write_all(b"banner").await.unwrap();
+                s.shutdown().await.unwrap();
+                check_pattern(&mut s, 3).await
+            });
+        }
+    });
+    let echo = echo().await;
+    for i in 0..STREAMS {
+        let len = 1 + i * 7919;
+        if i % 2 == 0 {
+            // The client ends first; the echo ends after it.
+            let mut s = tunnel(&srv, echo).await;
+            let (mut r, mut w) = s.split();
+            let ((), got) = tokio::join!(send_pattern(&mut w, i, len), check_pattern(&mut r, i));
+            assert_eq!(got, len, "stream {i}");
+        } else {
+            // The backend ends first; the client's bytes still flow after it.
+            let mut s = tunnel(&srv, banner_addr).await;
+            let mut head = Vec::new();
+            s.read_to_end(&mut head).await.unwrap();
+            assert_eq!(head, b"banner", "stream {i}");
+            send_pattern(&mut s, 3, len).await;
+        }
+    }
+    let reused = common::metric(agent.admin_addr, "spoke_agent_data_conns_reused_total").await;
+    assert!(reused >= STREAMS / 2, "only {reused} of {STREAMS} streams left their connection reusable");
+    let made = handshakes(agent.admin_addr).await - before;
+    assert!(made < STREAMS / 2, "{made} handshakes for {STREAMS} streams");
+    let line = "spoke_server_data_conns_reused_total";
+    assert!(common::counted(srv.admin_addr, line, reused).await >= reused);
+}

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
@@ -19,6 +19,7 @@ use super::{Agent, ConnectError, pool};
 use crate::codec;
 use crate::metrics::inc;
 use crate::protocol::{self, DataKey, Message, PROTOCOL_VERSION, SessionId};
+use crate::transport::counted::Ends;
 use crate::transport::{DialedLink, Link};
 
 /// A control session as its data connections need it.
@@ -30,6 +31,8 @@ pub(super) struct Session {
     pub(super) key: DataKey,
     /// Where its data connections go: the replica's advertised address, or the control channel's.
     pub(super) data_addr: ServerAddr,
+    /// Its counted stream ends (TLS data connections carry one stream after another).
+    pub(super) ends: Arc<Ends>,
 }
 
 /// Control frames buffered between the reader task and the session loop.
@@ -147,6 +150,8 @@ struct Opened {
     server_count: u16,
     heartbeat: Duration,
     session: Session,
+    /// Counted-end frames for the control channel.
+    end_frames: mpsc::Receiver<Message>,
 }
 
 /// Connects to `server` and says hello, naming the replicas `held` already; the server's answer
@@ -186,24 +191,28 @@ async fn open(
     };
     let Link::Tls(tls) = &conn else { unreachable!("the control channel is always TLS") };
     let key = crate::transport::tls::data_key(tls.get_ref().1, session_id).map_err(ConnectError::DataKey)?;
+    let (ends, end_frames) = Ends::new();
     Ok(Some(Opened {
         conn,
         server_id,
         server_count,
         heartbeat: Duration::from_millis(heartbeat_ms.into()).max(MIN_HEARTBEAT),
-        session: Session { id: session_id, key, data_addr },
+        session: Session { id: session_id, key, data_addr, ends },
+        end_frames,
     }))
 }
 
 /// Serves one control session until it ends: heartbeats, with the session's pool of data connections.
 async fn serve(agent: &Arc<Agent>, opened: Opened, held: &Held, shutdown: &CancellationToken) {
-    let Opened { conn, server_id, server_count, heartbeat, session } = opened;
+    let Opened { conn, server_id, server_count, heartbeat, session, end_frames } = opened;
     let span = info_span!("session", id = %session.id.label(), server = %server_id);
     async {
         info!(server_count, heartbeat = ?heartbeat, data = %session.data_addr, "connected to server");
         let pool_stop = CancellationToken::new();
-        let pool = tokio::spawn(pool::run(agent.clone(), Arc::new(session), pool_stop.clone()));
-        let end = heartbeats(agent, conn, heartbeat, shutdown, |count| {
+        let session = Arc::new(session);
+        let pool = tokio::spawn(pool::run(agent.clone(), session.clone(), pool_stop.clone()));
+        let channel = Channel { conn, heartbeat, ends: &session.ends, end_frames };
+        let end = heartbeats(agent, channel, shutdown, |count| {
             if let Some(c) = held.lock().get_mut(&server_id) {
                 *c = count;
             }
@@ -211,6 +220,7 @@ async fn serve(agent: &Arc<Agent>, opened: Opened, held: &Held, shutdown: &Cance
             held.changed.notify_one();
         })
         .await;
+        session.ends.close();
         pool_stop.cancel();
         let _ = pool.await;
         match &end {
@@ -272,14 +282,24 @@ enum SessionEnd {
     Lost(String),
 }
 
-/// Heartbeats on a control channel until it ends; `on_count` hears the servers' new replica counts.
-async fn heartbeats(
-    agent: &Agent,
+/// A control channel as the session loop runs it.
+struct Channel<'a> {
     conn: DialedLink,
     heartbeat: Duration,
+    /// The session's counted ends: frames to send, and where the server's go.
+    ends: &'a Ends,
+    end_frames: mpsc::Receiver<Message>,
+}
+
+/// Heartbeats on a control channel until it ends, with the counted ends of its streams; `on_count`
+/// hears the servers' new replica counts.
+async fn heartbeats(
+    agent: &Agent,
+    channel: Channel<'_>,
     shutdown: &CancellationToken,
     on_count: impl Fn(u16),
 ) -> SessionEnd {
+    let Channel { conn, heartbeat, ends, mut end_frames } = channel;
     let (rd, mut wr) = tokio::io::split(conn);
     let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
     let mut ticker = tokio::time::interval(heartbeat);
@@ -292,6 +312,11 @@ async fn heartbeats(
                 agent.draining.store(true, Ordering::Relaxed);
                 let _ = codec::write_message(&mut wr, &Message::Drain).await;
                 break SessionEnd::Shutdown;
+            }
+            Some(frame) = end_frames.recv() => {
+                if let Err(e) = codec::write_message(&mut wr, &frame).await {
+                    break SessionEnd::Lost(e.to_string());
+                }
             }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > heartbeat * MISSED_HEARTBEATS {
@@ -315,6 +340,8 @@ async fn heartbeats(
                     }
                     Some(Ok(Message::GoAway { reason })) => break SessionEnd::GoAway(reason),
                     Some(Ok(Message::ServerCount { count })) => on_count(count),
+                    Some(Ok(Message::StreamEnd { stream_id, bytes })) => ends.told_end(stream_id, bytes),
+                    Some(Ok(Message::StreamEndRead { stream_id })) => ends.told_read(stream_id),
                     Some(Ok(Message::Reject { reason })) => break SessionEnd::Lost(format!("server refused: {reason}")),
                     Some(Ok(other)) => break SessionEnd::Lost(format!("unexpected control frame {}", other.kind())),
                 }

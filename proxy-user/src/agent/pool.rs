@@ -2,11 +2,14 @@
 //! taken, a replacement is dialed at once, so the pool refills ahead of demand and no TLS handshake
 //! (resumed, thanks to the shared client session cache) sits on a request's path.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info_span, warn};
 
@@ -15,7 +18,8 @@ use super::control::Session;
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
 use crate::protocol::{Message, NONCE_LEN, PROTOCOL_VERSION, UNKNOWN_SESSION};
-use crate::transport::{DialedLink, Stream as _};
+use crate::transport::counted::Side;
+use crate::transport::{DialedLink, Link, Stream as _};
 
 /// Pause after a data connection failed before it is replaced (keeps a broken server from being
 /// hammered; the control channel's own backoff handles outages).
@@ -41,7 +45,13 @@ pub(super) async fn run(agent: Arc<Agent>, session: Arc<Session>, stop: Cancella
             < agent.config.pool_size
         {
             counts.dialing.fetch_add(1, Ordering::AcqRel);
-            tokio::spawn(data_conn(agent.clone(), counts.clone(), session.clone(), stop.clone()));
+            let slot = Slot {
+                agent: agent.clone(),
+                counts: counts.clone(),
+                session: session.clone(),
+                stop: stop.clone(),
+            };
+            tokio::spawn(data_conn(slot));
         }
         tokio::select! {
             () = counts.wake.notified() => {}
@@ -73,19 +83,39 @@ async fn replace_misrouted(counts: &Counts, stop: &CancellationToken) {
 /// its `DialReply`, so that the replacement's TCP and TLS handshakes (the costliest work of an open)
 /// run after the open they would otherwise compete with for the CPU, not during it. The pool keeps
 /// `--pool-size` connections, so other opens meanwhile take the others.
-pub(super) struct Refill(Arc<Counts>);
+///
+/// A TLS connection comes back when its stream ends by count, so it is replaced only once the idle
+/// ones run below half the pool: a stream that ends soon costs no handshake at all, and long ones
+/// still leave half the pool ready for the next burst.
+pub(super) struct Refill {
+    counts: Arc<Counts>,
+    low_water: usize,
+}
 
-impl Drop for Refill {
-    fn drop(&mut self) {
-        self.0.wake.notify_one();
+impl Refill {
+    fn new(counts: &Arc<Counts>, pool_size: usize, comes_back: bool) -> Self {
+        let low_water = if comes_back { pool_size.div_ceil(2) } else { usize::MAX };
+        Self { counts: counts.clone(), low_water }
     }
 }
 
+impl Drop for Refill {
+    fn drop(&mut self) {
+        let held = self.counts.idle.load(Ordering::Acquire) + self.counts.dialing.load(Ordering::Acquire);
+        if held < self.low_water {
+            self.counts.wake.notify_one();
+        }
+    }
+}
+
+/// A pool holds at most this many times its size of idle connections that came back from streams.
+pub const MAX_IDLE_FACTOR: usize = 2;
+
 /// Counts a data connection as dialing from its spawn until it parks or fails, so that the pool never
 /// sees it in neither count (and dials a replacement for one still on its way).
-struct Dialing<'a>(&'a Counts);
+struct Dialing(Arc<Counts>);
 
-impl Drop for Dialing<'_> {
+impl Drop for Dialing {
     fn drop(&mut self) {
         self.0.dialing.fetch_sub(1, Ordering::AcqRel);
     }
@@ -99,37 +129,54 @@ enum Unproven {
     Failed(CodecError),
 }
 
-/// One data connection: dial, park, wait for a dial, hand over to the stream.
-async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>, stop: CancellationToken) {
-    let dialing = Dialing(&counts);
+/// The pool a data connection belongs to.
+#[derive(Clone)]
+pub(super) struct Slot {
+    agent: Arc<Agent>,
+    counts: Arc<Counts>,
+    session: Arc<Session>,
+    stop: CancellationToken,
+}
+
+/// One data connection: dial, then [`parked`].
+async fn data_conn(slot: Slot) {
+    let dialing = Dialing(slot.counts.clone());
+    let Slot { agent, session, stop, counts } = &slot;
+    let lineage = Lineage { generation: agent.tls.generation(), born: Instant::now() };
     let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id: session.id };
     let connected = tokio::select! {
         () = stop.cancelled() => return,
         c = agent.connect(&session.data_addr, &hello, agent.config.tunnel_tls == super::config::TunnelTls::On) => c,
     };
-    let mut conn = match connected {
-        Ok(conn) => conn,
+    match connected {
+        Ok(conn) => parked(&slot, conn, lineage, Some(dialing)).await,
         Err(error) => {
             drop(dialing);
             inc(&agent.metrics.server_conn_failures, "kind", "data");
             debug!(%error, "data connection failed");
-            return pause_then_wake(&counts, &stop).await;
+            pause_then_wake(counts, stop).await;
         }
-    };
+    }
+}
+
+/// A data connection that has said `DataHello` (new, or after a stream that ended by count): prove
+/// the session where needed, park, wait for a dial, hand over to the stream.
+async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Option<Dialing>) {
+    let Slot { agent, session, stop, counts } = slot;
     // A data connection without a certificate of the node (plain, or with a token credential)
     // answers the server's challenge with the session's data key.
     let nonce = if agent.proves_data_conns(&conn) {
-        match prove(&agent, &mut conn, &session).await {
+        match prove(agent, &mut conn, session).await {
             Ok(nonce) => Some(nonce),
             Err(Unproven::Misrouted) => {
                 drop(dialing);
-                return replace_misrouted(&counts, &stop).await;
+                return replace_misrouted(counts, stop).await;
             }
             Err(Unproven::Failed(error)) => {
                 drop(dialing);
                 inc(&agent.metrics.server_conn_failures, "kind", "data");
                 debug!(%error, "data connection not admitted");
-                return pause_then_wake(&counts, &stop).await;
+                return pause_then_wake(counts, stop).await;
             }
         }
     } else {
@@ -161,37 +208,104 @@ async fn data_conn(agent: Arc<Agent>, counts: Arc<Counts>, session: Arc<Session>
             warn!(dest = %format_args!("{host}:{port}"), "a Dial that is not the server's: refused");
             inc(&agent.metrics.server_conn_failures, "kind", "forged_dial");
             conn.abort();
-            pause_then_wake(&counts, &stop).await;
+            pause_then_wake(counts, stop).await;
         }
         Some(Ok(Message::Dial { stream_id, host, port, timeout_ms, .. })) => {
             counts.misrouted.store(0, Ordering::Release);
             let span = info_span!("stream", id = stream_id, dest = %format_args!("{host}:{port}"));
-            let a = agent.clone();
-            let refill = Refill(counts.clone());
+            // Registered before the reply: the server may announce its end as soon as it has it.
+            let counted = match conn {
+                Link::Tls(_) => session.ends.register(stream_id, Side::Agent),
+                Link::Plain(_) => None,
+            };
+            let refill = Refill::new(&slot.counts, agent.config.pool_size, counted.is_some());
+            let slot = slot.clone();
+            let dial = Dial { stream_id, host, port, timeout_ms };
             agent.streams.spawn(
-                async move { super::stream::serve(&a, conn, stream_id, &host, port, timeout_ms, refill).await }
-                    .instrument(span),
+                async move {
+                    let reusable = super::stream::serve(&slot.agent, conn, dial, refill, counted).await;
+                    if let Some(conn) = reusable {
+                        tokio::spawn(repark_boxed(slot, conn, lineage));
+                    }
+                }
+                .instrument(span),
             );
         }
         Some(Ok(Message::Reject { reason })) if reason == UNKNOWN_SESSION => {
-            replace_misrouted(&counts, &stop).await;
+            replace_misrouted(counts, stop).await;
         }
         Some(Ok(Message::Reject { reason })) => {
             warn!(%reason, "server refused a data connection");
-            pause_then_wake(&counts, &stop).await;
+            pause_then_wake(counts, stop).await;
         }
         Some(Ok(other)) => {
             warn!(kind = other.kind(), "unexpected frame on an idle data connection");
-            pause_then_wake(&counts, &stop).await;
+            pause_then_wake(counts, stop).await;
         }
         Some(Err(CodecError::Closed)) => {
             debug!("server closed an idle data connection");
-            pause_then_wake(&counts, &stop).await;
+            pause_then_wake(counts, stop).await;
         }
         Some(Err(error)) => {
             debug!(%error, "idle data connection failed");
-            pause_then_wake(&counts, &stop).await;
+            pause_then_wake(counts, stop).await;
         }
+    }
+}
+
+/// A server's `Dial`, as the stream serves it.
+pub(super) struct Dial {
+    pub(super) stream_id: u64,
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) timeout_ms: u32,
+}
+
+/// [`repark`] as its own task, boxed: a connection's life is a cycle of such tasks, whose types would
+/// otherwise contain each other.
+fn repark_boxed(slot: Slot, conn: DialedLink, lineage: Lineage) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(repark(slot, conn, lineage))
+}
+
+/// Where a data connection came from, to know when it must not carry another stream.
+#[derive(Clone, Copy)]
+struct Lineage {
+    /// The client certificate's generation when it was dialed ([`crate::transport::tls::ClientTls::generation`]).
+    generation: u64,
+    born: Instant,
+}
+
+/// Longest time a data connection carries one stream after another: then it is closed and a new
+/// handshake takes up the certificates of both ends as they are now.
+pub const MAX_CONN_AGE: Duration = Duration::from_mins(10);
+
+/// A data connection whose stream ended by count both ways, once the server has read all the agent
+/// wrote: it says `DataHello` again and waits for the next dial. It is closed instead when the pool
+/// already holds [`MAX_IDLE_FACTOR`] times its size, is stopping, or when the connection is older than
+/// [`MAX_CONN_AGE`] or presents a certificate that was rotated since.
+async fn repark(slot: Slot, mut conn: DialedLink, lineage: Lineage) {
+    let Slot { agent, session, stop, counts } = &slot;
+    let held = counts.idle.load(Ordering::Acquire) + counts.dialing.load(Ordering::Acquire);
+    if stop.is_cancelled()
+        || agent.draining.load(Ordering::Relaxed)
+        || held >= agent.config.pool_size * MAX_IDLE_FACTOR
+        || lineage.born.elapsed() >= MAX_CONN_AGE
+        || lineage.generation != agent.tls.generation()
+    {
+        let _ =
+            tokio::time::timeout(agent.config.connect_timeout, tokio::io::AsyncWriteExt::shutdown(&mut conn))
+                .await;
+        counts.wake.notify_one();
+        return;
+    }
+    let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id: session.id };
+    match tokio::time::timeout(agent.config.connect_timeout, codec::write_message(&mut conn, &hello)).await {
+        Ok(Ok(())) => {
+            agent.metrics.stream.reused.inc();
+            parked(&slot, conn, lineage, None).await;
+        }
+        Ok(Err(error)) => debug!(%error, "data connection failed after its stream"),
+        Err(_) => debug!("data connection stalled after its stream"),
     }
 }
 

@@ -11,11 +11,13 @@ use tracing::debug;
 
 use super::Agent;
 use super::policy::Policy;
+use super::pool::{Dial, Refill};
 use crate::codec;
 use crate::datapath::Activity;
 use crate::metrics::inc;
 use crate::protocol::{DialStatus, Message};
-use crate::transport::DialedLink;
+use crate::transport::counted::{Counted, REUSE_TIMEOUT, Registration};
+use crate::transport::{DialedLink, Stream};
 
 /// The relay's ends, as its log names them.
 const ENDS: [&str; 2] = ["downstream (server)", "upstream (target)"];
@@ -104,16 +106,18 @@ async fn open(agent: &Agent, host: &str, port: u16, timeout: Duration) -> Result
 }
 
 /// Serves one `Dial` that arrived on `conn`; `refill` is dropped once the reply is written (or the
-/// stream ends before), which wakes the pool to replace `conn`.
+/// stream ends before), which wakes the pool to replace `conn`. A TLS connection (`counted`) comes
+/// back when its stream ended by count both ways and the server read all the agent wrote: it can
+/// carry the next stream.
 pub(super) async fn serve(
     agent: &Agent,
     mut conn: DialedLink,
-    stream_id: u64,
-    host: &str,
-    port: u16,
-    timeout_ms: u32,
-    refill: super::pool::Refill,
-) {
+    dial: Dial,
+    refill: Refill,
+    counted: Option<Registration>,
+) -> Option<DialedLink> {
+    let Dial { stream_id, host, port, timeout_ms } = dial;
+    let host = host.as_str();
     let timeout = Duration::from_millis(timeout_ms.into()).min(agent.config.dial_timeout);
     let started = Instant::now();
     // The dial runs boxed: a task's state is as large as its largest phase and is held for the stream's
@@ -133,12 +137,28 @@ pub(super) async fn serve(
     drop(refill);
     if let Err(error) = written {
         debug!(%error, "server left before the dial reply");
-        return;
+        return None;
     }
-    let Some(mut target) = target else { return };
+    let mut target = target?;
+    let Some(registration) = counted else {
+        relay(agent, &mut conn, &mut target).await;
+        return None;
+    };
+    let mut conn = Counted::new(conn, registration);
+    if !relay(agent, &mut conn, &mut target).await || !conn.reusable() {
+        return None;
+    }
+    drop(target);
+    let heard = tokio::time::timeout(REUSE_TIMEOUT, conn.read_acknowledged()).await;
+    matches!(heard, Ok(true)).then(|| conn.into_inner())
+}
+
+/// Relays a stream and records it; `true` for a clean end both ways.
+async fn relay<C: Stream>(agent: &Agent, conn: &mut C, target: &mut TcpStream) -> bool {
     let outcome = {
         let _open = agent.metrics.stream.opened();
-        agent.datapath.relay(&mut conn, &mut target, &[], &Activity::default()).await
+        agent.datapath.relay(conn, target, &[], &Activity::default()).await
     };
     agent.metrics.stream.record(&outcome, ENDS);
+    outcome.failure.is_none()
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apiserver::nodes::NodeFacts;
 use crate::protocol::{DataKey, Identity, NONCE_LEN, SessionId};
 use crate::transport::AcceptedLink;
+use crate::transport::counted::Ends;
 
 /// A data connection parked by an agent.
 pub type DataConn = AcceptedLink;
@@ -70,6 +71,8 @@ pub struct AgentHandle {
     pub gone: CancellationToken,
     /// The session's data key (see [`DataKey`]).
     pub data_key: DataKey,
+    /// The session's counted stream ends (TLS data connections carry one stream after another).
+    pub ends: Arc<Ends>,
     idle: Mutex<VecDeque<Parked>>,
     idle_added: Notify,
     idle_gauge: Gauge,
@@ -95,6 +98,7 @@ impl AgentHandle {
         max_streams: usize,
         max_idle: usize,
         idle_gauge: Gauge,
+        ends: Arc<Ends>,
     ) -> Self {
         Self {
             identity,
@@ -107,6 +111,7 @@ impl AgentHandle {
             idle_added: Notify::new(),
             idle_gauge,
             max_idle,
+            ends,
         }
     }
 
@@ -402,6 +407,7 @@ mod tests {
             16,
             4,
             Gauge::default(),
+            Ends::new().0,
         ))
     }
 

@@ -16,6 +16,7 @@ use crate::codec::{self, CodecError};
 use crate::metrics::inc;
 use crate::protocol::{self, DataKey, Identity, Message, PROTOCOL_VERSION, SessionId};
 use crate::transport::accept::Accepted;
+use crate::transport::counted::Ends;
 use crate::transport::tls::{self, HandshakeError};
 use crate::transport::{self, AcceptedLink, Link};
 
@@ -136,7 +137,9 @@ async fn reject(conn: &mut AcceptedLink, reason: &str) {
     let _ = codec::write_message(conn, &Message::Reject { reason: reason.to_owned() }).await;
 }
 
-async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId, deadline: Instant) {
+/// Parks a data connection that quoted `session_id` (its first frame, or the `DataHello` an agent sends
+/// on a connection whose stream ended by count), after its checks, by `deadline`.
+pub(super) async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId, deadline: Instant) {
     let Some(agent) = server.agents.session(session_id) else {
         inc(&server.metrics.agent_conn_failures, "reason", "unknown_session");
         return reject(&mut conn, protocol::UNKNOWN_SESSION).await;
@@ -206,6 +209,7 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         inc(&server.metrics.agent_conn_failures, "reason", "protocol");
         return reject(&mut conn, "no data key could be derived from the control channel").await;
     };
+    let (ends, end_frames) = Ends::new();
     let agent = Arc::new(AgentHandle::new(
         identity,
         session_id,
@@ -213,6 +217,7 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         limits.max_streams_per_agent,
         limits.max_idle_per_agent,
         server.metrics.data_conns_idle.clone(),
+        ends,
     ));
     // Registered before the ack, so that data connections quoting the session find it.
     if let Some(old) = server.agents.register(&agent, routes) {
@@ -229,7 +234,8 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
     let span = info_span!("agent", id = %agent.identity.agent_id, session = %session_id.label());
     async {
         info!(node = %agent.identity.node_name, addresses = ?agent.identity.addresses, cidrs = ?agent.identity.cidrs, "agent connected");
-        let reason = session(&server, conn, &agent).await;
+        let reason = session(&server, conn, &agent, end_frames).await;
+        agent.ends.close();
         server.agents.unregister(&agent);
         agent.gone.cancel();
         agent.drop_idle();
@@ -248,6 +254,7 @@ async fn session(
     server: &Server,
     conn: AcceptedLink,
     agent: &AgentHandle,
+    mut end_frames: tokio::sync::mpsc::Receiver<Message>,
 ) -> Result<&'static str, CodecError> {
     let (rd, mut wr) = tokio::io::split(conn);
     let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
@@ -267,6 +274,12 @@ async fn session(
                 break Ok("server shutting down");
             }
             () = agent.gone.cancelled() => break Ok("replaced by a newer session"),
+            Some(frame) = end_frames.recv() => {
+                if let Err(e) = codec::write_message(&mut wr, &frame).await {
+                    break Err(e);
+                }
+                continue;
+            }
             r = tokio::time::timeout(silence, rx.recv()) => match r {
                 Err(_) => break Err(CodecError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no heartbeat"))),
                 Ok(None) => break Err(CodecError::Closed),
@@ -282,6 +295,7 @@ async fn session(
                 }
             }
             Message::Pong { .. } => {}
+            Message::StreamEnd { stream_id, bytes } => agent.ends.told_end(stream_id, bytes),
             Message::Drain => {
                 info!("agent draining: no new streams");
                 agent.draining.store(true, Ordering::Relaxed);

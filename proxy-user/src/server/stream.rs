@@ -12,16 +12,17 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, info_span, warn};
 
-use super::Server;
 use super::registry::{AgentHandle, DataConn};
+use super::{Server, session};
 use crate::codec::{self, CodecError};
 use crate::datapath::Activity;
 use crate::frontend::{self, ConnectRequest, ESTABLISHED};
 use crate::metrics::inc;
-use crate::protocol::{DialStatus, MAC_LEN, Message};
-use crate::transport::Stream;
+use crate::protocol::{DialStatus, MAC_LEN, Message, PROTOCOL_VERSION};
 use crate::transport::accept::Accepted;
+use crate::transport::counted::{Counted, REUSE_TIMEOUT, Side};
 use crate::transport::tls::{self, HandshakeError};
+use crate::transport::{Link, Stream};
 
 /// The relay's ends, as its log names them.
 const ENDS: [&str; 2] = ["downstream (client)", "upstream (agent)"];
@@ -168,7 +169,7 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
     let span = info_span!("stream", id = stream_id, dest = %req);
     async move {
         let started = Instant::now();
-        let (mut data, agent, _slot) = match Box::pin(open(server, &req, stream_id)).await {
+        let (mut data, agent, slot) = match Box::pin(open(server, &req, stream_id)).await {
             Ok(opened) => opened,
             Err(e) => {
                 log_refusal(server, e.reason(), &e);
@@ -181,29 +182,116 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
         if let Err(error) = client.write_all(ESTABLISHED).await.and(client.flush().await) {
             debug!(%error, "client left before the stream opened");
             inc(&server.metrics.stream.results, "result", "client_closed");
-            data.abort();
+            data.get_mut().abort();
             return;
         }
         inc(&server.metrics.stream.results, "result", "ok");
         debug!(agent = %agent.identity.agent_id, "stream open");
-        let activity = Activity::default();
-        let outcome = {
-            let _open = server.metrics.stream.opened();
-            tokio::select! {
-                outcome = server.datapath.relay(&mut client, &mut data, &req.early_data, &activity) => Some(outcome),
-                () = idle_while_draining(server, &activity) => None,
+        let reusable = match data {
+            Opened::Counted(mut data) => {
+                carry(server, &mut client, &mut data, &req.early_data).await.then(|| data.into_inner())
+            }
+            Opened::Plain(mut data) => {
+                carry(server, &mut client, &mut data, &req.early_data).await;
+                None
             }
         };
-        if let Some(outcome) = outcome {
-            server.metrics.stream.record(&outcome, ENDS);
-        } else {
-            debug!("idle while the server drains: closing the stream");
-            server.metrics.drain_closed_idle.inc();
-            close_orderly(&mut client, &mut data).await;
+        drop((client, slot));
+        if let Some(conn) = reusable {
+            Box::pin(reuse(server, &agent, conn)).await;
         }
     }
     .instrument(span)
     .await;
+}
+
+/// Relays a stream until it ends, or until it sits idle while the server drains (then it is closed in
+/// order); records it. `true` when its data connection can carry another stream.
+async fn carry<S: Stream, D: DataSide>(server: &Server, client: &mut S, data: &mut D, early: &[u8]) -> bool {
+    let activity = Activity::default();
+    let outcome = {
+        let _open = server.metrics.stream.opened();
+        tokio::select! {
+            outcome = server.datapath.relay(client, data, early, &activity) => Some(outcome),
+            () = idle_while_draining(server, &activity) => None,
+        }
+    };
+    if let Some(outcome) = outcome {
+        server.metrics.stream.record(&outcome, ENDS);
+        outcome.failure.is_none() && data.reusable()
+    } else {
+        debug!("idle while the server drains: closing the stream");
+        server.metrics.drain_closed_idle.inc();
+        close_orderly(client, data.conn()).await;
+        false
+    }
+}
+
+/// A stream's data connection as the relay takes it.
+trait DataSide: Stream {
+    /// The connection itself, for a real close.
+    fn conn(&mut self) -> &mut DataConn;
+    /// Whether it can carry another stream now.
+    fn reusable(&self) -> bool;
+}
+
+impl DataSide for DataConn {
+    fn conn(&mut self) -> &mut DataConn {
+        self
+    }
+
+    fn reusable(&self) -> bool {
+        false
+    }
+}
+
+impl DataSide for Counted<DataConn> {
+    fn conn(&mut self) -> &mut DataConn {
+        self.get_mut()
+    }
+
+    fn reusable(&self) -> bool {
+        Counted::reusable(self)
+    }
+}
+
+/// A data connection ready for a stream: TLS ones end their stream by count and may carry the next.
+enum Opened {
+    Counted(Counted<DataConn>),
+    Plain(DataConn),
+}
+
+impl Opened {
+    fn get_mut(&mut self) -> &mut DataConn {
+        match self {
+            Self::Counted(c) => c.get_mut(),
+            Self::Plain(c) => c,
+        }
+    }
+}
+
+/// A data connection whose stream ended by count in both directions: once the agent sends `DataHello`
+/// on it (it does when it has heard that the server read all it wrote), it is parked again. A draining
+/// server lets it go.
+async fn reuse(server: &Server, agent: &AgentHandle, mut conn: DataConn) {
+    if server.draining.is_cancelled() {
+        return;
+    }
+    let deadline = Instant::now() + REUSE_TIMEOUT;
+    match tokio::time::timeout_at(deadline, codec::read_message(&mut conn)).await {
+        Ok(Ok(Message::DataHello { version, session_id }))
+            if version == PROTOCOL_VERSION && session_id == agent.session_id =>
+        {
+            server.metrics.stream.reused.inc();
+            session::park(server, conn, session_id, deadline).await;
+        }
+        Ok(Err(CodecError::Closed)) => debug!("the agent closed the data connection after its stream"),
+        Ok(Ok(other)) => {
+            warn!(agent = %agent.identity.agent_id, kind = other.kind(), "unexpected frame after a stream");
+        }
+        Ok(Err(error)) => debug!(%error, "data connection failed after its stream"),
+        Err(_) => debug!("no DataHello after the stream: data connection closed"),
+    }
 }
 
 /// Logs a refused or failed request at the default level (the apiserver shows its user only the status),
@@ -275,7 +363,7 @@ async fn open(
     server: &Server,
     req: &ConnectRequest,
     stream_id: u64,
-) -> Result<(DataConn, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
+) -> Result<(Opened, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
     let _pending = server.pending_dials.try_acquire().map_err(|_| DialError::Overloaded)?;
     server.metrics.pending_dials.inc();
     let result = dial(server, req, stream_id).await;
@@ -287,7 +375,7 @@ async fn dial(
     server: &Server,
     req: &ConnectRequest,
     stream_id: u64,
-) -> Result<(DataConn, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
+) -> Result<(Opened, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
     let limits = &server.config.limits;
     let deadline = Instant::now() + limits.dial_timeout;
     let timeout_ms = u32::try_from(limits.dial_timeout.as_millis()).unwrap_or(u32::MAX);
@@ -305,6 +393,11 @@ async fn dial(
             agent.data_key.dial_mac(&nonce, stream_id, &req.host, req.port, timeout_ms)
         });
         let dial = Message::Dial { stream_id, host: req.host.clone(), port: req.port, timeout_ms, mac };
+        // Registered before the dial: the agent may announce its end as soon as it has replied.
+        let counted = match conn {
+            Link::Tls(_) => agent.ends.register(stream_id, Side::Server),
+            Link::Plain(_) => None,
+        };
         let exchange = async {
             codec::write_message(&mut conn, &dial).await?;
             codec::read_message(&mut conn).await
@@ -315,7 +408,11 @@ async fn dial(
                 return Err(DialError::ReplyTimeout { agent: agent_id() });
             }
             Ok(Ok(Message::DialReply { stream_id: id, status: DialStatus::Ok, .. })) if id == stream_id => {
-                return Ok((conn, agent, slot));
+                let opened = match counted {
+                    Some(registration) => Opened::Counted(Counted::new(conn, registration)),
+                    None => Opened::Plain(conn),
+                };
+                return Ok((opened, agent, slot));
             }
             Ok(Ok(Message::DialReply { stream_id: id, status: DialStatus::Draining, message }))
                 if id == stream_id =>

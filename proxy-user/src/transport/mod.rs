@@ -7,6 +7,7 @@
 //! relayed end to end.
 
 pub mod accept;
+pub mod counted;
 pub mod tls;
 
 use std::io;

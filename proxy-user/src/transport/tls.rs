@@ -207,6 +207,8 @@ pub struct ClientTls {
     /// `None` for a client that presents no certificate (nothing to reload).
     files: Option<TlsFiles>,
     state: std::sync::Mutex<ClientState>,
+    /// Bumped at every reload, so that connections made before can be told apart.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -222,14 +224,21 @@ impl ClientTls {
         let stamp = stamp(files);
         let config = client_config(files)?;
         let state = ClientState { config, stamp, checked: std::time::Instant::now() };
-        Ok(Self { files: Some(files.clone()), state: std::sync::Mutex::new(state) })
+        Ok(Self { files: Some(files.clone()), state: std::sync::Mutex::new(state), generation: 0.into() })
     }
 
     /// A client that presents no certificate, trusting `ca`.
     pub fn anonymous(ca: &Path) -> Result<Self> {
         let config = anonymous_client_config(ca)?;
         let state = ClientState { config, stamp: Stamp::default(), checked: std::time::Instant::now() };
-        Ok(Self { files: None, state: std::sync::Mutex::new(state) })
+        Ok(Self { files: None, state: std::sync::Mutex::new(state), generation: 0.into() })
+    }
+
+    /// How many times the certificate was reloaded, after looking whether the files changed: a connection
+    /// made at another generation presents another certificate than the next one would.
+    pub fn generation(&self) -> u64 {
+        drop(self.config());
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The configuration for the next connection: rebuilt first if the files changed.
@@ -250,6 +259,7 @@ impl ClientTls {
             Ok(config) => {
                 tracing::info!(cert = %files.cert.display(), "client certificate reloaded");
                 state.config = config;
+                self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Err(error) => {
                 tracing::warn!(%error, "client certificate changed but does not load: keeping the last good one");

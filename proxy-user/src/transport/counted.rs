@@ -1,0 +1,501 @@
+//! Stream ends told by byte count over the control channel, so that a TLS data connection outlives its
+//! stream and carries the next one without a new handshake (docs/protocol.md, "Reusing a data
+//! connection").
+//!
+//! A side whose source of a direction ends does not close the data connection: it flushes what it
+//! wrote, then tells the peer over the control channel how many bytes that was (`StreamEnd`). The
+//! peer's reader stops at exactly that count and takes it as the end of the direction; the bytes
+//! themselves stay unframed. When both directions ended this way, no stream byte is in flight on the
+//! connection and it can be parked again: the agent waits until the server has read all it wrote
+//! (`StreamEndRead`), then sends `DataHello` on it, and the server parks it as a new one.
+//!
+//! Anything else ends the stream as before and the connection is not reused: a session whose control
+//! channel is gone (or whose queue is full) gets a real end (TLS `close_notify` and FIN), also late, for
+//! an end that was announced but may not have arrived; a connection that ends before the announced
+//! count, or carries bytes past it, fails the stream (the relay aborts both sides).
+
+use std::collections::HashMap;
+use std::future::Future as _;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::debug;
+
+use super::{Plain, Stream};
+use crate::protocol::Message;
+
+/// Control frames of counted ends queued for one session's control channel. When it is full, a stream
+/// ends with a real close instead (and its connection is not reused).
+pub const ENDS_QUEUE: usize = 1024;
+
+/// Time either side waits, after a stream ended by count, for the other to make the connection ready
+/// for the next stream (the agent for `StreamEndRead`, the server for the agent's `DataHello`); then
+/// the connection is closed.
+pub const REUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Which side of the tunnel a counted connection is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The server: it tells the agent when it has read everything the agent announced.
+    Server,
+    /// The agent: it writes on the connection again only after the server said so.
+    Agent,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Stream → where the peer's announced count goes.
+    counts: HashMap<u64, oneshot::Sender<u64>>,
+    /// Stream → where the server's `StreamEndRead` goes (agent side).
+    reads: HashMap<u64, oneshot::Sender<()>>,
+}
+
+/// One control session's counted ends: the frames its streams send to the peer, and where the counts
+/// the peer announces go. The session loop writes what [`Ends::new`]'s receiver yields and hands every
+/// `StreamEnd` and `StreamEndRead` it reads to [`Ends::told_end`] and [`Ends::told_read`]; when the
+/// session ends it calls [`Ends::close`].
+#[derive(Debug)]
+pub struct Ends {
+    tx: mpsc::Sender<Message>,
+    waiting: Mutex<Waiting>,
+    gone: CancellationToken,
+}
+
+impl Ends {
+    /// Ends for a new session, and the frames to write on its control channel.
+    #[must_use]
+    pub fn new() -> (Arc<Self>, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(ENDS_QUEUE);
+        let ends = Self { tx, waiting: Mutex::default(), gone: CancellationToken::new() };
+        (Arc::new(ends), rx)
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers stream `stream_id`, before anything on its data connection could make the peer announce
+    /// its end. `None` once the session is over.
+    #[must_use]
+    pub fn register(self: &Arc<Self>, stream_id: u64, side: Side) -> Option<Registration> {
+        if self.gone.is_cancelled() {
+            return None;
+        }
+        let (count_tx, count) = oneshot::channel();
+        let mut waiting = self.waiting();
+        waiting.counts.insert(stream_id, count_tx);
+        let read_ack = (side == Side::Agent).then(|| {
+            let (tx, rx) = oneshot::channel();
+            waiting.reads.insert(stream_id, tx);
+            rx
+        });
+        Some(Registration { ends: self.clone(), stream_id, side, count, read_ack })
+    }
+
+    /// The peer announced the end of its direction of `stream_id` after `bytes`. A stream that is gone
+    /// (it failed, or ended the old way) is not waiting for it any more.
+    pub fn told_end(&self, stream_id: u64, bytes: u64) {
+        let waiter = self.waiting().counts.remove(&stream_id);
+        if let Some(tx) = waiter {
+            let _ = tx.send(bytes);
+        } else {
+            debug!(stream_id, "end of a stream that is no longer waiting");
+        }
+    }
+
+    /// The server read all the agent announced of `stream_id`.
+    pub fn told_read(&self, stream_id: u64) {
+        if let Some(tx) = self.waiting().reads.remove(&stream_id) {
+            let _ = tx.send(());
+        }
+    }
+
+    /// The session is over: no count will arrive any more, and none can be sent.
+    pub fn close(&self) {
+        self.gone.cancel();
+        let mut waiting = self.waiting();
+        waiting.counts.clear();
+        waiting.reads.clear();
+    }
+
+    /// Streams waiting for a count from the peer (for tests and metrics).
+    #[must_use]
+    pub fn waiting_streams(&self) -> usize {
+        self.waiting().counts.len()
+    }
+}
+
+/// A stream's place in its session's [`Ends`]; removed when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    ends: Arc<Ends>,
+    stream_id: u64,
+    side: Side,
+    count: oneshot::Receiver<u64>,
+    read_ack: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut waiting = self.ends.waiting();
+        waiting.counts.remove(&self.stream_id);
+        waiting.reads.remove(&self.stream_id);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriteEnd {
+    /// Bytes may still be written.
+    Open,
+    /// The end was told over the control channel.
+    Announced,
+    /// A real end (`close_notify` and FIN) is being sent.
+    Closing,
+    /// A real end was sent.
+    Closed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadEnd {
+    Open,
+    /// Ended at the announced count.
+    Counted,
+    /// Ended by the connection's own end (the peer closed it the old way).
+    Closed,
+}
+
+/// A data connection whose two directions end by count (see the module documentation).
+#[derive(Debug)]
+pub struct Counted<S> {
+    inner: S,
+    reg: Registration,
+    written: u64,
+    read: u64,
+    /// The peer's count, once told; `None` before, and for good once the session is gone.
+    peer_count: Option<u64>,
+    /// No count will come (the session is gone).
+    count_lost: bool,
+    write: WriteEnd,
+    read_end: ReadEnd,
+    /// Armed once the end was announced: a session lost before the stream finished gets a late real end,
+    /// in case the announcement never arrived.
+    session_gone: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// The server could not tell the agent it read everything (queue full, session gone).
+    read_untold: bool,
+}
+
+impl<S: Stream> Counted<S> {
+    /// Wraps `inner`, the data connection of the stream `reg` registered.
+    pub fn new(inner: S, reg: Registration) -> Self {
+        Self {
+            inner,
+            reg,
+            written: 0,
+            read: 0,
+            peer_count: None,
+            count_lost: false,
+            write: WriteEnd::Open,
+            read_end: ReadEnd::Open,
+            session_gone: None,
+            read_untold: false,
+        }
+    }
+
+    /// The connection, for a real close outside the relay.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Whether both directions ended by count, with the session still there: no stream byte is in
+    /// flight, and the connection can carry another stream once the agent has heard that the server read
+    /// everything ([`Counted::read_acknowledged`]).
+    #[must_use]
+    pub fn reusable(&self) -> bool {
+        self.write == WriteEnd::Announced
+            && self.read_end == ReadEnd::Counted
+            && !self.read_untold
+            && !self.reg.ends.gone.is_cancelled()
+    }
+
+    /// Agent side: waits until the server has read every byte the agent wrote, or the session ended.
+    /// `true` when it did; then the agent may write on the connection again.
+    pub async fn read_acknowledged(&mut self) -> bool {
+        let Some(ack) = self.reg.read_ack.as_mut() else { return true };
+        tokio::select! {
+            r = ack => r.is_ok(),
+            () = self.reg.ends.gone.cancelled() => false,
+        }
+    }
+
+    /// The connection, once the stream is over.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Learns the peer's count if it arrived.
+    fn poll_count(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.peer_count.is_some() || self.count_lost {
+            return Ok(());
+        }
+        match Pin::new(&mut self.reg.count).poll(cx) {
+            Poll::Ready(Ok(n)) if n < self.read => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the peer announced {n} bytes after sending {}", self.read),
+                ));
+            }
+            Poll::Ready(Ok(n)) => self.peer_count = Some(n),
+            Poll::Ready(Err(_)) => self.count_lost = true,
+            Poll::Pending => {}
+        }
+        Ok(())
+    }
+
+    /// An end announced, then the session lost: sends the real end too, so that the peer's reader ends
+    /// even if the announcement never reached it.
+    fn poll_late_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(gone) = self.session_gone.as_mut()
+            && gone.as_mut().poll(cx).is_ready()
+        {
+            self.session_gone = None;
+            self.write = WriteEnd::Closing;
+        }
+        if self.write == WriteEnd::Closing {
+            ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+            self.write = WriteEnd::Closed;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The read direction reached the announced count.
+    fn counted_end(&mut self) {
+        self.read_end = ReadEnd::Counted;
+        if self.reg.side == Side::Server {
+            let told = self.reg.ends.tx.try_send(Message::StreamEndRead { stream_id: self.reg.stream_id });
+            self.read_untold = told.is_err();
+        }
+    }
+}
+
+impl<S: Stream> AsyncRead for Counted<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_late_end(cx))?;
+        if this.read_end != ReadEnd::Open {
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_count(cx)?;
+        let want = match this.peer_count {
+            Some(count) if count == this.read => {
+                this.counted_end();
+                return Poll::Ready(Ok(()));
+            }
+            // Never past the count: what follows belongs to no stream of this side.
+            Some(count) => usize::try_from(count - this.read).unwrap_or(usize::MAX).min(buf.remaining()),
+            None => buf.remaining(),
+        };
+        let mut part = ReadBuf::new(buf.initialize_unfilled_to(want));
+        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut part))?;
+        let n = part.filled().len();
+        if n == 0 && want > 0 {
+            if let Some(count) = this.peer_count {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the connection ended after {} of {count} announced bytes", this.read),
+                )));
+            }
+            this.read_end = ReadEnd::Closed;
+            return Poll::Ready(Ok(()));
+        }
+        buf.advance(n);
+        this.read += n as u64;
+        if this.peer_count == Some(this.read) {
+            // The end is reported with the next read; the reader learns it without another wake-up.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: Stream> AsyncWrite for Counted<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write != WriteEnd::Open {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.written += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write == WriteEnd::Open {
+            ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+            let end = Message::StreamEnd { stream_id: this.reg.stream_id, bytes: this.written };
+            let ends = &this.reg.ends;
+            if !ends.gone.is_cancelled() && ends.tx.try_send(end).is_ok() {
+                this.write = WriteEnd::Announced;
+                this.session_gone = Some(Box::pin(ends.gone.clone().cancelled_owned()));
+                return Poll::Ready(Ok(()));
+            }
+            this.write = WriteEnd::Closing;
+        }
+        this.poll_late_end(cx)
+    }
+}
+
+impl<S: Stream> Stream for Counted<S> {
+    fn reset_on_close(&self, reset: bool) {
+        self.inner.reset_on_close(reset);
+    }
+
+    /// Never a kernel socket to splice: the ends are counted in user space.
+    fn plain(&self) -> Result<Plain<'_>, &'static str> {
+        self.inner.plain().and(Err("counted_ends"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// Two sides of one stream over a TCP pair, their sessions' frames crossed by hand.
+    async fn pair() -> (Counted<tokio::net::TcpStream>, Counted<tokio::net::TcpStream>, Channels) {
+        let (a, b) = crate::transport::tcp_pair().await;
+        let (server_ends, server_rx) = Ends::new();
+        let (agent_ends, agent_rx) = Ends::new();
+        let server = Counted::new(a, server_ends.register(1, Side::Server).unwrap());
+        let agent = Counted::new(b, agent_ends.register(1, Side::Agent).unwrap());
+        (server, agent, Channels { server_ends, server_rx, agent_ends, agent_rx })
+    }
+
+    struct Channels {
+        server_ends: Arc<Ends>,
+        server_rx: mpsc::Receiver<Message>,
+        agent_ends: Arc<Ends>,
+        agent_rx: mpsc::Receiver<Message>,
+    }
+
+    impl Channels {
+        /// Delivers every frame queued on either side to the other.
+        fn deliver(&mut self) {
+            while let Ok(m) = self.server_rx.try_recv() {
+                match m {
+                    Message::StreamEnd { stream_id, bytes } => self.agent_ends.told_end(stream_id, bytes),
+                    Message::StreamEndRead { stream_id } => self.agent_ends.told_read(stream_id),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            while let Ok(m) = self.agent_rx.try_recv() {
+                match m {
+                    Message::StreamEnd { stream_id, bytes } => self.server_ends.told_end(stream_id, bytes),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn both_directions_end_by_count_and_the_connection_carries_on() {
+        let (mut server, mut agent, mut ch) = pair().await;
+        server.write_all(b"up bytes").await.unwrap();
+        server.shutdown().await.unwrap();
+        agent.write_all(b"down").await.unwrap();
+        agent.shutdown().await.unwrap();
+        ch.deliver();
+        let mut up = Vec::new();
+        agent.read_to_end(&mut up).await.unwrap();
+        assert_eq!(up, b"up bytes");
+        let mut down = Vec::new();
+        server.read_to_end(&mut down).await.unwrap();
+        assert_eq!(down, b"down");
+        ch.deliver();
+        assert!(server.reusable() && agent.reusable());
+        assert!(agent.read_acknowledged().await);
+        // The connection itself is still open: the next bytes are the next stream's.
+        let (mut s, mut a) = (server.into_inner(), agent.into_inner());
+        a.write_all(b"next").await.unwrap();
+        let mut next = [0u8; 4];
+        s.read_exact(&mut next).await.unwrap();
+        assert_eq!(&next, b"next");
+        assert_eq!(ch.server_ends.waiting_streams() + ch.agent_ends.waiting_streams(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_count_that_arrives_before_the_bytes_stops_the_reader_exactly_there() {
+        let (mut server, mut agent, mut ch) = pair().await;
+        server.inner.write_all(b"abc").await.unwrap(); // three stream bytes, not yet counted...
+        server.written = 3;
+        server.shutdown().await.unwrap();
+        ch.deliver();
+        server.inner.write_all(b"XYZ").await.unwrap(); // ...and what would be the next stream's
+        let mut got = Vec::new();
+        agent.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"abc");
+    }
+
+    #[tokio::test]
+    async fn bytes_past_the_count_or_an_end_before_it_fail_the_stream() {
+        let (mut server, mut agent, mut ch) = pair().await;
+        server.inner.write_all(b"abcdef").await.unwrap();
+        let mut first = [0u8; 6];
+        agent.read_exact(&mut first).await.unwrap();
+        server.written = 2; // announces fewer than it sent
+        server.shutdown().await.unwrap();
+        ch.deliver();
+        let err = agent.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+
+        let (mut server, mut agent, mut ch) = pair().await;
+        agent.written = 10; // announces more than it sends
+        agent.shutdown().await.unwrap();
+        agent.inner.shutdown().await.unwrap();
+        ch.deliver();
+        let err = server.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn without_a_session_the_end_is_a_real_one_and_nothing_is_reused() {
+        let (mut server, mut agent, ch) = pair().await;
+        ch.server_ends.close();
+        ch.agent_ends.close();
+        server.write_all(b"last").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        agent.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last");
+        assert!(!agent.reusable() && !server.reusable());
+    }
+
+    #[tokio::test]
+    async fn an_end_announced_before_the_session_was_lost_is_sent_for_real_too() {
+        let (mut server, mut agent, ch) = pair().await;
+        server.write_all(b"tail").await.unwrap();
+        server.shutdown().await.unwrap(); // announced, never delivered
+        ch.server_ends.close();
+        ch.agent_ends.close();
+        // The server's other direction is still read: that is where the late end goes out.
+        let reader = tokio::spawn(async move {
+            let mut down = Vec::new();
+            server.read_to_end(&mut down).await.map(|_| down)
+        });
+        let mut got = Vec::new();
+        agent.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"tail");
+        agent.shutdown().await.unwrap();
+        assert_eq!(reader.await.unwrap().unwrap(), b"");
+    }
+}
