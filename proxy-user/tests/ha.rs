@@ -49,6 +49,9 @@ impl Balancer {
     }
 }
 
+/// Data connections each agent keeps parked at each replica.
+const POOL_SIZE: u64 = 4;
+
 /// A port free on 127.0.0.1 now (a replica must know its own address before it starts, to advertise it).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -115,6 +118,7 @@ async fn agents_hold_every_replica_behind_a_load_balancer() {
                 .flag("--proxy-server-host", &lb.ip().to_string())
                 .flag("--proxy-server-port", &lb.port().to_string())
                 .flag("--tls-server-name", "localhost")
+                .flag("--pool-size", &POOL_SIZE.to_string())
                 .spawn()
                 .await,
         );
@@ -123,6 +127,13 @@ async fn agents_hold_every_replica_behind_a_load_balancer() {
         agents_on(r, 5).await;
     }
     held_by_all(&agents, 3).await;
+    // Every agent parks a full pool at every replica: each serves its own apiserver's streams alike.
+    for r in &replicas {
+        eventually("a full pool from every agent at every replica", || async {
+            metric(r.admin_addr, "spoke_server_data_conns_idle").await == 5 * POOL_SIZE
+        })
+        .await;
+    }
 
     // 100 streams over the three replicas; one replica is killed mid-way.
     let echo = echo().await;
