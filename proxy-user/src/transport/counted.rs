@@ -19,10 +19,10 @@ use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
@@ -47,22 +47,40 @@ pub enum Side {
     Agent,
 }
 
+/// What a registered stream has heard from the peer.
 #[derive(Debug, Default)]
-struct Waiting {
-    /// Stream → where the peer's announced count goes.
-    counts: HashMap<u64, oneshot::Sender<u64>>,
-    /// Stream → where the server's `StreamEndRead` goes (agent side).
-    reads: HashMap<u64, oneshot::Sender<()>>,
+struct Heard {
+    /// The peer's announced count, once told.
+    count: Option<u64>,
+    /// The server read all the agent announced (agent side).
+    read: bool,
+    /// The stream's task, woken when either arrives.
+    waker: Option<Waker>,
 }
 
-/// One control session's counted ends: the frames its streams send to the peer, and where the counts
-/// the peer announces go. The session loop writes what [`Ends::new`]'s receiver yields and hands every
+impl Heard {
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn wait(&mut self, cx: &Context<'_>) {
+        match &mut self.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+    }
+}
+
+/// One control session's counted ends: the frames its streams send to the peer, and what the peer
+/// told each of them. The session loop writes what [`Ends::new`]'s receiver yields and hands every
 /// `StreamEnd` and `StreamEndRead` it reads to [`Ends::told_end`] and [`Ends::told_read`]; when the
-/// session ends it calls [`Ends::close`].
+/// session ends it calls [`Ends::close`]. A registered stream costs one small map entry, no channel.
 #[derive(Debug)]
 pub struct Ends {
     tx: mpsc::Sender<Message>,
-    waiting: Mutex<Waiting>,
+    streams: Mutex<HashMap<u64, Heard>>,
     gone: CancellationToken,
 }
 
@@ -71,12 +89,12 @@ impl Ends {
     #[must_use]
     pub fn new() -> (Arc<Self>, mpsc::Receiver<Message>) {
         let (tx, rx) = mpsc::channel(ENDS_QUEUE);
-        let ends = Self { tx, waiting: Mutex::default(), gone: CancellationToken::new() };
+        let ends = Self { tx, streams: Mutex::default(), gone: CancellationToken::new() };
         (Arc::new(ends), rx)
     }
 
-    fn waiting(&self) -> MutexGuard<'_, Waiting> {
-        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    fn streams(&self) -> MutexGuard<'_, HashMap<u64, Heard>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Registers stream `stream_id`, before anything on its data connection could make the peer announce
@@ -86,47 +104,66 @@ impl Ends {
         if self.gone.is_cancelled() {
             return None;
         }
-        let (count_tx, count) = oneshot::channel();
-        let mut waiting = self.waiting();
-        waiting.counts.insert(stream_id, count_tx);
-        let read_ack = (side == Side::Agent).then(|| {
-            let (tx, rx) = oneshot::channel();
-            waiting.reads.insert(stream_id, tx);
-            rx
-        });
-        Some(Registration { ends: self.clone(), stream_id, side, count, read_ack })
+        self.streams().insert(stream_id, Heard::default());
+        Some(Registration { ends: self.clone(), stream_id, side })
     }
 
     /// The peer announced the end of its direction of `stream_id` after `bytes`. A stream that is gone
-    /// (it failed, or ended the old way) is not waiting for it any more.
+    /// (it failed, or ended the old way) is not waiting for it any more; a second count is ignored.
     pub fn told_end(&self, stream_id: u64, bytes: u64) {
-        let waiter = self.waiting().counts.remove(&stream_id);
-        if let Some(tx) = waiter {
-            let _ = tx.send(bytes);
-        } else {
-            debug!(stream_id, "end of a stream that is no longer waiting");
+        match self.streams().get_mut(&stream_id) {
+            Some(heard) if heard.count.is_none() => {
+                heard.count = Some(bytes);
+                heard.wake();
+            }
+            _ => debug!(stream_id, "end of a stream that is not waiting for one"),
         }
     }
 
     /// The server read all the agent announced of `stream_id`.
     pub fn told_read(&self, stream_id: u64) {
-        if let Some(tx) = self.waiting().reads.remove(&stream_id) {
-            let _ = tx.send(());
+        if let Some(heard) = self.streams().get_mut(&stream_id) {
+            heard.read = true;
+            heard.wake();
         }
     }
 
     /// The session is over: no count will arrive any more, and none can be sent.
     pub fn close(&self) {
         self.gone.cancel();
-        let mut waiting = self.waiting();
-        waiting.counts.clear();
-        waiting.reads.clear();
+        for (_, mut heard) in self.streams().drain() {
+            heard.wake();
+        }
     }
 
-    /// Streams waiting for a count from the peer (for tests and metrics).
+    /// Streams registered now (for tests).
     #[must_use]
-    pub fn waiting_streams(&self) -> usize {
-        self.waiting().counts.len()
+    pub fn registered(&self) -> usize {
+        self.streams().len()
+    }
+
+    /// The peer's count for `stream_id`: `Ready(None)` once none can come (the session is over).
+    fn poll_count(&self, stream_id: u64, cx: &Context<'_>) -> Poll<Option<u64>> {
+        match self.streams().get_mut(&stream_id) {
+            None => Poll::Ready(None),
+            Some(Heard { count: Some(n), .. }) => Poll::Ready(Some(*n)),
+            Some(heard) => {
+                heard.wait(cx);
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Whether the server said it read everything: `Ready(false)` once it cannot (the session is over).
+    fn poll_read(&self, stream_id: u64, cx: &Context<'_>) -> Poll<bool> {
+        match self.streams().get_mut(&stream_id) {
+            None => Poll::Ready(false),
+            Some(Heard { read: true, .. }) => Poll::Ready(true),
+            Some(heard) => {
+                heard.wait(cx);
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -136,15 +173,11 @@ pub struct Registration {
     ends: Arc<Ends>,
     stream_id: u64,
     side: Side,
-    count: oneshot::Receiver<u64>,
-    read_ack: Option<oneshot::Receiver<()>>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut waiting = self.ends.waiting();
-        waiting.counts.remove(&self.stream_id);
-        waiting.reads.remove(&self.stream_id);
+        self.ends.streams().remove(&self.stream_id);
     }
 }
 
@@ -225,11 +258,11 @@ impl<S: Stream> Counted<S> {
     /// Agent side: waits until the server has read every byte the agent wrote, or the session ended.
     /// `true` when it did; then the agent may write on the connection again.
     pub async fn read_acknowledged(&mut self) -> bool {
-        let Some(ack) = self.reg.read_ack.as_mut() else { return true };
-        tokio::select! {
-            r = ack => r.is_ok(),
-            () = self.reg.ends.gone.cancelled() => false,
+        if self.reg.side == Side::Server {
+            return true;
         }
+        let (ends, id) = (&self.reg.ends, self.reg.stream_id);
+        std::future::poll_fn(|cx| ends.poll_read(id, cx)).await
     }
 
     /// The connection, once the stream is over.
@@ -237,20 +270,20 @@ impl<S: Stream> Counted<S> {
         self.inner
     }
 
-    /// Learns the peer's count if it arrived.
-    fn poll_count(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+    /// Learns the peer's count if it arrived (and registers for its arrival if not).
+    fn poll_count(&mut self, cx: &Context<'_>) -> io::Result<()> {
         if self.peer_count.is_some() || self.count_lost {
             return Ok(());
         }
-        match Pin::new(&mut self.reg.count).poll(cx) {
-            Poll::Ready(Ok(n)) if n < self.read => {
+        match self.reg.ends.poll_count(self.reg.stream_id, cx) {
+            Poll::Ready(Some(n)) if n < self.read => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("the peer announced {n} bytes after sending {}", self.read),
                 ));
             }
-            Poll::Ready(Ok(n)) => self.peer_count = Some(n),
-            Poll::Ready(Err(_)) => self.count_lost = true,
+            Poll::Ready(Some(n)) => self.peer_count = Some(n),
+            Poll::Ready(None) => self.count_lost = true,
             Poll::Pending => {}
         }
         Ok(())
@@ -283,41 +316,53 @@ impl<S: Stream> Counted<S> {
 }
 
 impl<S: Stream> AsyncRead for Counted<S> {
+    /// Reads the stream's bytes. The peer's count is looked up only when the connection has nothing to
+    /// read (no lock on the bulk path); once known, no read goes past it.
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_late_end(cx))?;
         if this.read_end != ReadEnd::Open {
             return Poll::Ready(Ok(()));
         }
-        this.poll_count(cx)?;
         let want = match this.peer_count {
             Some(count) if count == this.read => {
                 this.counted_end();
                 return Poll::Ready(Ok(()));
             }
-            // Never past the count: what follows belongs to no stream of this side.
             Some(count) => usize::try_from(count - this.read).unwrap_or(usize::MAX).min(buf.remaining()),
             None => buf.remaining(),
         };
         let mut part = ReadBuf::new(buf.initialize_unfilled_to(want));
-        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut part))?;
+        match Pin::new(&mut this.inner).poll_read(cx, &mut part) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Nothing to read: the count may be what is missing.
+                this.poll_count(cx)?;
+                if this.peer_count == Some(this.read) {
+                    this.counted_end();
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Pending;
+            }
+        }
         let n = part.filled().len();
         if n == 0 && want > 0 {
-            if let Some(count) = this.peer_count {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the connection ended after {} of {count} announced bytes", this.read),
-                )));
+            this.poll_count(cx)?;
+            match this.peer_count {
+                Some(count) if count == this.read => this.counted_end(),
+                Some(count) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the connection ended after {} of {count} announced bytes", this.read),
+                    )));
+                }
+                None => this.read_end = ReadEnd::Closed,
             }
-            this.read_end = ReadEnd::Closed;
             return Poll::Ready(Ok(()));
         }
         buf.advance(n);
         this.read += n as u64;
-        if this.peer_count == Some(this.read) {
-            // The end is reported with the next read; the reader learns it without another wake-up.
-            cx.waker().wake_by_ref();
-        }
         Poll::Ready(Ok(()))
     }
 }
@@ -430,20 +475,23 @@ mod tests {
         let mut next = [0u8; 4];
         s.read_exact(&mut next).await.unwrap();
         assert_eq!(&next, b"next");
-        assert_eq!(ch.server_ends.waiting_streams() + ch.agent_ends.waiting_streams(), 0);
+        assert_eq!(ch.server_ends.registered() + ch.agent_ends.registered(), 0);
     }
 
     #[tokio::test]
-    async fn a_count_that_arrives_before_the_bytes_stops_the_reader_exactly_there() {
+    async fn a_count_that_arrives_before_the_bytes_ends_the_direction_after_them() {
         let (mut server, mut agent, mut ch) = pair().await;
-        server.inner.write_all(b"abc").await.unwrap(); // three stream bytes, not yet counted...
-        server.written = 3;
+        server.written = 3; // announced before the three bytes are on their way
         server.shutdown().await.unwrap();
         ch.deliver();
-        server.inner.write_all(b"XYZ").await.unwrap(); // ...and what would be the next stream's
-        let mut got = Vec::new();
-        agent.read_to_end(&mut got).await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            agent.read_to_end(&mut got).await.map(|_| (got, agent.read_end))
+        });
+        server.inner.write_all(b"abc").await.unwrap();
+        let (got, end) = reader.await.unwrap().unwrap();
         assert_eq!(got, b"abc");
+        assert_eq!(end, ReadEnd::Counted);
     }
 
     #[tokio::test]
