@@ -367,3 +367,22 @@ async fn tls_data_connections_carry_one_stream_after_another() {
     let line = "spoke_server_data_conns_reused_total";
     assert!(common::counted(srv.admin_addr, line, reused).await >= reused);
 }
+
+/// A dial the agent refuses or that fails leaves its data connection as it was parked: it takes the
+/// next stream, TLS or plain, without a new handshake or challenge being needed first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_dials_leave_their_data_connection_for_the_next_stream() {
+    for mode in [Mode::Tls, Mode::PlainSplice] {
+        let (srv, agent) = system(mode).await;
+        // A port with nothing listening: each dial is refused (502).
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        for _ in 0..10 {
+            assert_eq!(common::connect_status(&srv, &closed.to_string()).await.0, 502, "{mode:?}");
+        }
+        let reused = "spoke_agent_data_conns_reused_total";
+        assert_eq!(common::counted(agent.admin_addr, reused, 10).await, 10, "{mode:?}");
+        assert_eq!(common::counted(srv.admin_addr, "spoke_server_data_conns_reused_total", 10).await, 10);
+        let echo = echo().await;
+        common::round_trip(&srv, echo).await;
+    }
+}

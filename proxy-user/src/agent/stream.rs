@@ -139,7 +139,9 @@ pub(super) async fn serve(
         debug!(%error, "server left before the dial reply");
         return None;
     }
-    let mut target = target?;
+    // A failed dial leaves the connection as it was parked: it takes the next stream (the server
+    // expects its `DataHello`; a draining agent closes it instead).
+    let Some(mut target) = target else { return Some(conn) };
     let Some(registration) = counted else {
         relay(agent, &mut conn, &mut target).await;
         return None;

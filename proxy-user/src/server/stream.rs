@@ -143,7 +143,7 @@ pub(super) async fn serve_tls(server: Arc<Server>, acceptor: TlsAcceptor, accept
 }
 
 /// Serves one frontend connection to its end.
-async fn serve<S: Stream>(server: &Server, mut client: S) {
+async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
     let limits = &server.config.limits;
     // The phases before the relay run boxed: a task's state is as large as its largest phase and is held
     // for the stream's whole life, which is mostly the relay (thousands of idle streams are held at once).
@@ -198,7 +198,7 @@ async fn serve<S: Stream>(server: &Server, mut client: S) {
         };
         drop((client, slot));
         if let Some(conn) = reusable {
-            Box::pin(reuse(server, &agent, conn)).await;
+            tokio::spawn(reuse(server.clone(), agent, conn));
         }
     }
     .instrument(span)
@@ -270,10 +270,10 @@ impl Opened {
     }
 }
 
-/// A data connection whose stream ended by count in both directions: once the agent sends `DataHello`
-/// on it (it does when it has heard that the server read all it wrote), it is parked again. A draining
-/// server lets it go.
-async fn reuse(server: &Server, agent: &AgentHandle, mut conn: DataConn) {
+/// A data connection that carried a stream to its end by count both ways, or a dial that failed: once
+/// the agent sends `DataHello` on it (after a stream, when it has heard that the server read all it
+/// wrote; after a failed dial, at once), it is parked again. A draining server lets it go.
+async fn reuse(server: Arc<Server>, agent: Arc<AgentHandle>, mut conn: DataConn) {
     if server.draining.is_cancelled() {
         return;
     }
@@ -283,7 +283,7 @@ async fn reuse(server: &Server, agent: &AgentHandle, mut conn: DataConn) {
             if version == PROTOCOL_VERSION && session_id == agent.session_id =>
         {
             server.metrics.stream.reused.inc();
-            session::park(server, conn, session_id, deadline).await;
+            session::park(&server, conn, session_id, deadline).await;
         }
         Ok(Err(CodecError::Closed)) => debug!("the agent closed the data connection after its stream"),
         Ok(Ok(other)) => {
@@ -360,7 +360,7 @@ async fn close_orderly<S: Stream>(client: &mut S, data: &mut DataConn) {
 /// Routes `req`, has an agent dial it, and returns the data connection ready for raw bytes, with the
 /// agent and the stream slot held for the stream's life.
 async fn open(
-    server: &Server,
+    server: &Arc<Server>,
     req: &ConnectRequest,
     stream_id: u64,
 ) -> Result<(Opened, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
@@ -372,7 +372,7 @@ async fn open(
 }
 
 async fn dial(
-    server: &Server,
+    server: &Arc<Server>,
     req: &ConnectRequest,
     stream_id: u64,
 ) -> Result<(Opened, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
@@ -424,7 +424,10 @@ async fn dial(
                     Some(DialError::Agent { agent: agent_id(), status: DialStatus::Draining, message });
             }
             Ok(Ok(Message::DialReply { stream_id: id, status, message })) if id == stream_id => {
-                return Err(DialError::Agent { agent: agent_id(), status, message });
+                // Nothing reached the destination: the agent parks the connection again at once.
+                let agent_id = agent_id();
+                tokio::spawn(reuse(server.clone(), agent, conn));
+                return Err(DialError::Agent { agent: agent_id, status, message });
             }
             Ok(Ok(other)) => {
                 warn!(agent = %agent_id(), kind = other.kind(), "unexpected frame on a data connection");
