@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::{
-    Identity, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_STRING_LEN, MAX_TOKEN_LEN, Message, Secret, SessionId, kind,
+    Identity, KeyBytes, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_STRING_LEN, MAX_TOKEN_LEN, Message, Secret,
+    SessionId, kind,
 };
 
 /// Why a frame could not be read, written or understood.
@@ -80,13 +81,22 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
             put_text(out, token.expose(), MAX_TOKEN_LEN)?;
             put_list(out, held, |o, s| put_str(o, s))?;
         }
-        Message::HelloAck { version, server_id, server_count, session_id, heartbeat_ms, data_addr } => {
+        Message::HelloAck {
+            version,
+            server_id,
+            server_count,
+            session_id,
+            heartbeat_ms,
+            data_addr,
+            data_key,
+        } => {
             out.put_u16(*version);
             put_str(out, server_id)?;
             out.put_u16(*server_count);
             out.put_u128(session_id.0);
             out.put_u32(*heartbeat_ms);
             put_str(out, data_addr)?;
+            out.put_slice(&data_key.0);
         }
         Message::ServerCount { count } => out.put_u16(*count),
         Message::Ping { nonce } | Message::Pong { nonce } => out.put_u64(*nonce),
@@ -157,6 +167,7 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
             session_id: get_session_id(b)?,
             heartbeat_ms: get_u32(b, "heartbeat")?,
             data_addr: get_str(b, "data address")?,
+            data_key: KeyBytes(get_array(b, "data key")?),
         },
         kind::SERVER_COUNT => Message::ServerCount { count: get_u16(b, "server count")? },
         kind::PING => Message::Ping { nonce: get_u64(b, "nonce")? },
@@ -404,6 +415,7 @@ mod tests {
                 session_id: SessionId(u128::MAX - 7),
                 heartbeat_ms: 5000,
                 data_addr: "10.0.0.1:8091".into(),
+                data_key: KeyBytes([5; 32]),
             },
             Message::ServerCount { count: 4 },
             Message::Ping { nonce: 42 },

@@ -67,13 +67,35 @@ impl std::fmt::Debug for SessionId {
 pub const NONCE_LEN: usize = 16;
 /// Bytes of a MAC (HMAC-SHA256).
 pub const MAC_LEN: usize = 32;
-/// The TLS exporter label from which both ends of a control channel derive its session's data key.
-pub const DATA_KEY_LABEL: &[u8] = b"EXPORTER-spoke-data-connection";
+/// Bytes of a session's data key.
+pub const DATA_KEY_LEN: usize = 32;
 
-/// A session's data key: both ends derive it from the control channel's TLS session (RFC 8446 exporter,
-/// [`DATA_KEY_LABEL`], the session id as context), so it never crosses the wire. Plain data
-/// connections, which carry no certificate, prove with it that they belong to the session, and the
-/// server signs each `Dial` on them with it.
+/// The bytes of a session's data key, as `HelloAck` carries them (inside the control channel's TLS,
+/// never elsewhere). `Debug` shows none of them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyBytes(pub [u8; DATA_KEY_LEN]);
+
+impl std::fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyBytes(MASKED)")
+    }
+}
+
+impl KeyBytes {
+    /// A fresh key from the operating system's secure random source.
+    #[must_use]
+    pub fn random() -> Self {
+        let mut key = [0u8; DATA_KEY_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .expect("the system's random source works");
+        Self(key)
+    }
+}
+
+/// A session's data key: the server draws it for each session and sends it to the agent in `HelloAck`,
+/// inside the control channel's TLS, so it never crosses the wire in the clear. Plain data connections,
+/// which carry no certificate, prove with it that they belong to the session, and the server signs
+/// each `Dial` on them with it.
 #[derive(Clone)]
 pub struct DataKey(ring::hmac::Key);
 
@@ -84,10 +106,10 @@ impl std::fmt::Debug for DataKey {
 }
 
 impl DataKey {
-    /// The key from the exporter's output.
+    /// The key from its bytes.
     #[must_use]
-    pub fn new(exported: &[u8; 32]) -> Self {
-        Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, exported))
+    pub fn new(bytes: &[u8; DATA_KEY_LEN]) -> Self {
+        Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes))
     }
 
     fn mac(&self, input: &[u8]) -> [u8; MAC_LEN] {
@@ -297,6 +319,8 @@ pub enum Message {
         /// `host:port` where this replica takes the session's data connections (its own address, where
         /// agents reach replicas through a load balancer); empty: where the control channel went.
         data_addr: String,
+        /// The session's data key ([`DataKey`]).
+        data_key: KeyBytes,
     },
     /// Server → agent on the control channel: the number of replicas changed.
     ServerCount {

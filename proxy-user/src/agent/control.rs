@@ -19,8 +19,8 @@ use super::{Agent, ConnectError, pool};
 use crate::codec;
 use crate::metrics::inc;
 use crate::protocol::{self, DataKey, Message, PROTOCOL_VERSION, SessionId};
+use crate::transport::DialedLink;
 use crate::transport::counted::Ends;
-use crate::transport::{DialedLink, Link};
 
 /// A control session as its data connections need it.
 #[derive(Debug)]
@@ -168,11 +168,17 @@ async fn open(
     let ack = tokio::time::timeout(agent.config.connect_timeout, codec::read_message(&mut conn))
         .await
         .map_err(|_| ConnectError::Timeout(server.to_string()))??;
-    let (session_id, heartbeat_ms, server_id, server_count, data_addr) = match ack {
-        Message::HelloAck { version, server_id, server_count, session_id, heartbeat_ms, data_addr }
-            if protocol::check_version(version).is_ok() =>
-        {
-            (session_id, heartbeat_ms, server_id, server_count, data_addr)
+    let (session_id, heartbeat_ms, server_id, server_count, data_addr, data_key) = match ack {
+        Message::HelloAck {
+            version,
+            server_id,
+            server_count,
+            session_id,
+            heartbeat_ms,
+            data_addr,
+            data_key,
+        } if protocol::check_version(version).is_ok() => {
+            (session_id, heartbeat_ms, server_id, server_count, data_addr, data_key)
         }
         Message::HelloAck { version, .. } => {
             let reason = protocol::check_version(version).expect_err("the arm above took matching versions");
@@ -189,8 +195,7 @@ async fn open(
             ConnectError::Rejected(format!("the server named a bad data address {data_addr:?}"))
         })?
     };
-    let Link::Tls(tls) = &conn else { unreachable!("the control channel is always TLS") };
-    let key = crate::transport::tls::data_key(tls.get_ref().1, session_id).map_err(ConnectError::DataKey)?;
+    let key = DataKey::new(&data_key.0);
     let (ends, end_frames) = Ends::new();
     Ok(Some(Opened {
         conn,

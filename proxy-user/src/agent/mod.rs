@@ -15,7 +15,6 @@ use prometheus_client::registry::Registry;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -25,6 +24,7 @@ use crate::datapath::sockmap::{PinDir, Sockmap};
 use crate::datapath::{Datapath, Mode};
 use crate::metrics::{AgentMetrics, inc};
 use crate::protocol::{MAX_TOKEN_LEN, Message, Secret};
+use crate::transport::records;
 use crate::transport::tls::{self, HandshakeError};
 use crate::transport::{self, DialedLink, Link};
 use config::{AgentConfig, Credential, ServerAddr, TunnelTls};
@@ -67,9 +67,6 @@ pub enum ConnectError {
     /// The server answered with something else than expected.
     #[error("unexpected {0} frame from server")]
     Unexpected(u8),
-    /// The session's data key could not be derived from the control channel's TLS session.
-    #[error("derive the session's data key: {0}")]
-    DataKey(rustls::Error),
     /// The TLS server name is not a valid DNS name or IP address.
     #[error("{0:?} is not a valid TLS server name")]
     ServerName(String),
@@ -137,15 +134,15 @@ impl Agent {
                 tracing::debug!(%error, "tune server socket");
             }
             let mut conn = if tls {
-                let connector = TlsConnector::from(self.tls.config());
-                let conn = match tls::connect(&connector, server_name, tcp, deadline).await {
-                    Ok(conn) => conn,
+                let (conn, kind) = match records::connect(self.tls.config(), server_name, tcp, deadline).await
+                {
+                    Ok(connected) => connected,
                     Err(HandshakeError::Timeout) => return Err(ConnectError::Timeout(addr.clone())),
                     Err(HandshakeError::Failed(source)) => {
                         return Err(ConnectError::Connect { addr: addr.clone(), source });
                     }
                 };
-                let kind = match conn.get_ref().1.handshake_kind() {
+                let kind = match kind {
                     Some(rustls::HandshakeKind::Resumed) => "resumed",
                     _ => "full",
                 };

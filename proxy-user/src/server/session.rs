@@ -14,10 +14,11 @@ use super::registry::{AgentHandle, ParkError, Parked, Routes};
 use super::{Server, trust};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{self, DataKey, Identity, Message, PROTOCOL_VERSION, SessionId};
+use crate::protocol::{self, DataKey, Identity, KeyBytes, Message, PROTOCOL_VERSION, SessionId};
 use crate::transport::accept::Accepted;
 use crate::transport::counted::Ends;
-use crate::transport::tls::{self, HandshakeError};
+use crate::transport::records;
+use crate::transport::tls::HandshakeError;
 use crate::transport::{self, AcceptedLink, Link};
 
 /// Control frames buffered between the reader task and the session loop.
@@ -70,20 +71,6 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
     }
 }
 
-/// The session's data key, from the control channel's TLS session (`None` for a plain link).
-fn data_key(conn: &AcceptedLink, session_id: SessionId) -> Option<DataKey> {
-    let Link::Tls(tls) = conn else { return None };
-    tls::data_key(tls.get_ref().1, session_id).ok()
-}
-
-/// The node a link's certificate names (`None` for a plain link or another kind of certificate).
-fn peer_node(conn: &AcceptedLink) -> Option<String> {
-    match conn {
-        Link::Tls(tls) => tls::peer_node(tls.get_ref().1),
-        Link::Plain(_) => None,
-    }
-}
-
 /// TLS handshake (or, where allowed, a plain data connection) and first frame, by `deadline`. A control
 /// channel is always TLS.
 async fn establish(
@@ -101,8 +88,8 @@ async fn establish(
             return Err("protocol");
         }
         let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
-            match tls::accept(acceptor, stream, deadline).await {
-                Ok(conn) => Link::Tls(Box::new(conn)),
+            match records::accept(acceptor.config().clone(), stream, deadline).await {
+                Ok((conn, _)) => Link::Tls(Box::new(conn)),
                 Err(HandshakeError::Timeout) => return Err("timeout"),
                 Err(error) => {
                     warn!(%error, "agent TLS handshake failed");
@@ -148,7 +135,7 @@ pub(super) async fn park(server: &Server, mut conn: AcceptedLink, session_id: Se
     // (A plain one has no certificate: it is bound by the session id alone.)
     if server.config.agent_auth == AgentAuth::NodeCert
         && matches!(conn, Link::Tls(_))
-        && peer_node(&conn).as_deref() != Some(agent.identity.node_name.as_str())
+        && conn.peer_node() != Some(agent.identity.node_name.as_str())
     {
         warn!(session_node = %agent.identity.node_name, "data connection from another node's certificate refused");
         inc(&server.metrics.agent_conn_failures, "reason", "identity_mismatch");
@@ -195,8 +182,14 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         inc(&server.metrics.agent_conn_failures, "reason", "max_agents");
         return reject(&mut conn, "server is at its agent limit").await;
     }
+    if !matches!(conn, Link::Tls(_)) {
+        inc(&server.metrics.agent_conn_failures, "reason", "protocol");
+        return reject(&mut conn, "a control channel must use TLS").await;
+    }
     let session_id = SessionId::random();
     let heartbeat_ms = u32::try_from(limits.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
+    let key = KeyBytes::random();
+    let data_key = DataKey::new(&key.0);
     let ack = Message::HelloAck {
         version: PROTOCOL_VERSION,
         server_id: server.config.server_id.clone(),
@@ -204,10 +197,7 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         session_id,
         heartbeat_ms,
         data_addr: server.config.advertise_address.clone(),
-    };
-    let Some(data_key) = data_key(&conn, session_id) else {
-        inc(&server.metrics.agent_conn_failures, "reason", "protocol");
-        return reject(&mut conn, "no data key could be derived from the control channel").await;
+        data_key: key,
     };
     let (ends, end_frames) = Ends::new();
     let agent = Arc::new(AgentHandle::new(

@@ -16,7 +16,6 @@ use crate::apiserver::nodes::{Change, NodeFacts, Unknown};
 use crate::apiserver::tokens::ReviewError;
 use crate::metrics::inc;
 use crate::protocol::{Identity, Secret};
-use crate::transport::tls;
 use crate::transport::{AcceptedLink, Link};
 
 /// Why an agent was refused: a metric label and a message for the log and the agent.
@@ -81,7 +80,7 @@ async fn authenticate(
     match server.config.agent_auth {
         AgentAuth::SharedCert => Ok(None),
         AgentAuth::NodeCert => match conn {
-            Link::Tls(tls) => tls::peer_node(tls.get_ref().1).map(Some).ok_or_else(|| {
+            Link::Tls(tls) => tls.peer_node().map(|n| Some(n.to_owned())).ok_or_else(|| {
                 Refusal::new(
                     "identity_mismatch",
                     "the certificate names no node (CN=system:node:<name>, O=system:nodes)",

@@ -8,6 +8,7 @@
 
 pub mod accept;
 pub mod counted;
+pub mod records;
 pub mod tls;
 
 use std::io;
@@ -87,9 +88,9 @@ impl<S: Stream> Stream for tokio_rustls::server::TlsStream<S> {
     }
 }
 
-impl<S: Stream> Stream for tokio_rustls::client::TlsStream<S> {
+impl<D: records::Role> Stream for records::Records<D> {
     fn reset_on_close(&self, reset: bool) {
-        self.get_ref().0.reset_on_close(reset);
+        self.tcp().reset_on_close(reset);
     }
 
     fn plain(&self) -> Result<Plain<'_>, &'static str> {
@@ -120,9 +121,20 @@ pub enum Link<T> {
 }
 
 /// A link as the server holds it (it accepted the TLS handshake).
-pub type AcceptedLink = Link<tokio_rustls::server::TlsStream<TcpStream>>;
+pub type AcceptedLink = Link<records::Records<rustls::server::ServerConnectionData>>;
 /// A link as the agent holds it (it dialed the server).
-pub type DialedLink = Link<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type DialedLink = Link<records::Records<rustls::client::ClientConnectionData>>;
+
+impl<D: records::Role> Link<records::Records<D>> {
+    /// The node the peer's certificate names, over TLS (see [`records::Records::peer_node`]).
+    #[must_use]
+    pub fn peer_node(&self) -> Option<&str> {
+        match self {
+            Self::Tls(t) => t.peer_node(),
+            Self::Plain(_) => None,
+        }
+    }
+}
 
 impl<T: AsyncRead + Unpin> AsyncRead for Link<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

@@ -9,12 +9,10 @@ use std::time::Duration;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
-
-use crate::protocol::{DATA_KEY_LABEL, DataKey, SessionId};
+use tokio_rustls::{TlsAcceptor, server};
 
 /// Largest amount of application data rustls may hold unsent per connection (its default is 64 KiB):
 /// bulk streams then write more records per system call.
@@ -144,6 +142,8 @@ pub fn server_config(
         .map_err(|source| TlsError::Rustls { context: "server certificate", source })?;
     config.ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|source| TlsError::Rustls { context: "session ticketer", source })?;
+    // Agent links hand their traffic secrets over after the handshake (`records`).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -160,23 +160,25 @@ pub enum ClientCerts {
 /// A TLS 1.3 client configuration presenting `files.cert`, trusting only `files.ca`. One instance is
 /// shared by every connection to a server so its session cache makes refills resume.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls { context: "client protocol versions", source })?
         .with_root_certificates(read_roots(&files.ca)?)
         .with_client_auth_cert(read_certs(&files.cert)?, read_key(&files.key)?)
         .map_err(|source| TlsError::Rustls { context: "client certificate", source })?;
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
 /// A TLS 1.3 client configuration that presents no certificate (the client proves itself otherwise),
 /// trusting only `ca`.
 pub fn anonymous_client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls { context: "client protocol versions", source })?
         .with_root_certificates(read_roots(ca)?)
         .with_no_client_auth();
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -294,21 +296,6 @@ pub async fn accept(
     Ok(conn)
 }
 
-/// Runs the client side of a TLS handshake on `tcp` by `deadline`.
-pub async fn connect(
-    connector: &TlsConnector,
-    name: ServerName<'static>,
-    tcp: TcpStream,
-    deadline: Instant,
-) -> Result<client::TlsStream<TcpStream>, HandshakeError> {
-    let mut conn = tokio::time::timeout_at(deadline, connector.connect(name, tcp))
-        .await
-        .map_err(|_| HandshakeError::Timeout)?
-        .map_err(HandshakeError::Failed)?;
-    conn.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
-    Ok(conn)
-}
-
 /// The names a peer's certificate carries: the subject's common names, then its DNS subject alternative
 /// names. Empty when the peer sent no certificate or one that does not parse (rustls verified the
 /// chain already; this only reads the names).
@@ -331,8 +318,8 @@ pub fn peer_names(conn: &rustls::CommonState) -> Vec<String> {
 /// The Kubernetes node a peer's certificate names: subject `CN=system:node:<name>` with
 /// `O=system:nodes`, as kubelets' client certificates carry. `None` for any other certificate.
 #[must_use]
-pub fn peer_node(conn: &rustls::CommonState) -> Option<String> {
-    let cert = conn.peer_certificates()?.first()?;
+pub fn peer_node(chain: &[CertificateDer<'_>]) -> Option<String> {
+    let cert = chain.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let subject = cert.subject();
     if !subject.iter_organization().any(|o| o.as_str() == Ok(NODES_GROUP)) {
@@ -344,14 +331,6 @@ pub fn peer_node(conn: &rustls::CommonState) -> Option<String> {
         (Some(name), None) if !name.is_empty() => Some(name.to_owned()),
         _ => None,
     }
-}
-
-/// The session's data key ([`DataKey`]), derived from the control channel's TLS session with the RFC
-/// 8446 exporter: [`DATA_KEY_LABEL`], the session id as context. Both ends derive the same key.
-pub fn data_key<D>(conn: &rustls::ConnectionCommon<D>, session: SessionId) -> Result<DataKey, rustls::Error> {
-    let context = session.0.to_be_bytes();
-    let key = conn.export_keying_material([0u8; 32], DATA_KEY_LABEL, Some(&context))?;
-    Ok(DataKey::new(&key))
 }
 
 /// The organization of kubelets' client certificates.

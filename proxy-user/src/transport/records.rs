@@ -1,0 +1,755 @@
+//! TLS 1.3 between agent and server, with the records carried by Spoke itself once rustls has
+//! negotiated the connection.
+//!
+//! rustls runs the handshake with its unbuffered API (so that nothing it read stays inside it), then
+//! hands over the traffic secrets and a [`KernelConnection`], which follows key updates and keeps the
+//! session tickets the server sends. [`Records`] seals and opens the records with rustls's own AEAD
+//! implementations. Why: a buffered rustls connection keeps a 4 KiB record buffer and its handshake
+//! buffers for as long as it lives, which every idle stream paid twice; a [`Records`] holds a buffer
+//! only while bytes move (docs/benchmarks.md). The same hand-over is what kernel TLS needs.
+//!
+//! What a record may carry after the handshake (RFC 8446): application data; an alert (`close_notify`
+//! ends the peer's direction, any other alert fails the connection); a handshake message, of which a
+//! `NewSessionTicket` (to a client) is kept for resumption and a `KeyUpdate` switches the receiving
+//! keys (and, when the peer asks, the sending ones). Anything else, a record that does not open, or an
+//! end of the connection without `close_notify` is an error: a truncated stream never looks complete.
+//! The sending keys are renewed before the cipher suite's confidentiality limit.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::crypto::cipher::{
+    InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
+};
+use rustls::kernel::KernelConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
+use rustls::{
+    ConnectionTrafficSecrets, ContentType, HandshakeKind, HandshakeType, ProtocolVersion,
+    SupportedCipherSuite,
+};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::tls::{HandshakeError, peer_node};
+
+/// A record's header: type, legacy version, length.
+const HEADER: usize = 5;
+/// Most plaintext bytes in one record.
+pub const MAX_PLAINTEXT: usize = 16 * 1024;
+/// Most bytes of a record's protected payload (RFC 8446 §5.2).
+const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+/// Largest record on the wire.
+const MAX_RECORD: usize = HEADER + MAX_CIPHERTEXT;
+/// Records sent under one key at most, below the suite's limit, before the key is renewed.
+const KEY_UPDATE_MARGIN: u64 = 1 << 16;
+/// Bytes read from the socket at most per read while a stream moves (several records).
+const READ_BUF: usize = 16 * MAX_RECORD;
+/// Plaintext bytes sealed and sent with one write at most.
+const WRITE_BATCH: usize = 16 * MAX_PLAINTEXT;
+/// The largest handshake flight the driver buffers.
+const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
+
+fn invalid(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The side a [`Records`] is on: a client keeps the session tickets it receives; a server gets none.
+pub trait Role: Sized + Send + Sync + Unpin + 'static {
+    /// Takes a `NewSessionTicket` message's body.
+    fn ticket(conn: &mut KernelConnection<Self>, body: &[u8]) -> Result<(), rustls::Error>;
+}
+
+impl Role for ClientConnectionData {
+    fn ticket(conn: &mut KernelConnection<Self>, body: &[u8]) -> Result<(), rustls::Error> {
+        conn.handle_new_session_ticket(body)
+    }
+}
+
+impl Role for ServerConnectionData {
+    fn ticket(_: &mut KernelConnection<Self>, _: &[u8]) -> Result<(), rustls::Error> {
+        Err(rustls::Error::General("a client sent a session ticket".into()))
+    }
+}
+
+/// Runs the client side of a handshake on `tcp` by `deadline`.
+/// Whether the handshake was full or resumed.
+pub type Kind = Option<HandshakeKind>;
+
+pub async fn connect(
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    mut tcp: TcpStream,
+    deadline: Instant,
+) -> Result<(Records<ClientConnectionData>, Kind), HandshakeError> {
+    let failed = |e: rustls::Error| HandshakeError::Failed(tls_error(e));
+    let mut conn = UnbufferedClientConnection::new(config, name).map_err(failed)?;
+    let flight = drive(&mut conn, &mut tcp, deadline).await?;
+    let (kind, peer_node) = (conn.handshake_kind(), conn.peer_certificates().and_then(peer_node));
+    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(failed)?;
+    let records = Records::new(tcp, kernel, secrets, flight, peer_node).map_err(HandshakeError::Failed)?;
+    Ok((records, kind))
+}
+
+/// Accepts a handshake on `tcp` by `deadline`.
+pub async fn accept(
+    config: Arc<rustls::ServerConfig>,
+    mut tcp: TcpStream,
+    deadline: Instant,
+) -> Result<(Records<ServerConnectionData>, Kind), HandshakeError> {
+    let failed = |e: rustls::Error| HandshakeError::Failed(tls_error(e));
+    let mut conn = UnbufferedServerConnection::new(config).map_err(failed)?;
+    let flight = drive(&mut conn, &mut tcp, deadline).await?;
+    let (kind, peer_node) = (conn.handshake_kind(), conn.peer_certificates().and_then(peer_node));
+    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(failed)?;
+    let records = Records::new(tcp, kernel, secrets, flight, peer_node).map_err(HandshakeError::Failed)?;
+    Ok((records, kind))
+}
+
+/// What came after the handshake: records received but not processed, and application bytes rustls
+/// already opened.
+#[derive(Debug, Default)]
+struct Leftover {
+    records: Vec<u8>,
+    plaintext: Vec<u8>,
+}
+
+/// Either side's unbuffered connection, for [`drive`].
+trait Unbuffered {
+    type Data;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn handshaking(&self) -> bool;
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn handshaking(&self) -> bool {
+        self.is_handshaking()
+    }
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn handshaking(&self) -> bool {
+        self.is_handshaking()
+    }
+}
+
+/// Drives an unbuffered connection through its handshake by `deadline`: encodes and sends its flights,
+/// reads the peer's, until it may send application data with the handshake complete. Returns what
+/// arrived beyond the handshake.
+async fn drive<C: Unbuffered>(
+    conn: &mut C,
+    tcp: &mut TcpStream,
+    deadline: Instant,
+) -> Result<Leftover, HandshakeError> {
+    let mut incoming = vec![0u8; MAX_RECORD];
+    let mut used = 0usize;
+    let mut outgoing: Vec<u8> = Vec::new();
+    let mut scratch = vec![0u8; 4096];
+    let mut plaintext = Vec::new();
+    let io = |e: io::Error| HandshakeError::Failed(e);
+    loop {
+        let (mut discard, step) = {
+            let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..used]);
+            let step = match state.map_err(|e| HandshakeError::Failed(tls_error(e)))? {
+                ConnectionState::EncodeTlsData(mut data) => loop {
+                    match data.encode(&mut scratch) {
+                        Ok(n) => {
+                            outgoing.extend_from_slice(&scratch[..n]);
+                            break Step::Again(0);
+                        }
+                        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                            scratch.resize(required_size, 0);
+                        }
+                        Err(e) => return Err(HandshakeError::Failed(invalid(e.to_string()))),
+                    }
+                },
+                ConnectionState::TransmitTlsData(data) => {
+                    data.done();
+                    Step::Send
+                }
+                ConnectionState::BlockedHandshake => Step::Read,
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    let mut extra = 0;
+                    while let Some(record) = traffic.next_record() {
+                        let record = record.map_err(|e| HandshakeError::Failed(tls_error(e)))?;
+                        plaintext.extend_from_slice(record.payload);
+                        extra += record.discard;
+                    }
+                    Step::Again(extra)
+                }
+                ConnectionState::WriteTraffic(_) => Step::Writable,
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    return Err(io(io::ErrorKind::UnexpectedEof.into()));
+                }
+                _ => return Err(io(invalid("unexpected TLS state in the handshake"))),
+            };
+            (discard, step)
+        };
+        if let Step::Again(extra) = step {
+            discard += extra;
+        }
+        incoming.copy_within(discard..used, 0);
+        used -= discard;
+        let read = match step {
+            Step::Again(_) => false,
+            Step::Send => {
+                tokio::time::timeout_at(deadline, tcp.write_all(&outgoing))
+                    .await
+                    .map_err(|_| HandshakeError::Timeout)?
+                    .map_err(io)?;
+                outgoing.clear();
+                false
+            }
+            Step::Writable if !conn.handshaking() => {
+                incoming.truncate(used);
+                return Ok(Leftover { records: incoming, plaintext });
+            }
+            // A server may send before the client's Finished; the handshake is complete only then.
+            Step::Writable | Step::Read => true,
+        };
+        if read {
+            if used == incoming.len() {
+                if incoming.len() >= MAX_HANDSHAKE_BYTES {
+                    return Err(io(invalid("handshake flight too large")));
+                }
+                incoming.resize(incoming.len() * 2, 0);
+            }
+            let n = tokio::time::timeout_at(deadline, tcp.read(&mut incoming[used..]))
+                .await
+                .map_err(|_| HandshakeError::Timeout)?
+                .map_err(io)?;
+            if n == 0 {
+                return Err(io(io::ErrorKind::UnexpectedEof.into()));
+            }
+            used += n;
+        }
+    }
+}
+
+enum Step {
+    /// Process again, after discarding this many more bytes.
+    Again(usize),
+    /// Send what was encoded.
+    Send,
+    /// Read more from the peer.
+    Read,
+    /// The connection may send application data.
+    Writable,
+}
+
+/// One direction's keys.
+struct Keys<T: ?Sized> {
+    aead: Box<T>,
+    seq: u64,
+}
+
+/// The end of the sending direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sending {
+    Open,
+    /// `close_notify` queued: flushing it, then the TCP write half is shut.
+    Closing,
+    Closed,
+}
+
+/// A TLS 1.3 connection after its handshake (see the module documentation).
+pub struct Records<D: Role> {
+    tcp: TcpStream,
+    kernel: KernelConnection<D>,
+    suite: &'static rustls::Tls13CipherSuite,
+    tx: Keys<dyn MessageEncrypter>,
+    rx: Keys<dyn MessageDecrypter>,
+    /// Bytes received and not yet taken: `rbuf[rstart..rend]` (records, or the start of one). Empty,
+    /// without an allocation, while nothing is in flight.
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    /// Opened application bytes not yet read: `rbuf[pstart..pend]`, or `early` when non-empty.
+    pstart: usize,
+    pend: usize,
+    early: Vec<u8>,
+    /// Sealed bytes not yet written: `wbuf[wpos..]`.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// `close_notify` received: the peer's direction ended.
+    read_closed: bool,
+    sending: Sending,
+    /// The node the peer's certificate names (a kubelet's client certificate), read at the handshake.
+    peer_node: Option<String>,
+    /// A record that did not open (or broke the rules): every later read fails with it.
+    broken: Option<(io::ErrorKind, String)>,
+}
+
+impl<D: Role> std::fmt::Debug for Records<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Neither keys nor buffers: what identifies the connection.
+        f.debug_struct("Records")
+            .field("tcp", &self.tcp)
+            .field("suite", &self.suite.common.suite)
+            .field("peer_node", &self.peer_node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn keys_of(
+    suite: &rustls::Tls13CipherSuite,
+    secrets: ConnectionTrafficSecrets,
+) -> io::Result<(rustls::crypto::cipher::AeadKey, rustls::crypto::cipher::Iv)> {
+    let _ = suite;
+    match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
+        _ => Err(invalid("unsupported traffic secrets")),
+    }
+}
+
+impl<D: Role> Records<D> {
+    fn new(
+        tcp: TcpStream,
+        kernel: KernelConnection<D>,
+        secrets: rustls::ExtractedSecrets,
+        leftover: Leftover,
+        peer_node: Option<String>,
+    ) -> io::Result<Self> {
+        let SupportedCipherSuite::Tls13(suite) = kernel.negotiated_cipher_suite() else {
+            return Err(invalid("not a TLS 1.3 cipher suite"));
+        };
+        let (tx_seq, tx) = secrets.tx;
+        let (rx_seq, rx) = secrets.rx;
+        let (key, iv) = keys_of(suite, tx)?;
+        let tx = Keys { aead: suite.aead_alg.encrypter(key, iv), seq: tx_seq };
+        let (key, iv) = keys_of(suite, rx)?;
+        let rx = Keys { aead: suite.aead_alg.decrypter(key, iv), seq: rx_seq };
+        let mut rbuf = leftover.records;
+        let rend = rbuf.len();
+        if rend == 0 {
+            rbuf = Vec::new();
+        }
+        Ok(Self {
+            tcp,
+            kernel,
+            suite,
+            tx,
+            rx,
+            rbuf,
+            rstart: 0,
+            rend,
+            pstart: 0,
+            pend: 0,
+            early: leftover.plaintext,
+            wbuf: Vec::new(),
+            wpos: 0,
+            read_closed: false,
+            sending: Sending::Open,
+            peer_node,
+            broken: None,
+        })
+    }
+
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// The node the peer's certificate names (`CN=system:node:<name>, O=system:nodes`), if it does.
+    pub fn peer_node(&self) -> Option<&str> {
+        self.peer_node.as_deref()
+    }
+
+    /// The length of the record at the start of `rbuf[rstart..rend]`, once it is all there.
+    fn whole_record(&self) -> io::Result<Option<usize>> {
+        let have = &self.rbuf[self.rstart..self.rend];
+        if have.len() < HEADER {
+            return Ok(None);
+        }
+        if have[0] != u8::from(ContentType::ApplicationData) {
+            return Err(invalid(format!("record of type {} after the handshake", have[0])));
+        }
+        let len = usize::from(u16::from_be_bytes([have[3], have[4]]));
+        if len > MAX_CIPHERTEXT {
+            return Err(invalid("record too long"));
+        }
+        Ok((have.len() >= HEADER + len).then_some(HEADER + len))
+    }
+
+    /// Opens the record of `len` bytes at `rstart` and takes it in.
+    fn open_record(&mut self, len: usize) -> io::Result<()> {
+        let start = self.rstart;
+        self.rstart += len;
+        let base = self.rbuf.as_ptr() as usize;
+        let payload = &mut self.rbuf[start + HEADER..start + len];
+        let msg = InboundOpaqueMessage::new(ContentType::ApplicationData, ProtocolVersion::TLSv1_2, payload);
+        let plain = self.rx.aead.decrypt(msg, self.rx.seq).map_err(tls_error)?;
+        self.rx.seq += 1;
+        let typ = plain.typ;
+        let offset = plain.payload.as_ptr() as usize - base;
+        let n = plain.payload.len();
+        match typ {
+            ContentType::ApplicationData => {
+                self.pstart = offset;
+                self.pend = offset + n;
+            }
+            ContentType::Alert => {
+                let alert = &self.rbuf[offset..offset + n];
+                if alert == [1, 0] || alert == [2, 0] {
+                    self.read_closed = true;
+                } else {
+                    return Err(invalid(format!("the peer sent TLS alert {alert:?}")));
+                }
+            }
+            ContentType::Handshake => {
+                let messages = self.rbuf[offset..offset + n].to_vec();
+                self.handshake(&messages)?;
+            }
+            other => return Err(invalid(format!("record of inner type {other:?} after the handshake"))),
+        }
+        Ok(())
+    }
+
+    /// Handshake messages after the handshake: session tickets and key updates.
+    fn handshake(&mut self, mut messages: &[u8]) -> io::Result<()> {
+        while !messages.is_empty() {
+            let [typ, a, b, c, rest @ ..] = messages else { return Err(invalid("short handshake message")) };
+            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+            if rest.len() < len {
+                return Err(invalid("handshake message split across records"));
+            }
+            let (body, rest) = rest.split_at(len);
+            messages = rest;
+            match HandshakeType::from(*typ) {
+                HandshakeType::NewSessionTicket => D::ticket(&mut self.kernel, body).map_err(tls_error)?,
+                HandshakeType::KeyUpdate => {
+                    let requested = match body {
+                        [0] => false,
+                        [1] => true,
+                        _ => return Err(invalid("malformed KeyUpdate")),
+                    };
+                    let (seq, secrets) = self.kernel.update_rx_secret().map_err(tls_error)?;
+                    let (key, iv) = keys_of(self.suite, secrets)?;
+                    self.rx = Keys { aead: self.suite.aead_alg.decrypter(key, iv), seq };
+                    if requested {
+                        self.update_tx_keys(false)?;
+                    }
+                }
+                other => return Err(invalid(format!("handshake message {other:?} after the handshake"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals one record of `typ` carrying `payload` onto `wbuf`.
+    fn seal(&mut self, typ: ContentType, payload: &[u8]) -> io::Result<()> {
+        let msg = OutboundPlainMessage {
+            typ,
+            version: ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(payload),
+        };
+        let sealed = self.tx.aead.encrypt(msg, self.tx.seq).map_err(tls_error)?.encode();
+        self.tx.seq += 1;
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() < sealed.len() {
+            self.wbuf = sealed;
+        } else {
+            self.wbuf.extend_from_slice(&sealed);
+        }
+        Ok(())
+    }
+
+    /// Sends a `KeyUpdate` under the current keys and switches to new ones.
+    fn update_tx_keys(&mut self, request: bool) -> io::Result<()> {
+        self.seal(ContentType::Handshake, &[u8::from(HandshakeType::KeyUpdate), 0, 0, 1, u8::from(request)])?;
+        let (seq, secrets) = self.kernel.update_tx_secret().map_err(tls_error)?;
+        let (key, iv) = keys_of(self.suite, secrets)?;
+        self.tx = Keys { aead: self.suite.aead_alg.encrypter(key, iv), seq };
+        Ok(())
+    }
+
+    /// Writes out `wbuf` (kept for the next records: a bulk stream reuses it).
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Everything written out: the send buffer is freed (an idle stream holds none).
+    fn poll_send_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send(cx))?;
+        self.wbuf = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<D: Role> AsyncRead for Records<D> {
+    /// Opens as many records as the socket has ready and `buf` can take, so that a bulk stream moves
+    /// large chunks per call; holds no buffer once nothing is in flight.
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut progressed = false;
+        loop {
+            if !this.early.is_empty() {
+                let n = this.early.len().min(buf.remaining());
+                buf.put_slice(&this.early[..n]);
+                this.early.drain(..n);
+                if this.early.is_empty() {
+                    this.early = Vec::new();
+                }
+                progressed = true;
+            }
+            if this.pstart < this.pend {
+                let n = (this.pend - this.pstart).min(buf.remaining());
+                buf.put_slice(&this.rbuf[this.pstart..this.pstart + n]);
+                this.pstart += n;
+                progressed = true;
+            }
+            if buf.remaining() == 0 || !this.early.is_empty() || this.pstart < this.pend {
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_closed {
+                if !progressed {
+                    (this.rbuf, this.rstart, this.rend) = (Vec::new(), 0, 0);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if let Some((kind, what)) = &this.broken {
+                // Reported once the bytes before the failure were read.
+                return if progressed {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Ready(Err(io::Error::new(*kind, what.clone())))
+                };
+            }
+            match this.whole_record().and_then(|len| len.map(|len| this.open_record(len)).transpose()) {
+                Ok(Some(())) => continue,
+                Ok(None) => {}
+                Err(e) => {
+                    this.broken = Some((e.kind(), e.to_string()));
+                    continue;
+                }
+            }
+            // Need more: keep what is there of the next record at the start of the buffer.
+            if this.rstart > 0 {
+                this.rbuf.copy_within(this.rstart..this.rend, 0);
+                this.rend -= this.rstart;
+                this.rstart = 0;
+            }
+            if this.rbuf.len() < READ_BUF {
+                this.rbuf.resize(READ_BUF, 0);
+            }
+            let mut into = ReadBuf::new(&mut this.rbuf[this.rend..]);
+            match Pin::new(&mut this.tcp).poll_read(cx, &mut into) {
+                Poll::Ready(Ok(())) if !into.filled().is_empty() => this.rend += into.filled().len(),
+                // An end or an error is reported by the next call, after the bytes before it.
+                Poll::Ready(_) | Poll::Pending if progressed => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the connection ended without close_notify",
+                    )));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Idle, nothing half received: hold no buffer.
+                    if this.rend == 0 {
+                        this.rbuf = Vec::new();
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl<D: Role> AsyncWrite for Records<D> {
+    /// Seals up to [`WRITE_BATCH`] bytes of `buf` into records and sends them with one write.
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.sending != Sending::Open {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        ready!(this.poll_send(cx))?;
+        let take = buf.len().min(WRITE_BATCH);
+        if take == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        this.wbuf.reserve(take.div_ceil(MAX_PLAINTEXT) * (MAX_RECORD + HEADER));
+        for chunk in buf[..take].chunks(MAX_PLAINTEXT) {
+            if this.tx.seq >= this.suite.common.confidentiality_limit.saturating_sub(KEY_UPDATE_MARGIN) {
+                this.update_tx_keys(false)?;
+            }
+            this.seal(ContentType::ApplicationData, chunk)?;
+        }
+        // Start sending now; what the socket does not take goes out with the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(take))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send_all(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.sending == Sending::Open {
+            ready!(this.poll_send(cx))?;
+            this.seal(ContentType::Alert, &[1, 0])?;
+            this.sending = Sending::Closing;
+        }
+        if this.sending == Sending::Closing {
+            ready!(this.poll_send_all(cx))?;
+            ready!(Pin::new(&mut this.tcp).poll_shutdown(cx))?;
+            this.sending = Sending::Closed;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::transport::tls::{self, ClientCerts, TlsFiles, Versions};
+
+    struct Pki {
+        _dir: tempfile::TempDir,
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    }
+
+    fn pki() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = crate::devcerts::generate(dir.path(), &[], &[]).unwrap();
+        let server = tls::server_config(
+            &TlsFiles {
+                ca: certs.cluster_ca.clone(),
+                cert: certs.cluster_cert.clone(),
+                key: certs.cluster_key.clone(),
+            },
+            Versions::Tls13,
+            ClientCerts::Required,
+        )
+        .unwrap();
+        let client = tls::client_config(&TlsFiles {
+            ca: certs.cluster_ca.clone(),
+            cert: certs.agent_cert.clone(),
+            key: certs.agent_key.clone(),
+        })
+        .unwrap();
+        Pki { _dir: dir, client, server }
+    }
+
+    async fn pair(pki: &Pki) -> (Records<ClientConnectionData>, Records<ServerConnectionData>, Kind) {
+        let (a, b) = crate::transport::tcp_pair().await;
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            connect(pki.client.clone(), name, a, deadline),
+            accept(pki.server.clone(), b, deadline)
+        );
+        let (client, established) = client.unwrap();
+        (client, server.unwrap().0, established)
+    }
+
+    #[tokio::test]
+    async fn bytes_both_ways_then_close_notify_each_way() {
+        let pki = pki();
+        let (mut client, mut server, _) = pair(&pki).await;
+        let big: Vec<u8> = (0..3 * MAX_PLAINTEXT + 17).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let expect = big.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&big).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, expect);
+        server.write_all(b"answer after the client's end").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"answer after the client's end");
+        // Idle and done: no buffer held.
+        assert_eq!(server.rbuf.capacity() + server.wbuf.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn tickets_resume_the_next_handshake() {
+        let pki = pki();
+        let (mut client, mut server, first) = pair(&pki).await;
+        assert_eq!(first, Some(HandshakeKind::Full));
+        // The ticket arrives after the handshake, as records the client reads.
+        server.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        client.read_exact(&mut one).await.unwrap();
+        let (_c, _s, second) = pair(&pki).await;
+        assert_eq!(second, Some(HandshakeKind::Resumed));
+    }
+
+    #[tokio::test]
+    async fn key_updates_either_way_keep_the_stream() {
+        let pki = pki();
+        let (mut client, mut server, _) = pair(&pki).await;
+        client.write_all(b"before").await.unwrap();
+        client.update_tx_keys(true).unwrap(); // and asks the server to update its own
+        client.write_all(b"after").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 11];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"beforeafter");
+        server.write_all(b"reply").await.unwrap();
+        server.flush().await.unwrap();
+        let mut reply = [0u8; 5];
+        client.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"reply");
+    }
+
+    #[tokio::test]
+    async fn a_cut_connection_or_a_tampered_record_is_an_error() {
+        let pki = pki();
+        let (mut client, mut server, _) = pair(&pki).await;
+        client.tcp.shutdown().await.unwrap(); // FIN without close_notify
+        let err = server.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+
+        let (mut client, mut server, _) = pair(&pki).await;
+        client.seal(ContentType::ApplicationData, b"secret").unwrap();
+        let last = client.wbuf.len() - 1;
+        client.wbuf[last] ^= 1;
+        client.flush().await.unwrap();
+        let err = server.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}
