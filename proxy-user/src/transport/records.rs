@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf as _, BytesMut};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::crypto::cipher::{
     InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
@@ -276,11 +277,12 @@ pub struct Records<D: Role> {
     suite: &'static rustls::Tls13CipherSuite,
     tx: Keys<dyn MessageEncrypter>,
     rx: Keys<dyn MessageDecrypter>,
-    /// Bytes received and not yet taken: `rbuf[rstart..rend]` (records, or the start of one). Empty,
+    /// Bytes received and not yet taken: `rbuf[rstart..]` (records, or the start of one). Empty,
     /// without an allocation, while nothing is in flight.
-    rbuf: Vec<u8>,
+    rbuf: BytesMut,
     rstart: usize,
-    rend: usize,
+    /// Bytes asked of the socket per read: from one record, doubled while reads fill it.
+    read_size: usize,
     /// Opened application bytes not yet read: `rbuf[pstart..pend]`, or `early` when non-empty.
     pstart: usize,
     pend: usize,
@@ -338,11 +340,8 @@ impl<D: Role> Records<D> {
         let tx = Keys { aead: suite.aead_alg.encrypter(key, iv), seq: tx_seq };
         let (key, iv) = keys_of(suite, rx)?;
         let rx = Keys { aead: suite.aead_alg.decrypter(key, iv), seq: rx_seq };
-        let mut rbuf = leftover.records;
-        let rend = rbuf.len();
-        if rend == 0 {
-            rbuf = Vec::new();
-        }
+        let rbuf =
+            if leftover.records.is_empty() { BytesMut::new() } else { BytesMut::from(&leftover.records[..]) };
         Ok(Self {
             tcp,
             kernel,
@@ -351,7 +350,7 @@ impl<D: Role> Records<D> {
             rx,
             rbuf,
             rstart: 0,
-            rend,
+            read_size: MAX_RECORD,
             pstart: 0,
             pend: 0,
             early: leftover.plaintext,
@@ -374,9 +373,9 @@ impl<D: Role> Records<D> {
         self.peer_node.as_deref()
     }
 
-    /// The length of the record at the start of `rbuf[rstart..rend]`, once it is all there.
+    /// The length of the record at the start of `rbuf[rstart..]`, once it is all there.
     fn whole_record(&self) -> io::Result<Option<usize>> {
-        let have = &self.rbuf[self.rstart..self.rend];
+        let have = &self.rbuf[self.rstart..];
         if have.len() < HEADER {
             return Ok(None);
         }
@@ -534,7 +533,7 @@ impl<D: Role> AsyncRead for Records<D> {
             }
             if this.read_closed {
                 if !progressed {
-                    (this.rbuf, this.rstart, this.rend) = (Vec::new(), 0, 0);
+                    (this.rbuf, this.rstart) = (BytesMut::new(), 0);
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -554,21 +553,21 @@ impl<D: Role> AsyncRead for Records<D> {
                     continue;
                 }
             }
-            // Need more: keep what is there of the next record at the start of the buffer.
-            if this.rstart > 0 {
-                this.rbuf.copy_within(this.rstart..this.rend, 0);
-                this.rend -= this.rstart;
-                this.rstart = 0;
-            }
-            if this.rbuf.len() < READ_BUF {
-                this.rbuf.resize(READ_BUF, 0);
-            }
-            let mut into = ReadBuf::new(&mut this.rbuf[this.rend..]);
-            match Pin::new(&mut this.tcp).poll_read(cx, &mut into) {
-                Poll::Ready(Ok(())) if !into.filled().is_empty() => this.rend += into.filled().len(),
+            // Need more: drop what was taken (the next record's start stays), then read into the
+            // buffer's spare room, which is never zeroed first.
+            this.rbuf.advance(this.rstart);
+            this.rstart = 0;
+            this.rbuf.reserve(this.read_size);
+            let room = this.rbuf.capacity() - this.rbuf.len();
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.rbuf) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    if n == room {
+                        this.read_size = (this.read_size * 2).min(READ_BUF);
+                    }
+                }
                 // An end or an error is reported by the next call, after the bytes before it.
                 Poll::Ready(_) | Poll::Pending if progressed => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => {
+                Poll::Ready(Ok(_)) => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the connection ended without close_notify",
@@ -577,8 +576,8 @@ impl<D: Role> AsyncRead for Records<D> {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     // Idle, nothing half received: hold no buffer.
-                    if this.rend == 0 {
-                        this.rbuf = Vec::new();
+                    if this.rbuf.is_empty() {
+                        (this.rbuf, this.read_size) = (BytesMut::new(), MAX_RECORD);
                     }
                     return Poll::Pending;
                 }
@@ -599,7 +598,8 @@ impl<D: Role> AsyncWrite for Records<D> {
         if take == 0 {
             return Poll::Ready(Ok(0));
         }
-        this.wbuf.reserve(take.div_ceil(MAX_PLAINTEXT) * (MAX_RECORD + HEADER));
+        // Each record adds its header, the inner content type and the AEAD tag (22 bytes; 32 to spare).
+        this.wbuf.reserve(take + take.div_ceil(MAX_PLAINTEXT) * 32);
         for chunk in buf[..take].chunks(MAX_PLAINTEXT) {
             if this.tx.seq >= this.suite.common.confidentiality_limit.saturating_sub(KEY_UPDATE_MARGIN) {
                 this.update_tx_keys(false)?;
