@@ -24,7 +24,7 @@ use crate::datapath::sockmap::{PinDir, Sockmap};
 use crate::datapath::{Datapath, Mode};
 use crate::metrics::{AgentMetrics, inc};
 use crate::protocol::{MAX_TOKEN_LEN, Message, Secret};
-use crate::transport::records;
+use crate::transport::handshake;
 use crate::transport::tls::{self, HandshakeError};
 use crate::transport::{self, DialedLink, Link};
 use config::{AgentConfig, Credential, ServerAddr, TunnelTls};
@@ -134,14 +134,14 @@ impl Agent {
                 tracing::debug!(%error, "tune server socket");
             }
             let mut conn = if tls {
-                let (conn, kind) = match records::connect(self.tls.config(), server_name, tcp, deadline).await
-                {
-                    Ok(connected) => connected,
-                    Err(HandshakeError::Timeout) => return Err(ConnectError::Timeout(addr.clone())),
-                    Err(HandshakeError::Failed(source)) => {
-                        return Err(ConnectError::Connect { addr: addr.clone(), source });
-                    }
-                };
+                let (conn, kind) =
+                    match handshake::connect(self.tls.config(), server_name, tcp, deadline).await {
+                        Ok(connected) => connected,
+                        Err(HandshakeError::Timeout) => return Err(ConnectError::Timeout(addr.clone())),
+                        Err(HandshakeError::Failed(source)) => {
+                            return Err(ConnectError::Connect { addr: addr.clone(), source });
+                        }
+                    };
                 let kind = match kind {
                     Some(rustls::HandshakeKind::Resumed) => "resumed",
                     _ => "full",

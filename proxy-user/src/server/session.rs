@@ -17,7 +17,7 @@ use crate::metrics::inc;
 use crate::protocol::{self, DataKey, Identity, KeyBytes, Message, PROTOCOL_VERSION, SessionId};
 use crate::transport::accept::Accepted;
 use crate::transport::counted::Ends;
-use crate::transport::records;
+use crate::transport::handshake;
 use crate::transport::tls::HandshakeError;
 use crate::transport::{self, AcceptedLink, Link};
 
@@ -88,7 +88,7 @@ async fn establish(
             return Err("protocol");
         }
         let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
-            match records::accept(acceptor.config().clone(), stream, deadline).await {
+            match handshake::accept(acceptor.config().clone(), stream, deadline).await {
                 Ok((conn, _)) => Link::Tls(Box::new(conn)),
                 Err(HandshakeError::Timeout) => return Err("timeout"),
                 Err(error) => {

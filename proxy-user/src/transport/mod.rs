@@ -8,6 +8,7 @@
 
 pub mod accept;
 pub mod counted;
+pub mod handshake;
 pub mod records;
 pub mod tls;
 

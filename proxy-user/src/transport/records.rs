@@ -17,27 +17,20 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf as _, BytesMut};
-use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::client::ClientConnectionData;
 use rustls::crypto::cipher::{
     InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
 };
 use rustls::kernel::KernelConnection;
-use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
-use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
-use rustls::{
-    ConnectionTrafficSecrets, ContentType, HandshakeKind, HandshakeType, ProtocolVersion,
-    SupportedCipherSuite,
-};
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use rustls::server::ServerConnectionData;
+use rustls::{ConnectionTrafficSecrets, ContentType, HandshakeType, ProtocolVersion, SupportedCipherSuite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
-use super::tls::{HandshakeError, peer_node};
+use super::handshake::Leftover;
 
 /// A record's header: type, legacy version, length.
 const HEADER: usize = 5;
@@ -46,21 +39,19 @@ pub const MAX_PLAINTEXT: usize = 16 * 1024;
 /// Most bytes of a record's protected payload (RFC 8446 §5.2).
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 /// Largest record on the wire.
-const MAX_RECORD: usize = HEADER + MAX_CIPHERTEXT;
+pub(super) const MAX_RECORD: usize = HEADER + MAX_CIPHERTEXT;
 /// Records sent under one key at most, below the suite's limit, before the key is renewed.
 const KEY_UPDATE_MARGIN: u64 = 1 << 16;
 /// Bytes read from the socket at most per read while a stream moves (several records).
 const READ_BUF: usize = 16 * MAX_RECORD;
 /// Plaintext bytes sealed and sent with one write at most.
 const WRITE_BATCH: usize = 16 * MAX_PLAINTEXT;
-/// The largest handshake flight the driver buffers.
-const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
 
-fn invalid(what: impl Into<String>) -> io::Error {
+pub(super) fn invalid(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
-fn tls_error(e: rustls::Error) -> io::Error {
+pub(super) fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
@@ -80,179 +71,6 @@ impl Role for ServerConnectionData {
     fn ticket(_: &mut KernelConnection<Self>, _: &[u8]) -> Result<(), rustls::Error> {
         Err(rustls::Error::General("a client sent a session ticket".into()))
     }
-}
-
-/// Runs the client side of a handshake on `tcp` by `deadline`.
-/// Whether the handshake was full or resumed.
-pub type Kind = Option<HandshakeKind>;
-
-pub async fn connect(
-    config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
-    mut tcp: TcpStream,
-    deadline: Instant,
-) -> Result<(Records<ClientConnectionData>, Kind), HandshakeError> {
-    let failed = |e: rustls::Error| HandshakeError::Failed(tls_error(e));
-    let mut conn = UnbufferedClientConnection::new(config, name).map_err(failed)?;
-    let flight = drive(&mut conn, &mut tcp, deadline).await?;
-    let (kind, peer_node) = (conn.handshake_kind(), conn.peer_certificates().and_then(peer_node));
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(failed)?;
-    let records = Records::new(tcp, kernel, secrets, flight, peer_node).map_err(HandshakeError::Failed)?;
-    Ok((records, kind))
-}
-
-/// Accepts a handshake on `tcp` by `deadline`.
-pub async fn accept(
-    config: Arc<rustls::ServerConfig>,
-    mut tcp: TcpStream,
-    deadline: Instant,
-) -> Result<(Records<ServerConnectionData>, Kind), HandshakeError> {
-    let failed = |e: rustls::Error| HandshakeError::Failed(tls_error(e));
-    let mut conn = UnbufferedServerConnection::new(config).map_err(failed)?;
-    let flight = drive(&mut conn, &mut tcp, deadline).await?;
-    let (kind, peer_node) = (conn.handshake_kind(), conn.peer_certificates().and_then(peer_node));
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(failed)?;
-    let records = Records::new(tcp, kernel, secrets, flight, peer_node).map_err(HandshakeError::Failed)?;
-    Ok((records, kind))
-}
-
-/// What came after the handshake: records received but not processed, and application bytes rustls
-/// already opened.
-#[derive(Debug, Default)]
-struct Leftover {
-    records: Vec<u8>,
-    plaintext: Vec<u8>,
-}
-
-/// Either side's unbuffered connection, for [`drive`].
-trait Unbuffered {
-    type Data;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
-    fn handshaking(&self) -> bool;
-}
-
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-}
-
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-}
-
-/// Drives an unbuffered connection through its handshake by `deadline`: encodes and sends its flights,
-/// reads the peer's, until it may send application data with the handshake complete. Returns what
-/// arrived beyond the handshake.
-async fn drive<C: Unbuffered>(
-    conn: &mut C,
-    tcp: &mut TcpStream,
-    deadline: Instant,
-) -> Result<Leftover, HandshakeError> {
-    let mut incoming = vec![0u8; MAX_RECORD];
-    let mut used = 0usize;
-    let mut outgoing: Vec<u8> = Vec::new();
-    let mut scratch = vec![0u8; 4096];
-    let mut plaintext = Vec::new();
-    let io = |e: io::Error| HandshakeError::Failed(e);
-    loop {
-        let (mut discard, step) = {
-            let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..used]);
-            let step = match state.map_err(|e| HandshakeError::Failed(tls_error(e)))? {
-                ConnectionState::EncodeTlsData(mut data) => loop {
-                    match data.encode(&mut scratch) {
-                        Ok(n) => {
-                            outgoing.extend_from_slice(&scratch[..n]);
-                            break Step::Again(0);
-                        }
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                            scratch.resize(required_size, 0);
-                        }
-                        Err(e) => return Err(HandshakeError::Failed(invalid(e.to_string()))),
-                    }
-                },
-                ConnectionState::TransmitTlsData(data) => {
-                    data.done();
-                    Step::Send
-                }
-                ConnectionState::BlockedHandshake => Step::Read,
-                ConnectionState::ReadTraffic(mut traffic) => {
-                    let mut extra = 0;
-                    while let Some(record) = traffic.next_record() {
-                        let record = record.map_err(|e| HandshakeError::Failed(tls_error(e)))?;
-                        plaintext.extend_from_slice(record.payload);
-                        extra += record.discard;
-                    }
-                    Step::Again(extra)
-                }
-                ConnectionState::WriteTraffic(_) => Step::Writable,
-                ConnectionState::PeerClosed | ConnectionState::Closed => {
-                    return Err(io(io::ErrorKind::UnexpectedEof.into()));
-                }
-                _ => return Err(io(invalid("unexpected TLS state in the handshake"))),
-            };
-            (discard, step)
-        };
-        if let Step::Again(extra) = step {
-            discard += extra;
-        }
-        incoming.copy_within(discard..used, 0);
-        used -= discard;
-        let read = match step {
-            Step::Again(_) => false,
-            Step::Send => {
-                tokio::time::timeout_at(deadline, tcp.write_all(&outgoing))
-                    .await
-                    .map_err(|_| HandshakeError::Timeout)?
-                    .map_err(io)?;
-                outgoing.clear();
-                false
-            }
-            Step::Writable if !conn.handshaking() => {
-                incoming.truncate(used);
-                return Ok(Leftover { records: incoming, plaintext });
-            }
-            // A server may send before the client's Finished; the handshake is complete only then.
-            Step::Writable | Step::Read => true,
-        };
-        if read {
-            if used == incoming.len() {
-                if incoming.len() >= MAX_HANDSHAKE_BYTES {
-                    return Err(io(invalid("handshake flight too large")));
-                }
-                incoming.resize(incoming.len() * 2, 0);
-            }
-            let n = tokio::time::timeout_at(deadline, tcp.read(&mut incoming[used..]))
-                .await
-                .map_err(|_| HandshakeError::Timeout)?
-                .map_err(io)?;
-            if n == 0 {
-                return Err(io(io::ErrorKind::UnexpectedEof.into()));
-            }
-            used += n;
-        }
-    }
-}
-
-enum Step {
-    /// Process again, after discarding this many more bytes.
-    Again(usize),
-    /// Send what was encoded.
-    Send,
-    /// Read more from the peer.
-    Read,
-    /// The connection may send application data.
-    Writable,
 }
 
 /// One direction's keys.
@@ -324,7 +142,8 @@ fn keys_of(
 }
 
 impl<D: Role> Records<D> {
-    fn new(
+    /// The connection after its handshake ([`super::handshake`]).
+    pub(super) fn new(
         tcp: TcpStream,
         kernel: KernelConnection<D>,
         secrets: rustls::ExtractedSecrets,
@@ -639,7 +458,14 @@ impl<D: Role> AsyncWrite for Records<D> {
 mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    use std::sync::Arc;
+
+    use rustls::HandshakeKind;
+    use rustls_pki_types::ServerName;
+    use tokio::time::Instant;
+
     use super::*;
+    use crate::transport::handshake::{Kind, accept, connect};
     use crate::transport::tls::{self, ClientCerts, TlsFiles, Versions};
 
     struct Pki {
