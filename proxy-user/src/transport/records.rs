@@ -111,6 +111,8 @@ pub struct Records<D: Role> {
     /// `close_notify` received: the peer's direction ended.
     read_closed: bool,
     sending: Sending,
+    /// A `KeyUpdate` answering the peer's request went out since the last application data.
+    update_answered: bool,
     /// The node the peer's certificate names (a kubelet's client certificate), read at the handshake.
     peer_node: Option<String>,
     /// A record that did not open (or broke the rules): every later read fails with it.
@@ -177,6 +179,7 @@ impl<D: Role> Records<D> {
             wpos: 0,
             read_closed: false,
             sending: Sending::Open,
+            update_answered: false,
             peer_node,
             broken: None,
         })
@@ -263,8 +266,11 @@ impl<D: Role> Records<D> {
                     let (seq, secrets) = self.kernel.update_rx_secret().map_err(tls_error)?;
                     let (key, iv) = keys_of(self.suite, secrets)?;
                     self.rx = Keys { aead: self.suite.aead_alg.decrypter(key, iv), seq };
-                    if requested {
+                    // Answered once until the next application data, however often the peer asks
+                    // (RFC 8446 §4.6.3), so that a peer cannot make a silent side queue answers.
+                    if requested && !self.update_answered {
                         self.update_tx_keys(false)?;
+                        self.update_answered = true;
                     }
                 }
                 other => return Err(invalid(format!("handshake message {other:?} after the handshake"))),
@@ -275,6 +281,9 @@ impl<D: Role> Records<D> {
 
     /// Seals one record of `typ` carrying `payload` onto `wbuf`.
     fn seal(&mut self, typ: ContentType, payload: &[u8]) -> io::Result<()> {
+        if typ == ContentType::ApplicationData {
+            self.update_answered = false;
+        }
         let msg = OutboundPlainMessage {
             typ,
             version: ProtocolVersion::TLSv1_2,
@@ -560,6 +569,21 @@ mod tests {
         let mut reply = [0u8; 5];
         client.read_exact(&mut reply).await.unwrap();
         assert_eq!(&reply, b"reply");
+
+        // Asked twice while silent, the server answers once (one record queued: a 5-byte KeyUpdate,
+        // its content type and the tag, behind a 5-byte header).
+        client.update_tx_keys(true).unwrap();
+        client.update_tx_keys(true).unwrap();
+        client.write_all(b"z").await.unwrap();
+        client.flush().await.unwrap();
+        let mut z = [0u8; 1];
+        server.read_exact(&mut z).await.unwrap();
+        assert_eq!(server.wbuf.len() - server.wpos, 5 + 5 + 1 + 16);
+        server.write_all(b"ok").await.unwrap();
+        server.flush().await.unwrap();
+        let mut ok = [0u8; 2];
+        client.read_exact(&mut ok).await.unwrap();
+        assert_eq!(&ok, b"ok");
     }
 
     #[tokio::test]
