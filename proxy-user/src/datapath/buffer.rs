@@ -2,8 +2,9 @@
 
 use std::cell::RefCell;
 
-/// Idle buffers kept per thread for reuse (at most 4 MiB with 256 KiB buffers).
-pub const POOLED_BUFFERS: usize = 16;
+/// Idle buffers kept per thread for reuse (at most 1 MiB with 256 KiB buffers): enough for the streams
+/// a thread moves in bulk at once, little for a process that then holds thousands of idle streams.
+pub const POOLED_BUFFERS: usize = 4;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
