@@ -57,13 +57,19 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-async fn replica(certs: &Arc<common::Certs>, api: &apiserver::FakeApiserver, id: usize, port: u16) -> Server {
+/// Replica `id`, counted from the Leases it renews in the apiserver stand-in.
+fn leased(certs: &Arc<common::Certs>, api: &apiserver::FakeApiserver, id: usize) -> common::ServerBuilder {
     server(certs)
         .flag("--server-id", &format!("spoke-server-{id}"))
         .flag("--kubeconfig", &api.kubeconfig.display().to_string())
         .switch("--enable-lease-controller")
         .flag("--lease-renewal-interval", "200ms")
         .flag("--lease-duration", "2s")
+}
+
+/// A replica that advertises its own address `127.0.0.1:port` for its data connections.
+async fn replica(certs: &Arc<common::Certs>, api: &apiserver::FakeApiserver, id: usize, port: u16) -> Server {
+    leased(certs, api, id)
         .flag("--advertise-address", &format!("127.0.0.1:{port}"))
         .agent_port(port)
         .run()
@@ -193,17 +199,7 @@ async fn plaintext_data_connections_that_reach_another_replica_are_replaced() {
     let balancer = Balancer::start().await;
     let mut replicas = Vec::new();
     for id in 0..2 {
-        replicas.push(
-            server(&certs)
-                .flag("--server-id", &format!("spoke-server-{id}"))
-                .flag("--kubeconfig", &api.kubeconfig.display().to_string())
-                .switch("--enable-lease-controller")
-                .flag("--lease-renewal-interval", "200ms")
-                .flag("--lease-duration", "2s")
-                .allow_plaintext_tunnel()
-                .run()
-                .await,
-        );
+        replicas.push(leased(&certs, &api, id).allow_plaintext_tunnel().run().await);
     }
     balancer.set(&replicas.iter().map(|r| r.agent_addr).collect::<Vec<_>>());
     let lb = balancer.addr;

@@ -34,6 +34,13 @@ struct Counts {
     wake: Notify,
 }
 
+impl Counts {
+    /// Connections parked or on their way: what the pool holds.
+    fn held(&self) -> usize {
+        self.idle.load(Ordering::Acquire) + self.dialing.load(Ordering::Acquire)
+    }
+}
+
 /// Misrouted data connections in a row replaced at once; past it, with the usual pause.
 const MAX_MISROUTED: usize = 16;
 
@@ -41,9 +48,7 @@ const MAX_MISROUTED: usize = 16;
 pub(super) async fn run(agent: Arc<Agent>, session: Arc<Session>, stop: CancellationToken) {
     let counts = Arc::new(Counts::default());
     loop {
-        while counts.idle.load(Ordering::Acquire) + counts.dialing.load(Ordering::Acquire)
-            < agent.config.pool_size
-        {
+        while counts.held() < agent.config.pool_size {
             counts.dialing.fetch_add(1, Ordering::AcqRel);
             let slot = Slot {
                 agent: agent.clone(),
@@ -101,8 +106,7 @@ impl Refill {
 
 impl Drop for Refill {
     fn drop(&mut self) {
-        let held = self.counts.idle.load(Ordering::Acquire) + self.counts.dialing.load(Ordering::Acquire);
-        if held < self.low_water {
+        if self.counts.held() < self.low_water {
             self.counts.wake.notify_one();
         }
     }
@@ -285,10 +289,9 @@ pub const MAX_CONN_AGE: Duration = Duration::from_mins(10);
 /// [`MAX_CONN_AGE`] or presents a certificate that was rotated since.
 async fn repark(slot: Slot, mut conn: DialedLink, lineage: Lineage) {
     let Slot { agent, session, stop, counts } = &slot;
-    let held = counts.idle.load(Ordering::Acquire) + counts.dialing.load(Ordering::Acquire);
     if stop.is_cancelled()
         || agent.draining.load(Ordering::Relaxed)
-        || held >= agent.config.pool_size * MAX_IDLE_FACTOR
+        || counts.held() >= agent.config.pool_size * MAX_IDLE_FACTOR
         || lineage.born.elapsed() >= MAX_CONN_AGE
         || lineage.generation != agent.tls.generation()
     {

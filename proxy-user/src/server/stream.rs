@@ -18,7 +18,7 @@ use crate::codec::{self, CodecError};
 use crate::datapath::Activity;
 use crate::frontend::{self, ConnectRequest, ESTABLISHED};
 use crate::metrics::inc;
-use crate::protocol::{DialStatus, MAC_LEN, Message, PROTOCOL_VERSION};
+use crate::protocol::{self, DialStatus, MAC_LEN, Message};
 use crate::transport::accept::Accepted;
 use crate::transport::counted::{Counted, REUSE_TIMEOUT, Side};
 use crate::transport::tls::{self, HandshakeError};
@@ -280,7 +280,7 @@ async fn reuse(server: Arc<Server>, agent: Arc<AgentHandle>, mut conn: DataConn)
     let deadline = Instant::now() + REUSE_TIMEOUT;
     match tokio::time::timeout_at(deadline, codec::read_message(&mut conn)).await {
         Ok(Ok(Message::DataHello { version, session_id }))
-            if version == PROTOCOL_VERSION && session_id == agent.session_id =>
+            if protocol::check_version(version).is_ok() && session_id == agent.session_id =>
         {
             server.metrics.stream.reused.inc();
             session::park(&server, conn, session_id, deadline).await;

@@ -22,7 +22,8 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf as _, BytesMut};
 use rustls::client::ClientConnectionData;
 use rustls::crypto::cipher::{
-    InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
+    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
+    OutboundPlainMessage,
 };
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
@@ -130,17 +131,32 @@ impl<D: Role> std::fmt::Debug for Records<D> {
     }
 }
 
-fn keys_of(
-    suite: &rustls::Tls13CipherSuite,
-    secrets: ConnectionTrafficSecrets,
-) -> io::Result<(rustls::crypto::cipher::AeadKey, rustls::crypto::cipher::Iv)> {
-    let _ = suite;
+/// The key and IV of one direction's traffic secrets.
+fn key_iv(secrets: ConnectionTrafficSecrets) -> io::Result<(AeadKey, Iv)> {
     match secrets {
         ConnectionTrafficSecrets::Aes128Gcm { key, iv }
         | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
         | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
         _ => Err(invalid("unsupported traffic secrets")),
     }
+}
+
+/// Sending keys from `suite`'s AEAD and one direction's traffic secrets, from record `seq` on.
+fn sending(
+    suite: &rustls::Tls13CipherSuite,
+    (seq, secrets): (u64, ConnectionTrafficSecrets),
+) -> io::Result<Keys<dyn MessageEncrypter>> {
+    let (key, iv) = key_iv(secrets)?;
+    Ok(Keys { aead: suite.aead_alg.encrypter(key, iv), seq })
+}
+
+/// Receiving keys, as [`sending`].
+fn receiving(
+    suite: &rustls::Tls13CipherSuite,
+    (seq, secrets): (u64, ConnectionTrafficSecrets),
+) -> io::Result<Keys<dyn MessageDecrypter>> {
+    let (key, iv) = key_iv(secrets)?;
+    Ok(Keys { aead: suite.aead_alg.decrypter(key, iv), seq })
 }
 
 impl<D: Role> Records<D> {
@@ -155,12 +171,7 @@ impl<D: Role> Records<D> {
         let SupportedCipherSuite::Tls13(suite) = kernel.negotiated_cipher_suite() else {
             return Err(invalid("not a TLS 1.3 cipher suite"));
         };
-        let (tx_seq, tx) = secrets.tx;
-        let (rx_seq, rx) = secrets.rx;
-        let (key, iv) = keys_of(suite, tx)?;
-        let tx = Keys { aead: suite.aead_alg.encrypter(key, iv), seq: tx_seq };
-        let (key, iv) = keys_of(suite, rx)?;
-        let rx = Keys { aead: suite.aead_alg.decrypter(key, iv), seq: rx_seq };
+        let (tx, rx) = (sending(suite, secrets.tx)?, receiving(suite, secrets.rx)?);
         let rbuf =
             if leftover.records.is_empty() { BytesMut::new() } else { BytesMut::from(&leftover.records[..]) };
         Ok(Self {
@@ -263,9 +274,7 @@ impl<D: Role> Records<D> {
                         [1] => true,
                         _ => return Err(invalid("malformed KeyUpdate")),
                     };
-                    let (seq, secrets) = self.kernel.update_rx_secret().map_err(tls_error)?;
-                    let (key, iv) = keys_of(self.suite, secrets)?;
-                    self.rx = Keys { aead: self.suite.aead_alg.decrypter(key, iv), seq };
+                    self.rx = receiving(self.suite, self.kernel.update_rx_secret().map_err(tls_error)?)?;
                     // Answered once until the next application data, however often the peer asks
                     // (RFC 8446 §4.6.3), so that a peer cannot make a silent side queue answers.
                     if requested && !self.update_answered {
@@ -306,9 +315,7 @@ impl<D: Role> Records<D> {
     /// Sends a `KeyUpdate` under the current keys and switches to new ones.
     fn update_tx_keys(&mut self, request: bool) -> io::Result<()> {
         self.seal(ContentType::Handshake, &[u8::from(HandshakeType::KeyUpdate), 0, 0, 1, u8::from(request)])?;
-        let (seq, secrets) = self.kernel.update_tx_secret().map_err(tls_error)?;
-        let (key, iv) = keys_of(self.suite, secrets)?;
-        self.tx = Keys { aead: self.suite.aead_alg.encrypter(key, iv), seq };
+        self.tx = sending(self.suite, self.kernel.update_tx_secret().map_err(tls_error)?)?;
         Ok(())
     }
 
