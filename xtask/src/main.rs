@@ -10,6 +10,7 @@ mod demo;
 mod image;
 mod manifests;
 mod peers;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -50,6 +51,9 @@ enum Cmd {
         /// Only run tests whose name contains this filter (skips formatting and clippy).
         filter: Option<String>,
     },
+    /// Boot a Debian kernel (6.1 or 6.12, which have kernel TLS) under qemu software emulation and run a
+    /// command in it, with this machine's root read-only and only loopback networking.
+    Vm(vm::VmOpts),
 }
 
 /// The workspace root.
@@ -177,9 +181,59 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let bins = target_dir().join("debug");
     t.env("SPOKE_SERVER_BIN", bins.join("spoke-server")).env("SPOKE_AGENT_BIN", bins.join("spoke-agent"));
     run(t)?;
+    if filter.is_none_or(|f| "ktls".contains(f) || f.contains("ktls")) {
+        vm_tests(&bins)?;
+    }
     if filter.is_none() {
         manifests::check(&bins)?;
         fuzz()?;
+    }
+    Ok(())
+}
+
+/// The path of the test executable `cargo test --no-run` builds for `selection`.
+fn test_executable(selection: &[&str]) -> anyhow::Result<PathBuf> {
+    let mut c = cmd("cargo", &["test", "--no-run", "--message-format=json"]);
+    c.args(selection);
+    let out = c.output().context("cargo test --no-run")?;
+    anyhow::ensure!(out.status.success(), "cargo test --no-run {selection:?} failed");
+    String::from_utf8(out.stdout)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("executable")?.as_str().map(PathBuf::from))
+        .next_back()
+        .with_context(|| format!("no test executable for {selection:?}"))
+}
+
+/// The tests that need kernel TLS, in each of [`vm::KERNELS`] under emulation: the record layer's and
+/// the splice tier's unit tests and the end-to-end ones (`proxy-user/tests/ktls.rs`); then the
+/// end-to-end ones again in a guest without the tls module, for the fallback.
+fn vm_tests(bins: &std::path::Path) -> anyhow::Result<()> {
+    let unit = test_executable(&["--package", "proxy-user", "--lib"])?;
+    let e2e = test_executable(&["--package", "proxy-user", "--test", "ktls"])?;
+    let env = |expect: &str| {
+        vec![
+            ("SPOKE_EXPECT_KTLS".to_owned(), expect.to_owned()),
+            ("SPOKE_SERVER_BIN".to_owned(), bins.join("spoke-server").display().to_string()),
+            ("SPOKE_AGENT_BIN".to_owned(), bins.join("spoke-agent").display().to_string()),
+        ]
+    };
+    let sh = |script: String| vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
+    let (unit, e2e) = (unit.display().to_string(), e2e.display().to_string());
+    let runs = [
+        (vm::KERNELS[0], true, sh(format!("{unit} ktls && {e2e} --test-threads 1"))),
+        (vm::KERNELS[1], true, sh(format!("{unit} ktls && {e2e} --test-threads 1"))),
+        (vm::KERNELS[1], false, sh(format!("{e2e} --test-threads 1"))),
+    ];
+    for (kernel, with_tls, command) in runs {
+        let guest = vm::prepare(kernel, with_tls)?;
+        let code = guest.run(&root(), &command, &env(if with_tls { "1" } else { "0" }), vm::TIMEOUT)?;
+        let module = if with_tls { "with" } else { "without" };
+        anyhow::ensure!(
+            code == 0,
+            "kernel TLS tests failed in {} {module} the tls module (exit {code})",
+            guest.release
+        );
     }
     Ok(())
 }
@@ -223,5 +277,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Manifests => manifests::check(&build_binaries()?),
         Cmd::Image => image::build().map(drop),
         Cmd::Bench(opts) => bench::run(&opts),
+        Cmd::Vm(opts) => vm::main(&opts),
     }
 }

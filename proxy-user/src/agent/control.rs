@@ -164,7 +164,7 @@ async fn open(
     let token = agent.token().await?;
     let identity = agent.config.identity.clone();
     let hello = Message::Hello { version: PROTOCOL_VERSION, identity, token, held };
-    let mut conn = agent.connect(server, &hello, true).await?;
+    let mut conn = agent.connect(server, &hello, true, false).await?;
     let ack = tokio::time::timeout(agent.config.connect_timeout, codec::read_message(&mut conn))
         .await
         .map_err(|_| ConnectError::Timeout(server.to_string()))??;

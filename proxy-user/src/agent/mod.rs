@@ -114,13 +114,16 @@ impl Agent {
     }
 
     /// Opens one link to the server at `server` (TLS unless `tls` is false) and sends `first`, all
-    /// within the connect timeout.
+    /// within the connect timeout. A data connection (`data`) asks for kernel TLS where the datapath
+    /// uses it: it offers only the kernel's cipher suite.
     async fn connect(
         &self,
         server: &ServerAddr,
         first: &Message,
         tls: bool,
+        data: bool,
     ) -> Result<DialedLink, ConnectError> {
+        let kernel = self.datapath.kernel_tls().filter(|_| data);
         let addr = server.to_string();
         let deadline = Instant::now() + self.config.connect_timeout;
         let name = self.config.tls_server_name.clone().unwrap_or_else(|| server.host.clone());
@@ -134,14 +137,15 @@ impl Agent {
                 tracing::debug!(%error, "tune server socket");
             }
             let mut conn = if tls {
-                let (conn, kind) =
-                    match handshake::connect(self.tls.config(), server_name, tcp, deadline).await {
-                        Ok(connected) => connected,
-                        Err(HandshakeError::Timeout) => return Err(ConnectError::Timeout(addr.clone())),
-                        Err(HandshakeError::Failed(source)) => {
-                            return Err(ConnectError::Connect { addr: addr.clone(), source });
-                        }
-                    };
+                let config = self.tls.config(kernel.is_some());
+                let (conn, kind) = match handshake::connect(config, server_name, tcp, deadline, kernel).await
+                {
+                    Ok(connected) => connected,
+                    Err(HandshakeError::Timeout) => return Err(ConnectError::Timeout(addr.clone())),
+                    Err(HandshakeError::Failed(source)) => {
+                        return Err(ConnectError::Connect { addr: addr.clone(), source });
+                    }
+                };
                 let kind = match kind {
                     Some(rustls::HandshakeKind::Resumed) => "resumed",
                     _ => "full",
@@ -161,7 +165,7 @@ impl Agent {
 /// Sets up the datapath: loads the sockmap programs for `--datapath sockmap` (failing the start if they
 /// cannot load); `auto` logs the tier it takes.
 fn datapath(config: &AgentConfig) -> Result<Datapath, AgentError> {
-    Ok(match config.datapath {
+    let datapath = match config.datapath {
         Mode::Sockmap => {
             let pins = PinDir::new(&config.bpf_root, &config.identity.agent_id);
             let datapath = Datapath::with_sockmap(Some(pins), config.sockmap_limits)?;
@@ -184,12 +188,9 @@ fn datapath(config: &AgentConfig) -> Result<Datapath, AgentError> {
             );
             Datapath::new(Mode::Auto)
         }
-        Mode::Auto => {
-            info!(tier = "copy", "datapath auto: TLS tunnel, which only the copy tier can carry");
-            Datapath::new(Mode::Auto)
-        }
         mode => Datapath::new(mode),
-    })
+    };
+    Ok(if config.tunnel_tls == TunnelTls::On { datapath.probe_kernel_tls() } else { datapath })
 }
 
 /// Runs the agent until `shutdown` is cancelled, then drains open streams for the grace period.

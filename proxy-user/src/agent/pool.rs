@@ -19,7 +19,7 @@ use crate::codec::{self, CodecError};
 use crate::metrics::inc;
 use crate::protocol::{Message, NONCE_LEN, PROTOCOL_VERSION, UNKNOWN_SESSION};
 use crate::transport::counted::Side;
-use crate::transport::{DialedLink, Link, Stream as _};
+use crate::transport::{DialedLink, Stream as _};
 
 /// Pause after a data connection failed before it is replaced (keeps a broken server from being
 /// hammered; the control channel's own backoff handles outages).
@@ -150,7 +150,7 @@ async fn data_conn(slot: Slot) {
     let hello = Message::DataHello { version: PROTOCOL_VERSION, session_id: session.id };
     let connected = tokio::select! {
         () = stop.cancelled() => return,
-        c = agent.connect(&session.data_addr, &hello, agent.config.tunnel_tls == super::config::TunnelTls::On) => c,
+        c = agent.connect(&session.data_addr, &hello, agent.config.tunnel_tls == super::config::TunnelTls::On, true) => c,
     };
     match connected {
         Ok(conn) => parked(&slot, conn, lineage, Some(dialing)).await,
@@ -218,10 +218,8 @@ async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Op
             counts.misrouted.store(0, Ordering::Release);
             let span = info_span!("stream", id = stream_id, dest = %format_args!("{host}:{port}"));
             // Registered before the reply: the server may announce its end as soon as it has it.
-            let counted = match conn {
-                Link::Tls(_) => session.ends.register(stream_id, Side::Agent),
-                Link::Plain(_) => None,
-            };
+            let counted =
+                conn.ends_by_count().then(|| session.ends.register(stream_id, Side::Agent)).flatten();
             let refill = Refill::new(&slot.counts, agent.config.pool_size, counted.is_some());
             let slot = slot.clone();
             let dial = Dial { stream_id, host, port, timeout_ms };

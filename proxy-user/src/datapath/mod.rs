@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::io::AsyncWriteExt as _;
 use tracing::{debug, info, warn};
 
+use crate::transport::ktls::KernelTls;
 use crate::transport::{Plain, Stream};
 use sockmap::stream::Limits;
 use sockmap::{PinDir, Sockmap, SockmapError};
@@ -83,6 +84,8 @@ pub enum Tier {
     Splice,
     /// eBPF sockmap redirect.
     Sockmap,
+    /// splice(2) through a pipe with a kernel TLS end: the kernel seals and opens the tunnel's records.
+    Ktls,
 }
 
 impl Tier {
@@ -93,6 +96,7 @@ impl Tier {
             Self::Copy => "copy",
             Self::Splice => "splice",
             Self::Sockmap => "sockmap",
+            Self::Ktls => "ktls",
         }
     }
 }
@@ -219,6 +223,7 @@ pub struct Datapath {
     mode: Mode,
     sockmap: Option<Sockmap>,
     limits: Limits,
+    kernel_tls: Option<KernelTls>,
 }
 
 impl Datapath {
@@ -226,12 +231,50 @@ impl Datapath {
     /// without [`Datapath::with_sockmap`] copies.
     #[must_use]
     pub fn new(mode: Mode) -> Self {
-        Self { mode, sockmap: None, limits: Limits::default() }
+        Self { mode, sockmap: None, limits: Limits::default(), kernel_tls: None }
+    }
+
+    /// Hands TLS data connections of the kernel's cipher suite to kernel TLS ([`crate::transport::ktls`])
+    /// where `kernel_tls` says the kernel offers it; a `copy` datapath keeps them in user space.
+    #[must_use]
+    pub fn with_kernel_tls(self, kernel_tls: Option<KernelTls>) -> Self {
+        let kernel_tls = kernel_tls.filter(|_| self.mode != Mode::Copy);
+        Self { kernel_tls, ..self }
+    }
+
+    /// [`Datapath::with_kernel_tls`] after asking the kernel ([`KernelTls::probe`]), and says once
+    /// what came of it: which tier TLS data connections take, and why not the kernel's.
+    #[must_use]
+    pub fn probe_kernel_tls(self) -> Self {
+        if self.mode == Mode::Copy {
+            info!("datapath copy: TLS data connections are encrypted in user space");
+            return self;
+        }
+        match KernelTls::probe() {
+            Ok(k) => {
+                info!(
+                    tier = "ktls",
+                    "kernel TLS: TLS data connections use ChaCha20-Poly1305 sealed by the kernel, and streams \
+                     are spliced kernel to kernel"
+                );
+                self.with_kernel_tls(Some(k))
+            }
+            Err(reason) => {
+                info!(%reason, tier = "copy", "kernel TLS unavailable: TLS data connections are encrypted in user space");
+                self
+            }
+        }
+    }
+
+    /// Kernel TLS, where this datapath uses it.
+    #[must_use]
+    pub fn kernel_tls(&self) -> Option<KernelTls> {
+        self.kernel_tls
     }
 
     /// The sockmap datapath: loads and attaches the eBPF programs, pinned in `pins`.
     pub fn with_sockmap(pins: Option<PinDir>, limits: Limits) -> Result<Self, SockmapError> {
-        Ok(Self { mode: Mode::Sockmap, sockmap: Some(Sockmap::load(pins)?), limits })
+        Ok(Self { mode: Mode::Sockmap, sockmap: Some(Sockmap::load(pins)?), limits, kernel_tls: None })
     }
 
     /// The loaded sockmap programs, if this datapath uses them.
@@ -260,8 +303,11 @@ impl Datapath {
             (Ok(a), Ok(b)) => Ok((a, b)),
             (Err(why), _) | (_, Err(why)) => Err(why),
         };
+        let ktls = matches!(both, Ok((Plain::Ktls(_), _) | (_, Plain::Ktls(_))));
         match (self.mode, both) {
             (Mode::Copy, _) | (Mode::Auto, Err(_)) => (Tier::Copy, None),
+            (Mode::Auto | Mode::Splice, Ok(_)) if ktls => (Tier::Ktls, None),
+            (Mode::Sockmap, Ok(_)) if ktls => (Tier::Ktls, Some("kernel_tls")),
             (Mode::Auto | Mode::Splice, Ok(_)) => (Tier::Splice, None),
             (Mode::Sockmap, Ok((Plain::Tcp(_), Plain::Tcp(_)))) => (Tier::Sockmap, None),
             (Mode::Sockmap, Ok(_)) => (Tier::Splice, Some("unix_socket")),
@@ -290,7 +336,7 @@ impl Datapath {
             Tier::Copy => Outcome::new(Tier::Copy, fallback, copy::relay(a, b, early, activity).await),
             // The kernel tiers' state sits on the heap only for the streams that take them, so that a
             // copied stream's task stays small (thousands of idle streams are held at once).
-            Tier::Splice | Tier::Sockmap => {
+            Tier::Splice | Tier::Sockmap | Tier::Ktls => {
                 Box::pin(self.in_kernel(tier, fallback, a, b, early, activity)).await
             }
         };
@@ -367,7 +413,7 @@ impl Datapath {
             // Sockmap asked for but not loaded (a datapath built without it): copied, as before.
             return Outcome::new(Tier::Copy, fallback, with_early(copy::relay(a, b, &[], activity).await));
         }
-        Outcome::new(Tier::Splice, fallback, with_early(splice::relay_plain(pa, pb, activity).await))
+        Outcome::new(tier, fallback, with_early(splice::relay_plain(pa, pb, activity).await))
     }
 }
 

@@ -2,8 +2,10 @@
 //! enter user space. A full pipe stops reading, which keeps TCP flow control end to end (natural
 //! backpressure), and end of stream is exact: splice returns 0 only after every byte before the FIN.
 //!
-//! Works for any pair of plaintext stream sockets (TCP, Unix). TLS tunnels need user space for the
-//! encryption and use the copy tier.
+//! Works for any pair of plaintext stream sockets (TCP, Unix), and for TCP sockets with kernel TLS,
+//! whose records the kernel seals and opens: there `close_notify` goes out before FIN, a record that
+//! is not application data stops the splice and is read with `recvmsg`, and a FIN without
+//! `close_notify` fails the stream (it may be truncated). User-space TLS takes the copy tier.
 
 use std::future::Future;
 use std::io;
@@ -15,20 +17,33 @@ use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
 use super::{Activity, End, Moved, RelayError};
-use crate::transport::{Plain, Stream};
+use crate::transport::{Plain, Stream, ktls};
 
 /// Capacity asked for each direction's pipe (`F_SETPIPE_SZ`); 1 MiB moved 2.3–2.4 GB/s here (DESIGN §5 k).
 pub const PIPE_SIZE: usize = 1 << 20;
 
 /// A socket splice can read from and write to, with tokio's readiness tracking.
-pub trait Spliceable: Stream + AsFd + Sync + Sized {
+pub trait Spliceable: AsFd + Sync + Sized {
     /// Waits until the socket is ready for `interest`.
     fn ready_for(&self, interest: Interest) -> impl Future<Output = io::Result<()>> + Send;
     /// Runs `f` (a non-blocking syscall); a `WouldBlock` clears the readiness it consumed.
     fn try_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
-    /// Sends FIN.
-    fn shutdown_write(&self) -> io::Result<()> {
-        socket2::SockRef::from(self).shutdown(Shutdown::Write)
+    /// Ends the connection as a failure once dropped ([`Stream::abort`]).
+    fn abort(&self);
+    /// Ends the direction this socket sends: FIN.
+    fn shutdown_write(&self) -> impl Future<Output = io::Result<()>> + Send {
+        let done = socket2::SockRef::from(self).shutdown(Shutdown::Write);
+        async { done }
+    }
+    /// A splice from this socket failed with `e`. Where a record that is not application data stopped
+    /// it (kernel TLS), reads that record: `Ok(true)` when it ended the peer's direction.
+    fn stopped(&self, e: io::Error) -> io::Result<bool> {
+        Err(e)
+    }
+    /// Whether an end of stream is clean only once announced (TLS `close_notify`): a bare FIN then
+    /// means a truncated stream.
+    fn announces_end(&self) -> bool {
+        false
     }
 }
 
@@ -39,6 +54,9 @@ impl Spliceable for TcpStream {
     fn try_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
         self.try_io(interest, f)
     }
+    fn abort(&self) {
+        Stream::abort(self);
+    }
 }
 
 impl Spliceable for UnixStream {
@@ -47,6 +65,57 @@ impl Spliceable for UnixStream {
     }
     fn try_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
         self.try_io(interest, f)
+    }
+    fn abort(&self) {
+        Stream::abort(self);
+    }
+}
+
+/// Any plaintext socket; over kernel TLS, `close_notify` before FIN and records that are not
+/// application data read through `recvmsg` ([`ktls`]).
+impl Spliceable for Plain<'_> {
+    async fn ready_for(&self, interest: Interest) -> io::Result<()> {
+        match self {
+            Plain::Tcp(s) | Plain::Ktls(s) => s.ready_for(interest).await,
+            Plain::Unix(s) => s.ready_for(interest).await,
+        }
+    }
+    fn try_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        match self {
+            Plain::Tcp(s) | Plain::Ktls(s) => s.try_io(interest, f),
+            Plain::Unix(s) => s.try_io(interest, f),
+        }
+    }
+    fn abort(&self) {
+        match self {
+            Plain::Tcp(s) | Plain::Ktls(s) => Stream::abort(*s),
+            Plain::Unix(s) => Stream::abort(*s),
+        }
+    }
+    async fn shutdown_write(&self) -> io::Result<()> {
+        if let Plain::Ktls(s) = self {
+            loop {
+                s.ready(Interest::WRITABLE).await?;
+                match s.try_io(Interest::WRITABLE, || ktls::send_close_notify(*s)) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        socket2::SockRef::from(self).shutdown(Shutdown::Write)
+    }
+    fn stopped(&self, e: io::Error) -> io::Result<bool> {
+        match (self, e.raw_os_error()) {
+            (Plain::Ktls(s), Some(nix::libc::EINVAL | nix::libc::EIO)) => ktls::read_control(s),
+            (Plain::Ktls(_), Some(nix::libc::EBADMSG)) => {
+                Err(io::Error::new(io::ErrorKind::InvalidData, "a TLS record did not open (kernel TLS)"))
+            }
+            _ => Err(e),
+        }
+    }
+    fn announces_end(&self) -> bool {
+        matches!(self, Plain::Ktls(_))
     }
 }
 
@@ -118,6 +187,13 @@ async fn pump<S: Spliceable, D: Spliceable>(
             // closed would wake us only on its sender's next window probe, hundreds of ms later.
             let filled = if in_pipe == 0 { src.try_with(Interest::READABLE, fill) } else { fill() };
             match filled {
+                Ok(0) if src.announces_end() => {
+                    let e = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the connection ended without close_notify",
+                    );
+                    return Err((End::A, e));
+                }
                 Ok(0) => eof = true,
                 Ok(n) => {
                     in_pipe += n;
@@ -125,7 +201,13 @@ async fn pump<S: Spliceable, D: Spliceable>(
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained_source = true,
-                Err(e) => return Err((End::A, e)),
+                Err(e) => match src.stopped(e) {
+                    Ok(ended) => {
+                        eof = ended;
+                        progressed = true;
+                    }
+                    Err(e) => return Err((End::A, e)),
+                },
             }
         }
         if in_pipe > 0 {
@@ -143,7 +225,7 @@ async fn pump<S: Spliceable, D: Spliceable>(
         if in_pipe == 0 && (eof || drained_source) {
             pipe.take().expect("a pipe is held here").give_back();
             if eof {
-                dst.shutdown_write().map_err(|e| (End::B, e))?;
+                dst.shutdown_write().await.map_err(|e| (End::B, e))?;
                 return Ok(total);
             }
             continue;
@@ -179,12 +261,7 @@ pub async fn relay<A: Spliceable, B: Spliceable>(
 
 /// [`relay`] for two plaintext sockets of any kind.
 pub async fn relay_plain(a: Plain<'_>, b: Plain<'_>, activity: &Activity) -> Result<Moved, RelayError> {
-    match (a, b) {
-        (Plain::Tcp(a), Plain::Tcp(b)) => relay(a, b, activity).await,
-        (Plain::Unix(a), Plain::Tcp(b)) => relay(a, b, activity).await,
-        (Plain::Tcp(a), Plain::Unix(b)) => relay(a, b, activity).await,
-        (Plain::Unix(a), Plain::Unix(b)) => relay(a, b, activity).await,
-    }
+    relay(&a, &b, activity).await
 }
 
 #[cfg(test)]
@@ -224,7 +301,7 @@ mod tests {
         let (client, a) = crate::transport::tcp_pair().await;
         let (b, mut server) = crate::transport::tcp_pair().await;
         let relay = tokio::spawn(async move { relay(&a, &b, &Activity::default()).await });
-        client.abort();
+        Stream::abort(&client);
         drop(client);
         let err = relay.await.unwrap().expect_err("reset must surface");
         assert_eq!(err.end, End::A);

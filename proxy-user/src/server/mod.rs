@@ -114,7 +114,7 @@ pub async fn run_server(
         ),
         pending_dials: Semaphore::new(config.limits.max_pending_dials),
         next_stream_id: AtomicU64::new(1),
-        datapath: Datapath::new(config.datapath),
+        datapath: Datapath::new(config.datapath).probe_kernel_tls(),
         nodes,
         reviewer,
         metrics,

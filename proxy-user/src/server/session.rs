@@ -88,7 +88,9 @@ async fn establish(
             return Err("protocol");
         }
         let mut conn = if first_byte[0] == transport::TLS_HANDSHAKE_RECORD {
-            match handshake::accept(acceptor.config().clone(), stream, deadline).await {
+            match handshake::accept(acceptor.config().clone(), stream, deadline, server.datapath.kernel_tls())
+                .await
+            {
                 Ok((conn, _)) => Link::Tls(Box::new(conn)),
                 Err(HandshakeError::Timeout) => return Err("timeout"),
                 Err(error) => {

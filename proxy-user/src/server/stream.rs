@@ -19,10 +19,10 @@ use crate::datapath::Activity;
 use crate::frontend::{self, ConnectRequest, ESTABLISHED};
 use crate::metrics::inc;
 use crate::protocol::{self, DialStatus, MAC_LEN, Message};
+use crate::transport::Stream;
 use crate::transport::accept::Accepted;
 use crate::transport::counted::{Counted, REUSE_TIMEOUT, Side};
 use crate::transport::tls::{self, HandshakeError};
-use crate::transport::{Link, Stream};
 
 /// The relay's ends, as its log names them.
 const ENDS: [&str; 2] = ["downstream (client)", "upstream (agent)"];
@@ -394,10 +394,7 @@ async fn dial(
         });
         let dial = Message::Dial { stream_id, host: req.host.clone(), port: req.port, timeout_ms, mac };
         // Registered before the dial: the agent may announce its end as soon as it has replied.
-        let counted = match conn {
-            Link::Tls(_) => agent.ends.register(stream_id, Side::Server),
-            Link::Plain(_) => None,
-        };
+        let counted = conn.ends_by_count().then(|| agent.ends.register(stream_id, Side::Server)).flatten();
         let exchange = async {
             codec::write_message(&mut conn, &dial).await?;
             codec::read_message(&mut conn).await

@@ -1,11 +1,15 @@
 //! The TLS handshake of an agent link: rustls's unbuffered connection driven over the socket by a
-//! deadline, then its traffic secrets handed to [`Records`], with whatever arrived past the handshake.
+//! deadline, then its traffic secrets handed to the kernel ([`Ktls`]) or to [`Records`].
+//!
+//! The handshake reads one record at a time (a header, then the rest of its record), so that when it
+//! ends nothing past it was read: the kernel can take the connection over at that record boundary.
 
 use std::io;
 use std::sync::Arc;
 
 use rustls::HandshakeKind;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
 use rustls_pki_types::ServerName;
@@ -13,7 +17,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::records::{MAX_RECORD, Records, invalid, tls_error};
+use super::ktls::{self, InstallError, KERNEL_SUITE, KernelTls, Ktls};
+use super::records::{HEADER, MAX_RECORD, Records, Role, invalid, tls_error};
+use super::secured::Secured;
 use super::tls::{HandshakeError, peer_node};
 
 /// The largest handshake flight the driver buffers.
@@ -22,35 +28,61 @@ const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
 /// Whether the handshake was full or resumed.
 pub type Kind = Option<HandshakeKind>;
 
-/// Runs the client side of a handshake on `tcp` by `deadline`.
+/// Runs the client side of a handshake on `tcp` by `deadline`. With `kernel`, a connection of
+/// [`KERNEL_SUITE`] goes to kernel TLS.
 pub async fn connect(
     config: Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
     mut tcp: TcpStream,
     deadline: Instant,
-) -> Result<(Records<ClientConnectionData>, Kind), HandshakeError> {
+    kernel: Option<KernelTls>,
+) -> Result<(Secured<ClientConnectionData>, Kind), HandshakeError> {
     let failed = |e: rustls::Error| HandshakeError::Failed(tls_error(e));
     let mut conn = UnbufferedClientConnection::new(config, name).map_err(failed)?;
     let flight = drive(&mut conn, &mut tcp, deadline).await?;
     let (kind, peer_node) = (conn.handshake_kind(), conn.peer_certificates().and_then(peer_node));
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(failed)?;
-    let records = Records::new(tcp, kernel, secrets, flight, peer_node).map_err(HandshakeError::Failed)?;
-    Ok((records, kind))
+    let (secrets, kernel_conn) = conn.dangerous_into_kernel_connection().map_err(failed)?;
+    Ok((secure(tcp, kernel_conn, secrets, flight, peer_node, kernel)?, kind))
 }
 
-/// Accepts a handshake on `tcp` by `deadline`.
+/// Accepts a handshake on `tcp` by `deadline`. With `kernel`, a connection of [`KERNEL_SUITE`] (the
+/// agent offers only that suite when it wants kernel TLS) goes to kernel TLS.
 pub async fn accept(
     config: Arc<rustls::ServerConfig>,
     mut tcp: TcpStream,
     deadline: Instant,
-) -> Result<(Records<ServerConnectionData>, Kind), HandshakeError> {
+    kernel: Option<KernelTls>,
+) -> Result<(Secured<ServerConnectionData>, Kind), HandshakeError> {
     let failed = |e: rustls::Error| HandshakeError::Failed(tls_error(e));
     let mut conn = UnbufferedServerConnection::new(config).map_err(failed)?;
     let flight = drive(&mut conn, &mut tcp, deadline).await?;
     let (kind, peer_node) = (conn.handshake_kind(), conn.peer_certificates().and_then(peer_node));
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(failed)?;
-    let records = Records::new(tcp, kernel, secrets, flight, peer_node).map_err(HandshakeError::Failed)?;
-    Ok((records, kind))
+    let (secrets, kernel_conn) = conn.dangerous_into_kernel_connection().map_err(failed)?;
+    Ok((secure(tcp, kernel_conn, secrets, flight, peer_node, kernel)?, kind))
+}
+
+/// The connection after its handshake: kernel TLS where it is offered and the suite is the kernel's,
+/// user-space records otherwise (also where the kernel refused the keys before taking any).
+fn secure<D: Role>(
+    tcp: TcpStream,
+    conn: KernelConnection<D>,
+    secrets: rustls::ExtractedSecrets,
+    flight: Leftover,
+    peer_node: Option<String>,
+    kernel: Option<KernelTls>,
+) -> Result<Secured<D>, HandshakeError> {
+    let suite = conn.negotiated_cipher_suite().suite();
+    let empty = flight.records.is_empty() && flight.plaintext.is_empty();
+    if kernel.is_some() && suite == KERNEL_SUITE && empty {
+        match ktls::install(&tcp, &secrets) {
+            Ok(()) => return Ok(Secured::Kernel(Ktls::new(tcp, conn, peer_node))),
+            Err(InstallError::Broken(e)) => return Err(HandshakeError::Failed(e)),
+            Err(InstallError::Untouched(error)) => {
+                tracing::warn!(%error, "kernel TLS refused the keys: this connection's records stay in user space");
+            }
+        }
+    }
+    Records::new(tcp, conn, secrets, flight, peer_node).map(Secured::User).map_err(HandshakeError::Failed)
 }
 
 /// What came after the handshake: records received but not processed, and application bytes rustls
@@ -163,13 +195,14 @@ async fn drive<C: Unbuffered>(
             Step::Writable | Step::Read => true,
         };
         if read {
-            if used == incoming.len() {
-                if incoming.len() >= MAX_HANDSHAKE_BYTES {
+            let want = to_record_end(&incoming[..used]);
+            if used + want > incoming.len() {
+                if used + want > MAX_HANDSHAKE_BYTES {
                     return Err(io(invalid("handshake flight too large")));
                 }
-                incoming.resize(incoming.len() * 2, 0);
+                incoming.resize((incoming.len() * 2).clamp(used + want, MAX_HANDSHAKE_BYTES), 0);
             }
-            let n = tokio::time::timeout_at(deadline, tcp.read(&mut incoming[used..]))
+            let n = tokio::time::timeout_at(deadline, tcp.read(&mut incoming[used..used + want]))
                 .await
                 .map_err(|_| HandshakeError::Timeout)?
                 .map_err(io)?;
@@ -178,6 +211,22 @@ async fn drive<C: Unbuffered>(
             }
             used += n;
         }
+    }
+}
+
+/// Bytes still missing from the first record in `have` that is not whole: the rest of its header, or of
+/// its body once the header is there; the next header when every record is whole. Reading no more than
+/// this never takes a byte past the handshake.
+fn to_record_end(mut have: &[u8]) -> usize {
+    loop {
+        if have.len() < HEADER {
+            return HEADER - have.len();
+        }
+        let whole = HEADER + usize::from(u16::from_be_bytes([have[3], have[4]]));
+        if have.len() < whole {
+            return whole - have.len();
+        }
+        have = &have[whole..];
     }
 }
 

@@ -9,7 +9,9 @@
 pub mod accept;
 pub mod counted;
 pub mod handshake;
+pub mod ktls;
 pub mod records;
+pub mod secured;
 pub mod tls;
 
 use std::io;
@@ -38,6 +40,17 @@ pub enum Plain<'a> {
     Tcp(&'a TcpStream),
     /// A Unix stream socket.
     Unix(&'a UnixStream),
+    /// A TCP socket with kernel TLS ([`ktls`]): plaintext at the socket, records on the wire.
+    Ktls(&'a TcpStream),
+}
+
+impl std::os::fd::AsFd for Plain<'_> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Self::Tcp(s) | Self::Ktls(s) => s.as_fd(),
+            Self::Unix(s) => s.as_fd(),
+        }
+    }
 }
 
 /// A connected byte stream that a relay can carry.
@@ -122,17 +135,26 @@ pub enum Link<T> {
 }
 
 /// A link as the server holds it (it accepted the TLS handshake).
-pub type AcceptedLink = Link<records::Records<rustls::server::ServerConnectionData>>;
+pub type AcceptedLink = Link<secured::Secured<rustls::server::ServerConnectionData>>;
 /// A link as the agent holds it (it dialed the server).
-pub type DialedLink = Link<records::Records<rustls::client::ClientConnectionData>>;
+pub type DialedLink = Link<secured::Secured<rustls::client::ClientConnectionData>>;
 
-impl<D: records::Role> Link<records::Records<D>> {
+impl<D: records::Role> Link<secured::Secured<D>> {
     /// The node the peer's certificate names, over TLS (see [`records::Records::peer_node`]).
     #[must_use]
     pub fn peer_node(&self) -> Option<&str> {
         match self {
             Self::Tls(t) => t.peer_node(),
             Self::Plain(_) => None,
+        }
+    }
+
+    /// Whether its streams end by count ([`secured::Secured::ends_by_count`]); never on a plain link.
+    #[must_use]
+    pub fn ends_by_count(&self) -> bool {
+        match self {
+            Self::Tls(t) => t.ends_by_count(),
+            Self::Plain(_) => false,
         }
     }
 }
@@ -179,7 +201,7 @@ impl<T: Stream> Stream for Link<T> {
 
     fn plain(&self) -> Result<Plain<'_>, &'static str> {
         match self {
-            Self::Tls(_) => Err("tls_tunnel"),
+            Self::Tls(t) => t.plain().map_err(|_| "tls_tunnel"),
             Self::Plain(t) => Ok(Plain::Tcp(t)),
         }
     }

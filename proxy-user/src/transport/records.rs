@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use super::handshake::Leftover;
 
 /// A record's header: type, legacy version, length.
-const HEADER: usize = 5;
+pub(super) const HEADER: usize = 5;
 /// Most plaintext bytes in one record.
 pub const MAX_PLAINTEXT: usize = 16 * 1024;
 /// Most bytes of a record's protected payload (RFC 8446 §5.2).
@@ -204,6 +204,11 @@ impl<D: Role> Records<D> {
     /// The node the peer's certificate names (`CN=system:node:<name>, O=system:nodes`), if it does.
     pub fn peer_node(&self) -> Option<&str> {
         self.peer_node.as_deref()
+    }
+
+    /// The negotiated cipher suite.
+    pub fn suite(&self) -> rustls::CipherSuite {
+        self.suite.common.suite
     }
 
     /// The length of the record at the start of `rbuf[rstart..]`, once it is all there.
@@ -482,6 +487,7 @@ mod tests {
 
     use super::*;
     use crate::transport::handshake::{Kind, accept, connect};
+    use crate::transport::secured::Secured;
     use crate::transport::tls::{self, ClientCerts, TlsFiles, Versions};
 
     struct Pki {
@@ -517,11 +523,12 @@ mod tests {
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
         let name = ServerName::try_from("localhost").unwrap();
         let (client, server) = tokio::join!(
-            connect(pki.client.clone(), name, a, deadline),
-            accept(pki.server.clone(), b, deadline)
+            connect(pki.client.clone(), name, a, deadline, None),
+            accept(pki.server.clone(), b, deadline, None)
         );
-        let (client, established) = client.unwrap();
-        (client, server.unwrap().0, established)
+        let (Secured::User(client), established) = client.unwrap() else { panic!("kernel TLS unasked") };
+        let Secured::User(server) = server.unwrap().0 else { panic!("kernel TLS unasked") };
+        (client, server, established)
     }
 
     #[tokio::test]

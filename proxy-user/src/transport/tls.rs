@@ -81,6 +81,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
+/// ring's provider with [`super::ktls::KERNEL_SUITE`] only: what an agent offers on a data connection
+/// it wants carried by kernel TLS, which the server can only accept with that suite.
+fn kernel_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.retain(|s| s.suite() == super::ktls::KERNEL_SUITE);
+    Arc::new(provider)
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
@@ -160,7 +168,14 @@ pub enum ClientCerts {
 /// A TLS 1.3 client configuration presenting `files.cert`, trusting only `files.ca`. One instance is
 /// shared by every connection to a server so its session cache makes refills resume.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    client_config_with(files, provider())
+}
+
+fn client_config_with(
+    files: &TlsFiles,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::ClientConfig>> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls { context: "client protocol versions", source })?
         .with_root_certificates(read_roots(&files.ca)?)
@@ -173,7 +188,14 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
 /// A TLS 1.3 client configuration that presents no certificate (the client proves itself otherwise),
 /// trusting only `ca`.
 pub fn anonymous_client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    anonymous_client_config_with(ca, provider())
+}
+
+fn anonymous_client_config_with(
+    ca: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::ClientConfig>> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls { context: "client protocol versions", source })?
         .with_root_certificates(read_roots(ca)?)
@@ -216,6 +238,8 @@ pub struct ClientTls {
 #[derive(Debug)]
 struct ClientState {
     config: Arc<rustls::ClientConfig>,
+    /// The same, offering only the kernel's cipher suite.
+    kernel: Arc<rustls::ClientConfig>,
     stamp: Stamp,
     checked: std::time::Instant,
 }
@@ -224,50 +248,55 @@ impl ClientTls {
     /// Reads the files now; a failure here is a configuration error.
     pub fn load(files: &TlsFiles) -> Result<Self> {
         let stamp = stamp(files);
-        let config = client_config(files)?;
-        let state = ClientState { config, stamp, checked: std::time::Instant::now() };
+        let (config, kernel) = (client_config(files)?, client_config_with(files, kernel_provider())?);
+        let state = ClientState { config, kernel, stamp, checked: std::time::Instant::now() };
         Ok(Self { files: Some(files.clone()), state: std::sync::Mutex::new(state), generation: 0.into() })
     }
 
     /// A client that presents no certificate, trusting `ca`.
     pub fn anonymous(ca: &Path) -> Result<Self> {
-        let config = anonymous_client_config(ca)?;
-        let state = ClientState { config, stamp: Stamp::default(), checked: std::time::Instant::now() };
+        let (config, kernel) =
+            (anonymous_client_config(ca)?, anonymous_client_config_with(ca, kernel_provider())?);
+        let state =
+            ClientState { config, kernel, stamp: Stamp::default(), checked: std::time::Instant::now() };
         Ok(Self { files: None, state: std::sync::Mutex::new(state), generation: 0.into() })
     }
 
     /// How many times the certificate was reloaded, after looking whether the files changed: a connection
     /// made at another generation presents another certificate than the next one would.
     pub fn generation(&self) -> u64 {
-        drop(self.config());
+        drop(self.config(false));
         self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The configuration for the next connection: rebuilt first if the files changed.
-    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+    /// The configuration for the next connection, offering only the kernel's cipher suite with
+    /// `kernel_suite`: rebuilt first if the files changed.
+    pub fn config(&self, kernel_suite: bool) -> Arc<rustls::ClientConfig> {
         let mut state = self.state.lock().expect("client TLS lock poisoned");
-        let Some(files) = &self.files else { return state.config.clone() };
+        let pick =
+            |state: &ClientState| if kernel_suite { state.kernel.clone() } else { state.config.clone() };
+        let Some(files) = &self.files else { return pick(&state) };
         if state.checked.elapsed() < CERT_CHECK_INTERVAL {
-            return state.config.clone();
+            return pick(&state);
         }
         state.checked = std::time::Instant::now();
         let now = stamp(files);
         if now == state.stamp {
-            return state.config.clone();
+            return pick(&state);
         }
         // Stamped either way: a pair caught halfway is read again once the other file changes too.
         state.stamp = now;
-        match client_config(files) {
-            Ok(config) => {
+        match client_config(files).and_then(|c| Ok((c, client_config_with(files, kernel_provider())?))) {
+            Ok((config, kernel)) => {
                 tracing::info!(cert = %files.cert.display(), "client certificate reloaded");
-                state.config = config;
+                (state.config, state.kernel) = (config, kernel);
                 self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Err(error) => {
                 tracing::warn!(%error, "client certificate changed but does not load: keeping the last good one");
             }
         }
-        state.config.clone()
+        pick(&state)
     }
 }
 

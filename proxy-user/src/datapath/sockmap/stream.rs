@@ -131,8 +131,8 @@ pub async fn relay(
     let mut down = Direction::new(map, pair.b, b, a, (base_b.read, base_a), limits, copy_only);
     let result = run_both(&mut up, &mut down).await;
     if result.is_err() {
-        a.abort();
-        b.abort();
+        Stream::abort(a);
+        Stream::abort(b);
     }
     drop(guard);
     Ok(Spliced {
@@ -405,7 +405,7 @@ impl<'a> Direction<'a> {
         }
         buffer::give(buf);
         self.drain(0).await?;
-        self.dst.shutdown_write().map_err(|e| (End::B, e))?;
+        self.dst.shutdown_write().await.map_err(|e| (End::B, e))?;
         Ok(self.moved())
     }
 

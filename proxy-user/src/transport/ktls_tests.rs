@@ -1,0 +1,217 @@
+//! Kernel TLS against Spoke's own record layer and itself. Tests that need the kernel's TLS run where
+//! it is offered: in the virtual machines of `cargo xtask vm`, which set `SPOKE_EXPECT_KTLS` so that
+//! they fail rather than pass vacuously; on a kernel without it they say so and check nothing.
+
+use std::sync::Arc;
+
+use rustls::HandshakeKind;
+use rustls::client::ClientConnectionData;
+use rustls::server::ServerConnectionData;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::time::Instant;
+
+use super::*;
+use crate::datapath::{Activity, End, Moved, splice};
+use crate::transport::handshake::{Kind, accept, connect};
+use crate::transport::secured::Secured;
+use crate::transport::tls::{self, ClientCerts, ClientTls, TlsFiles, Versions};
+use crate::transport::{Plain, Stream as _};
+
+/// Kernel TLS here, or `None` (with a note) where the kernel lacks it and no test run expects it.
+fn kernel() -> Option<KernelTls> {
+    match KernelTls::probe() {
+        Ok(k) => Some(k),
+        Err(why) if std::env::var_os("SPOKE_EXPECT_KTLS").is_some() => {
+            panic!("SPOKE_EXPECT_KTLS is set, but {why}")
+        }
+        Err(why) => {
+            eprintln!("kernel TLS unavailable ({why}): this test runs in `cargo xtask vm`");
+            None
+        }
+    }
+}
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    client: ClientTls,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = crate::devcerts::generate(dir.path(), &[], &[]).unwrap();
+    let server = tls::server_config(
+        &TlsFiles {
+            ca: certs.cluster_ca.clone(),
+            cert: certs.cluster_cert.clone(),
+            key: certs.cluster_key.clone(),
+        },
+        Versions::Tls13,
+        ClientCerts::Required,
+    )
+    .unwrap();
+    let client = ClientTls::load(&TlsFiles {
+        ca: certs.cluster_ca.clone(),
+        cert: certs.agent_cert.clone(),
+        key: certs.agent_key.clone(),
+    })
+    .unwrap();
+    Pki { _dir: dir, client, server }
+}
+
+type Pair = (Secured<ClientConnectionData>, Secured<ServerConnectionData>, Kind);
+
+/// A handshake offering the kernel's suite only, each side in the kernel where given `Some`.
+async fn pair(pki: &Pki, client: Option<KernelTls>, server: Option<KernelTls>) -> Pair {
+    let (a, b) = crate::transport::tcp_pair().await;
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let name = ServerName::try_from("localhost").unwrap();
+    let (c, s) = tokio::join!(
+        connect(pki.client.config(true), name, a, deadline, client),
+        accept(pki.server.clone(), b, deadline, server)
+    );
+    let (c, kind) = c.unwrap();
+    let s = s.unwrap().0;
+    assert_eq!(matches!(c, Secured::Kernel(_)), client.is_some(), "client side in the kernel iff asked");
+    assert_eq!(matches!(s, Secured::Kernel(_)), server.is_some(), "server side in the kernel iff asked");
+    assert!(!c.ends_by_count() && !s.ends_by_count(), "the kernel's suite ends streams by close");
+    (c, s, kind)
+}
+
+fn pattern(n: usize, salt: usize) -> Vec<u8> {
+    (0..n).map(|i| u8::try_from((i * 7 + salt) % 251).unwrap()).collect()
+}
+
+/// `n` bytes from the client, then its `close_notify`; an answer from the server after that, then its
+/// own: both read to a clean end.
+async fn both_ways<C, S>(mut client: C, mut server: S, n: usize)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let up = pattern(n, 1);
+    let expect = up.clone();
+    let writer = tokio::spawn(async move {
+        client.write_all(&up).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        back
+    });
+    let mut got = Vec::new();
+    server.read_to_end(&mut got).await.unwrap();
+    assert!(got == expect, "client → server: {} of {} bytes, intact: {}", got.len(), n, got == expect);
+    let down = pattern(n / 2 + 3, 2);
+    server.write_all(&down).await.unwrap();
+    server.shutdown().await.unwrap();
+    assert!(writer.await.unwrap() == down, "server → client intact");
+}
+
+#[test]
+fn control_records_make_whole_messages_from_pieces() {
+    let mut c = ControlRecords::default();
+    assert_eq!(c.take(HANDSHAKE, &[4, 0]).unwrap(), vec![]);
+    assert_eq!(c.take(HANDSHAKE, &[0, 3, 9]).unwrap(), vec![]);
+    assert!(!c.is_empty());
+    assert_eq!(
+        c.take(HANDSHAKE, &[8, 7, 4, 0, 0, 0]).unwrap(),
+        vec![Control::Ticket(vec![9, 8, 7]), Control::Ticket(vec![])]
+    );
+    assert!(c.is_empty());
+    assert_eq!(c.take(ALERT, &[1]).unwrap(), vec![]);
+    assert_eq!(c.take(ALERT, &[0]).unwrap(), vec![Control::CloseNotify]);
+    let err = |typ, bytes: &[u8]| ControlRecords::default().take(typ, bytes).unwrap_err().to_string();
+    assert!(err(ALERT, &[2, 40]).contains("alert"), "a fatal alert fails the connection");
+    assert!(err(HANDSHAKE, &[24, 0, 0, 1, 0]).contains("cannot follow"), "a key update fails it");
+    assert!(err(HANDSHAKE, &[20, 0, 0, 0]).contains("after the handshake"));
+    assert!(err(20, &[1]).contains("type 20"));
+    let mut mixed = ControlRecords::default();
+    mixed.take(HANDSHAKE, &[4, 0]).unwrap();
+    assert!(mixed.take(ALERT, &[1, 0]).is_err(), "a message cut short by another type");
+}
+
+#[tokio::test]
+async fn both_ends_in_the_kernel_carry_bytes_close_notify_and_tickets() {
+    let Some(k) = kernel() else { return };
+    let pki = pki();
+    let (client, server, first) = pair(&pki, Some(k), Some(k)).await;
+    assert_eq!(first, Some(HandshakeKind::Full));
+    both_ways(client, server, (1 << 20) + 4099).await;
+    // The server's session ticket reached the client through recvmsg: the next handshake resumes.
+    let (_, _, second) = pair(&pki, Some(k), Some(k)).await;
+    assert_eq!(second, Some(HandshakeKind::Resumed));
+}
+
+#[tokio::test]
+async fn a_kernel_end_talks_to_a_user_space_end_either_way() {
+    let Some(k) = kernel() else { return };
+    let pki = pki();
+    let (client, server, _) = pair(&pki, Some(k), None).await;
+    both_ways(client, server, 300_001).await;
+    let (client, server, _) = pair(&pki, None, Some(k)).await;
+    both_ways(client, server, 300_001).await;
+}
+
+#[tokio::test]
+async fn a_fin_without_close_notify_or_a_forged_record_is_an_error() {
+    let Some(k) = kernel() else { return };
+    let pki = pki();
+    let (mut client, server, _) = pair(&pki, Some(k), None).await;
+    socket2::SockRef::from(server.tcp()).shutdown(std::net::Shutdown::Write).unwrap();
+    let mut buf = [0u8; 64];
+    let err = client.read(&mut buf).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+
+    let (mut client, server, _) = pair(&pki, Some(k), None).await;
+    // An application data record under no key both sides hold.
+    let mut forged = vec![APPLICATION_DATA, 3, 3, 0, 40];
+    forged.extend([0x5a; 40]);
+    server.tcp().writable().await.unwrap();
+    assert_eq!(server.tcp().try_write(&forged).unwrap(), forged.len());
+    let err = client.read(&mut buf).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+}
+
+#[tokio::test]
+async fn splice_carries_a_kernel_tls_end_and_its_close_notify() {
+    let Some(k) = kernel() else { return };
+    let pki = pki();
+    // client (user-space records) ⇄ [server end in the kernel] ⇄ splice ⇄ target.
+    let (client, server, _) = pair(&pki, None, Some(k)).await;
+    let (b, target) = crate::transport::tcp_pair().await;
+    let relay = tokio::spawn(async move {
+        let moved = splice::relay_plain(server.plain().unwrap(), Plain::Tcp(&b), &Activity::default()).await;
+        drop((server, b));
+        moved
+    });
+    let n = 3 * splice::PIPE_SIZE + 11;
+    both_ways(client, target, n).await;
+    let moved = relay.await.unwrap().expect("a clean end both ways");
+    assert_eq!(moved, Moved { a_to_b: n as u64, b_to_a: (n / 2 + 3) as u64 });
+}
+
+#[tokio::test]
+async fn splice_fails_a_kernel_tls_stream_cut_without_close_notify() {
+    let Some(k) = kernel() else { return };
+    let pki = pki();
+    let (mut client, server, _) = pair(&pki, None, Some(k)).await;
+    let (b, mut target) = crate::transport::tcp_pair().await;
+    let relay = tokio::spawn(async move {
+        splice::relay_plain(server.plain().unwrap(), Plain::Tcp(&b), &Activity::default()).await
+    });
+    client.write_all(b"half a request").await.unwrap();
+    client.flush().await.unwrap();
+    let mut got = [0u8; 14];
+    target.read_exact(&mut got).await.unwrap();
+    socket2::SockRef::from(client.tcp()).shutdown(std::net::Shutdown::Write).unwrap();
+    let err = relay.await.unwrap().expect_err("a truncated stream is no clean end");
+    assert_eq!(err.end, End::A);
+    assert_eq!(err.source.kind(), io::ErrorKind::UnexpectedEof, "{}", err.source);
+    let mut rest = [0u8; 8];
+    let cut = target.read(&mut rest).await;
+    assert!(
+        matches!(&cut, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "the target sees a reset: {cut:?}"
+    );
+}
