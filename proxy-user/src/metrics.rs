@@ -67,6 +67,8 @@ pub struct StreamMetrics {
     pub sockmap: SockmapMetrics,
     /// TLS data connections parked again after their stream ended by count, for the next stream.
     pub reused: Counter,
+    /// 1 where TLS data connections of the kernel's cipher suite are handed to kernel TLS, else 0.
+    pub kernel_tls: Gauge,
 }
 
 /// Counts a stream as open until dropped.
@@ -89,6 +91,11 @@ impl StreamMetrics {
         r.register("bytes", "Stream payload bytes by direction", m.bytes.clone());
         r.register("datapath_streams", "Streams by datapath tier", m.by_tier.clone());
         r.register("datapath_bytes", "Stream payload bytes by datapath tier", m.tier_bytes.clone());
+        r.register(
+            "kernel_tls",
+            "1 where TLS data connections are handed to kernel TLS (the kernel offers it and the datapath is not copy)",
+            m.kernel_tls.clone(),
+        );
         r.register(
             "data_conns_reused",
             "Data connections parked again for another stream after theirs ended by count",

@@ -42,10 +42,29 @@ pub struct BenchOpts {
     /// Repetitions of each scenario (default 3; 1 with --quick).
     #[arg(long)]
     reps: Option<usize>,
-    /// Agents of the scale scenario (default 1000; 50 with --quick).
+    /// Agents of the scale scenario (default 1000; 50 with --quick; 10 in a VM).
     #[arg(long)]
     agents: Option<usize>,
+    /// Run inside this Debian kernel (6.1, 6.12: they have kernel TLS) under qemu software emulation
+    /// (`cargo xtask vm`): Spoke's TLS tiers and plaintext splice against direct TCP. Emulation is
+    /// many times slower than hardware, so only ratios within one run mean anything. Results under
+    /// results/<time>-vm-<kernel>/.
+    #[arg(long, value_name = "KERNEL")]
+    vm: Option<String>,
+    /// Inside a guest: the binaries, already built (nothing is built or installed).
+    #[arg(long, hide = true)]
+    bins: Option<PathBuf>,
+    /// Inside a guest: where results go.
+    #[arg(long, hide = true)]
+    out: Option<PathBuf>,
 }
+
+/// The systems `--vm` measures: what the kernel tiers are compared with.
+const VM_SYSTEMS: &str =
+    "direct,spoke (TLS tunnel, copy),spoke (TLS tunnel, kTLS),spoke (plaintext tunnel, splice)";
+/// Lines around the results a guest prints, for the host to take them from its console.
+const RESULTS_BEGIN: &str = "@@SPOKE_BENCH_RESULTS@@";
+const RESULTS_END: &str = "@@SPOKE_BENCH_RESULTS_END@@";
 
 type Start = fn(&Env) -> anyhow::Result<System>;
 
@@ -67,6 +86,7 @@ fn system_prefixes(value: &str) -> Vec<&str> {
 const SYSTEMS: &[(&str, Start)] = &[
     ("direct", peers::direct),
     ("spoke (TLS tunnel, copy)", peers::spoke),
+    ("spoke (TLS tunnel, kTLS)", peers::spoke_ktls),
     ("spoke (plaintext tunnel, splice)", peers::spoke_plain_splice),
     ("spoke (plaintext tunnel, copy)", peers::spoke_plain_copy),
     ("spoke (plaintext tunnel, sockmap)", peers::spoke_plain_sockmap),
@@ -291,11 +311,22 @@ fn max_hold(fd_limit: u64) -> usize {
 }
 
 pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
-    crate::bootstrap::all()?;
+    if let Some(kernel) = &opts.vm {
+        return in_vm(opts, kernel);
+    }
+    let in_guest = opts.bins.is_some();
+    if !in_guest {
+        crate::bootstrap::all()?;
+    }
     let fd_limit = raise_fd_limit();
-    let mut unavailable: Vec<(String, String)> =
-        peers::install().into_iter().map(|(name, why)| (name.to_owned(), why)).collect();
-    let bins = if opts.quick {
+    let mut unavailable: Vec<(String, String)> = if in_guest {
+        Vec::new()
+    } else {
+        peers::install().into_iter().map(|(name, why)| (name.to_owned(), why)).collect()
+    };
+    let bins = if let Some(bins) = &opts.bins {
+        bins.clone()
+    } else if opts.quick {
         crate::build_binaries()?
     } else {
         let mut c = crate::cmd("cargo", &["build", "--release", "--bins"]);
@@ -304,7 +335,9 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
         crate::target_dir().join("release")
     };
     let stamp = output("date", &["-u", "+%Y%m%dT%H%M%SZ"]);
-    let dir = crate::root().join("results").join(if opts.quick { format!("{stamp}-quick") } else { stamp });
+    let dir = opts.out.clone().unwrap_or_else(|| {
+        crate::root().join("results").join(if opts.quick { format!("{stamp}-quick") } else { stamp })
+    });
     let certs = dir.join("certs");
     std::fs::create_dir_all(&dir)?;
     crate::run({
@@ -359,9 +392,56 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
     if let Some(path) = &opts.json {
         std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?;
     }
-    println!("{markdown}");
+    if in_guest {
+        println!("{RESULTS_BEGIN}\n{markdown}\n{RESULTS_END}");
+    } else {
+        println!("{markdown}");
+    }
     eprintln!("[bench] results in {}", dir.display());
     report.check_complete()
+}
+
+/// `--vm`: builds the binaries here, then runs this benchmark inside the guest on them and keeps the
+/// table it prints.
+fn in_vm(opts: &BenchOpts, kernel: &str) -> anyhow::Result<()> {
+    let (profile, bins) = if opts.quick {
+        ("dev", crate::build_binaries()?)
+    } else {
+        let mut c = crate::cmd("cargo", &["build", "--release", "--bins"]);
+        c.args(crate::BIN_PACKAGES);
+        crate::run(c)?;
+        ("release", crate::target_dir().join("release"))
+    };
+    let guest = crate::vm::prepare(kernel, true)?;
+    let xtask = std::env::current_exe()?.display().to_string();
+    let mut command = vec![xtask, "bench".into(), "--bins".into(), bins.display().to_string()];
+    command.extend(["--out".into(), "/tmp/bench".into(), "--agents".into()]);
+    command.push(opts.agents.unwrap_or(10).to_string());
+    let systems = if opts.systems.is_empty() { VM_SYSTEMS.to_owned() } else { opts.systems.join(",") };
+    command.extend(["--systems".into(), systems]);
+    if opts.quick {
+        command.push("--quick".into());
+    }
+    if let Some(reps) = opts.reps {
+        command.extend(["--reps".into(), reps.to_string()]);
+    }
+    eprintln!("[bench] in {} under emulation, {profile} binaries", guest.release);
+    let (code, console) = guest.run(&crate::root(), &command, &[], crate::vm::TIMEOUT * 3)?;
+    let start = console.iter().position(|l| l == RESULTS_BEGIN);
+    let end = console.iter().position(|l| l == RESULTS_END);
+    let (Some(start), Some(end)) = (start, end) else { bail!("the guest printed no results (exit {code})") };
+    let stamp = output("date", &["-u", "+%Y%m%dT%H%M%SZ"]);
+    let dir = crate::root().join("results").join(format!("{stamp}-vm-{}", guest.release));
+    std::fs::create_dir_all(&dir)?;
+    let note = format!(
+        "Measured inside Linux {} under qemu software emulation (TCG, 2 vCPUs), {profile} binaries: \
+         only ratios within this table mean anything.\n\n",
+        guest.release
+    );
+    std::fs::write(dir.join("results.md"), note + &console[start + 1..end].join("\n"))?;
+    eprintln!("[bench] results in {}", dir.display());
+    anyhow::ensure!(code == 0, "the benchmark in the guest failed (exit {code})");
+    Ok(())
 }
 
 struct Report<'a> {

@@ -221,13 +221,13 @@ fn vm_tests(bins: &std::path::Path) -> anyhow::Result<()> {
     let sh = |script: String| vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
     let (unit, e2e) = (unit.display().to_string(), e2e.display().to_string());
     let runs = [
-        (vm::KERNELS[0], true, sh(format!("{unit} ktls && {e2e} --test-threads 1"))),
-        (vm::KERNELS[1], true, sh(format!("{unit} ktls && {e2e} --test-threads 1"))),
+        (vm::KERNELS[0], true, sh(format!("{unit} transport:: && {e2e} --test-threads 1"))),
+        (vm::KERNELS[1], true, sh(format!("{unit} transport:: && {e2e} --test-threads 1"))),
         (vm::KERNELS[1], false, sh(format!("{e2e} --test-threads 1"))),
     ];
     for (kernel, with_tls, command) in runs {
         let guest = vm::prepare(kernel, with_tls)?;
-        let code = guest.run(&root(), &command, &env(if with_tls { "1" } else { "0" }), vm::TIMEOUT)?;
+        let (code, _) = guest.run(&root(), &command, &env(if with_tls { "1" } else { "0" }), vm::TIMEOUT)?;
         let module = if with_tls { "with" } else { "without" };
         anyhow::ensure!(
             code == 0,

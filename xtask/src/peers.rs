@@ -233,21 +233,32 @@ pub fn wait_metric(
     children: &mut [&mut Child],
 ) -> anyhow::Result<()> {
     wait_until(READY_TIMEOUT * 4, children, || {
-        let v = crate::http_get(admin, "/metrics", Duration::from_secs(5))
-            .and_then(|(_, body)| {
-                body.lines()
-                    .find(|l| l.starts_with(prefix))
-                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            })
-            .unwrap_or(0.0);
+        let v = metric(admin, prefix);
         if v >= at_least { Ok(()) } else { Err(format!("{prefix} stayed at {v} < {at_least}")) }
     })
+}
+
+/// The value of the metric sample whose line starts with `prefix`; 0 when absent or unreachable.
+fn metric(admin: SocketAddr, prefix: &str) -> f64 {
+    crate::http_get(admin, "/metrics", Duration::from_secs(5))
+        .and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 /// Spoke: server and agent with a TLS tunnel and the copy datapath; the bench speaks CONNECT over the
 /// server's Unix socket, as kube-apiserver does.
 pub fn spoke(env: &Env) -> anyhow::Result<System> {
     spoke_with(env, "spoke (TLS tunnel, copy)", true, "copy")
+}
+
+/// Spoke with TLS data connections sealed by kernel TLS and spliced on both hops, where the kernel has
+/// kernel TLS (both processes' default, `auto`); unavailable elsewhere.
+pub fn spoke_ktls(env: &Env) -> anyhow::Result<System> {
+    spoke_with(env, "spoke (TLS tunnel, kTLS)", true, "auto")
 }
 
 /// Spoke with plaintext data connections, spliced with splice(2) on the agent and the server.
@@ -311,8 +322,16 @@ fn spoke_with(env: &Env, name: &str, tls: bool, datapath: &str) -> anyhow::Resul
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    let (mut agent, _) = spoke_proc(env, "spoke-agent", &args, &format!("spoke-agent-{datapath}-{tls}.log"))?;
+    let log = format!("spoke-agent-{datapath}-{tls}.log");
+    let (mut agent, _) = spoke_proc(env, "spoke-agent", &args, &log)?;
     wait_metric(admin, "spoke_server_data_conns_idle", 1.0, &mut [&mut server, &mut agent])?;
+    if tls && datapath == "auto" && metric(admin, "spoke_server_kernel_tls") < 1.0 {
+        for mut child in [server, agent] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        bail!("no kernel TLS here (spoke_server_kernel_tls is 0; the server log says why)");
+    }
     Ok(System {
         name: name.into(),
         via: format!("uds:{}", uds.display()),

@@ -89,7 +89,7 @@ pub fn main(opts: &VmOpts) -> anyhow::Result<()> {
     let env: Vec<(String, String)> =
         opts.env.iter().filter_map(|n| std::env::var(n).ok().map(|v| (n.clone(), v))).collect();
     let cwd = std::env::current_dir()?;
-    let code = guest.run(&cwd, &opts.command, &env, Duration::from_secs(opts.timeout))?;
+    let (code, _) = guest.run(&cwd, &opts.command, &env, Duration::from_secs(opts.timeout))?;
     std::process::exit(code);
 }
 
@@ -368,14 +368,15 @@ fn quote(s: &str) -> String {
 }
 
 impl Guest {
-    /// Boots the guest and runs `command` in `cwd` with `env`; its exit status.
+    /// Boots the guest and runs `command` in `cwd` with `env`: its exit status, and what it printed
+    /// (also shown as it comes).
     pub fn run(
         &self,
         cwd: &Path,
         command: &[String],
         env: &[(String, String)],
         timeout: Duration,
-    ) -> anyhow::Result<i32> {
+    ) -> anyhow::Result<(i32, Vec<String>)> {
         let scratch = tempfile::tempdir()?;
         let etc = scratch.path().join("ir/etc/spoke-vm");
         std::fs::create_dir_all(&etc)?;
@@ -424,24 +425,28 @@ impl Guest {
             .context("start qemu-system-x86_64")?;
         let out = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
+        let console = std::thread::spawn(move || {
+            let mut lines = Vec::new();
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 let line = line.trim_end_matches('\r').to_owned();
                 if let Some(code) = line.strip_prefix(EXIT_MARKER).and_then(|r| r.strip_suffix("@@")) {
                     let _ = tx.send(code.parse::<i32>().unwrap_or(125));
                 } else {
                     eprintln!("  | {line}");
+                    lines.push(line);
                 }
             }
+            lines
         });
         let code = rx.recv_timeout(timeout);
         let _ = child.kill();
         let _ = child.wait();
+        let console = console.join().unwrap_or_default();
         let secs = started.elapsed().as_secs_f64();
         match code {
             Ok(code) => {
                 say(&format!("{}: exited {code} after {secs:.1} s", self.release));
-                Ok(code)
+                Ok((code, console))
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 bail!("{}: no exit within {timeout:?}; guest stopped", self.release)

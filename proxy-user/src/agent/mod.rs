@@ -209,6 +209,7 @@ pub async fn run_agent(
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     let datapath = datapath(&config)?;
+    metrics.stream.kernel_tls.set(i64::from(datapath.kernel_tls().is_some()));
     let agent = Arc::new(Agent {
         tls,
         metrics,

@@ -438,6 +438,12 @@ mod tests {
         assert_eq!(sockmap.tier_for(tcp(), tcp()), (Tier::Sockmap, None));
         assert_eq!(sockmap.tier_for(tls, tcp()), (Tier::Copy, Some("tls_tunnel")));
         assert_eq!(sockmap.tier_for(tcp(), Err("tls")), (Tier::Copy, Some("tls")));
+        // A kernel TLS end: spliced, labelled as its own tier; the copy mode copies it.
+        let ktls = || -> Result<Plain<'_>, &'static str> { Ok(Plain::Ktls(&a)) };
+        assert_eq!(auto.tier_for(ktls(), tcp()), (Tier::Ktls, None));
+        assert_eq!(splice.tier_for(tcp(), ktls()), (Tier::Ktls, None));
+        assert_eq!(sockmap.tier_for(ktls(), tcp()), (Tier::Ktls, Some("kernel_tls")));
+        assert_eq!(Datapath::new(Mode::Copy).tier_for(ktls(), tcp()), (Tier::Copy, None));
     }
 
     /// Every stream's task holds the relay's state while the stream lives (thousands of idle streams

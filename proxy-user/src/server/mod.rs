@@ -104,6 +104,8 @@ pub async fn run_server(
     let (client, nodes, reviewer) = apiserver_parts(&config, &shutdown).await?;
     let mut registry = Registry::default();
     let metrics = ServerMetrics::register(&mut registry);
+    let datapath = Datapath::new(config.datapath).probe_kernel_tls();
+    metrics.stream.kernel_tls.set(i64::from(datapath.kernel_tls().is_some()));
     let grace = config.limits.grace_period;
     let replicas = config.server_count;
     let server = Arc::new(Server {
@@ -114,7 +116,7 @@ pub async fn run_server(
         ),
         pending_dials: Semaphore::new(config.limits.max_pending_dials),
         next_stream_id: AtomicU64::new(1),
-        datapath: Datapath::new(config.datapath).probe_kernel_tls(),
+        datapath,
         nodes,
         reviewer,
         metrics,

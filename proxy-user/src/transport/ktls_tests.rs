@@ -173,6 +173,25 @@ async fn a_fin_without_close_notify_or_a_forged_record_is_an_error() {
     assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
 }
 
+/// Spoke never hands the kernel keys that need renewing, but a peer may still send a `KeyUpdate`: the
+/// kernel (6.1, 6.12) cannot follow it, and the stream fails with a clear error, never garbled bytes.
+#[tokio::test]
+async fn a_key_update_the_kernel_cannot_follow_fails_the_stream_cleanly() {
+    let Some(k) = kernel() else { return };
+    let pki = pki();
+    let (mut client, server, _) = pair(&pki, Some(k), None).await;
+    let Secured::User(mut server) = server else { unreachable!("asked for user space") };
+    server.write_all(b"before").await.unwrap();
+    server.force_key_update().unwrap();
+    server.write_all(b"after").await.unwrap();
+    server.flush().await.unwrap();
+    let mut got = [0u8; 6];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"before");
+    let err = client.read(&mut got).await.unwrap_err();
+    assert!(err.to_string().contains("cannot follow"), "{err}");
+}
+
 #[tokio::test]
 async fn splice_carries_a_kernel_tls_end_and_its_close_notify() {
     let Some(k) = kernel() else { return };

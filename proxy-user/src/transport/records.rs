@@ -317,6 +317,13 @@ impl<D: Role> Records<D> {
         Ok(())
     }
 
+    /// Queues a `KeyUpdate` (asking the peer to update too) and switches to new sending keys, as near
+    /// the confidentiality limit; sent with the next write or flush (for tests of a peer's handling).
+    #[cfg(test)]
+    pub(crate) fn force_key_update(&mut self) -> io::Result<()> {
+        self.update_tx_keys(true)
+    }
+
     /// Sends a `KeyUpdate` under the current keys and switches to new ones.
     fn update_tx_keys(&mut self, request: bool) -> io::Result<()> {
         self.seal(ContentType::Handshake, &[u8::from(HandshakeType::KeyUpdate), 0, 0, 1, u8::from(request)])?;
