@@ -21,7 +21,7 @@
 //! layer; what is left is three socket options (nix's `TcpUlp`, `TcpTlsTx`, `TcpTlsRx`) and the control
 //! records below.
 
-use std::io::{self, IoSlice, IoSliceMut, Read as _, Write as _};
+use std::io::{self, IoSlice, IoSliceMut, Write as _};
 use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -54,33 +54,37 @@ const MAX_CONTROL: usize = 16 * 1024;
 pub struct KernelTls(());
 
 impl KernelTls {
-    /// Checks that this kernel seals records with a ChaCha20-Poly1305 key on a TCP socket; why not, as
-    /// an operator would fix it, otherwise.
+    /// Checks that this kernel seals and opens records with a ChaCha20-Poly1305 key on TCP sockets,
+    /// and tells their type through `recvmsg`; why not, as an operator would fix it, otherwise. (Setting
+    /// the upper layer loads the `tls` module where the process has `CAP_NET_ADMIN`.)
     pub fn probe() -> Result<Self, String> {
         let listener =
             std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("probe socket: {e}"))?;
         let addr = listener.local_addr().map_err(|e| format!("probe socket: {e}"))?;
         let sender = std::net::TcpStream::connect(addr).map_err(|e| format!("probe connect: {e}"))?;
-        let (mut receiver, _) = listener.accept().map_err(|e| format!("probe accept: {e}"))?;
-        setsockopt(&sender, sockopt::TcpUlp::default(), &&b"tls"[..]).map_err(|e| match e {
-            nix::errno::Errno::ENOENT => {
-                "the kernel has no TLS upper layer (CONFIG_TLS; load the tls module)".to_owned()
-            }
-            e => format!("setsockopt(TCP_ULP, \"tls\"): {e}"),
-        })?;
+        let (receiver, _) = listener.accept().map_err(|e| format!("probe accept: {e}"))?;
         let info = crypto_info(0, &[7; 32], &[9; 12]);
-        setsockopt(&sender, sockopt::TcpTlsTx, &info).map_err(|e| {
-            format!("kernel TLS takes no ChaCha20-Poly1305 key ({e}; load the chacha20poly1305 module)")
-        })?;
-        // One record on the wire: header 17 03 03, the byte, its inner type and the 16-byte tag.
-        (&sender).write_all(b"x").map_err(|e| format!("kernel TLS send: {e}"))?;
+        for socket in [&sender, &receiver] {
+            setsockopt(socket, sockopt::TcpUlp::default(), &&b"tls"[..]).map_err(|e| match e {
+                nix::errno::Errno::ENOENT => {
+                    "the kernel has no TLS upper layer (CONFIG_TLS: load the tls module)".to_owned()
+                }
+                e => format!("setsockopt(TCP_ULP, \"tls\"): {e}"),
+            })?;
+        }
+        let refused =
+            |e| format!("kernel TLS takes no ChaCha20-Poly1305 key ({e}; load the chacha20poly1305 module)");
+        setsockopt(&sender, sockopt::TcpTlsTx, &info).map_err(refused)?;
+        setsockopt(&receiver, sockopt::TcpTlsRx, &info).map_err(refused)?;
+        (&sender).write_all(b"spoke").map_err(|e| format!("kernel TLS send: {e}"))?;
         receiver
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .map_err(|e| format!("probe socket: {e}"))?;
-        let mut record = [0u8; 5 + 1 + 1 + 16];
-        receiver.read_exact(&mut record).map_err(|e| format!("kernel TLS record: {e}"))?;
-        if record[..5] != [APPLICATION_DATA, 3, 3, 0, 18] || record[5] == b'x' {
-            return Err(format!("kernel TLS sent no sealed record: {:02x?}", &record[..6]));
+        let mut got = [0u8; 8];
+        let (n, typ) =
+            recv(&receiver, &mut got, MsgFlags::empty()).map_err(|e| format!("kernel TLS receive: {e}"))?;
+        if (&got[..n], typ) != (&b"spoke"[..], APPLICATION_DATA) {
+            return Err(format!("kernel TLS opened {:02x?} of type {typ}, not what was sealed", &got[..n]));
         }
         Ok(Self(()))
     }
@@ -203,11 +207,12 @@ impl ControlRecords {
     }
 }
 
-/// Reads what the socket has (non-blocking) into `buf`: the byte count and the record type.
-pub(crate) fn recv(tcp: &impl AsFd, buf: &mut [u8]) -> io::Result<(usize, u8)> {
+/// Reads into `buf` (`MSG_DONTWAIT` in `flags` for what the socket has now): the byte count and the
+/// record type.
+pub(crate) fn recv(tcp: &impl AsFd, buf: &mut [u8], flags: MsgFlags) -> io::Result<(usize, u8)> {
     let mut cmsg = nix::cmsg_space!(u8);
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(tcp.as_fd().as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)?;
+    let msg = recvmsg::<()>(tcp.as_fd().as_raw_fd(), &mut iov, Some(&mut cmsg), flags)?;
     let mut typ = APPLICATION_DATA;
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::TlsGetRecordType(t) = c {
@@ -231,7 +236,7 @@ pub(crate) fn read_control(tcp: &TcpStream) -> io::Result<bool> {
     let mut records = ControlRecords::default();
     let mut buf = [0u8; 512];
     loop {
-        let (n, typ) = tcp.try_io(Interest::READABLE, || recv(tcp, &mut buf))?;
+        let (n, typ) = tcp.try_io(Interest::READABLE, || recv(tcp, &mut buf, MsgFlags::MSG_DONTWAIT))?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -349,7 +354,8 @@ impl<D: Role> AsyncRead for Ktls<D> {
             }
             ready!(this.tcp.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            let got = this.tcp.try_io(Interest::READABLE, || recv(&this.tcp, unfilled));
+            let got =
+                this.tcp.try_io(Interest::READABLE, || recv(&this.tcp, unfilled, MsgFlags::MSG_DONTWAIT));
             match got {
                 Ok((0, _)) => {
                     return Poll::Ready(Err(io::Error::new(
