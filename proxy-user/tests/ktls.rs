@@ -20,23 +20,10 @@ const MIB: u64 = 1 << 20;
 /// emulated vector instructions.
 const TRANSFER_BOUND: Duration = Duration::from_mins(10);
 
-/// Whether both processes should carry streams in the kernel.
-fn expect_kernel() -> bool {
-    match std::env::var("SPOKE_EXPECT_KTLS").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => spoke::transport::ktls::KernelTls::probe().is_ok(),
-    }
-}
-
-fn tier() -> &'static str {
-    if expect_kernel() { "ktls" } else { "copy" }
-}
-
 async fn system() -> (common::Server, common::Agent) {
     let srv = server(&certs()).tcp_frontend().run().await;
     let agent = agent(&srv).run().await;
-    let said = if expect_kernel() {
+    let said = if common::expect_kernel_tls() {
         "kernel TLS: TLS data connections use ChaCha20-Poly1305"
     } else {
         "kernel TLS unavailable"
@@ -51,7 +38,7 @@ async fn system() -> (common::Server, common::Agent) {
 /// Both processes carried `streams` streams on the expected tier.
 async fn assert_tier(srv: &common::Server, agent: &common::Agent, streams: u64) {
     for (admin, who) in [(srv.admin_addr, "server"), (agent.admin_addr, "agent")] {
-        let line = format!("spoke_{who}_datapath_streams_total{{tier=\"{}\"}}", tier());
+        let line = format!("spoke_{who}_datapath_streams_total{{tier=\"{}\"}}", common::tls_tier());
         assert_eq!(common::counted(admin, &line, streams).await, streams, "{line}");
     }
 }
@@ -142,7 +129,7 @@ async fn half_close_either_way_then_a_reset() {
     .expect("the reset ends the client's stream");
     assert!(end.is_err(), "an aborted stream must not end cleanly");
     assert!(b"partial".starts_with(&got), "only bytes sent before the reset: {got:?}");
-    let line = format!("spoke_agent_datapath_streams_total{{tier=\"{}\"}}", tier());
+    let line = format!("spoke_agent_datapath_streams_total{{tier=\"{}\"}}", common::tls_tier());
     assert_eq!(common::counted(agent.admin_addr, &line, 3).await, 3, "{line}");
 }
 

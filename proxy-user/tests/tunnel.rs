@@ -17,7 +17,7 @@ const TRANSFER_BOUND: Duration = Duration::from_mins(1);
 /// How the agent's data connections and datapath are set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
-    /// TLS data connections, userspace copy.
+    /// TLS data connections: userspace copy, or kernel TLS spliced where the kernel offers it.
     Tls,
     /// Plain data connections, splice(2) on both hops.
     PlainSplice,
@@ -42,7 +42,7 @@ async fn system(mode: Mode) -> (common::Server, common::Agent) {
 /// Server and agent carried `streams` streams on the tier `mode` should choose. (The agent counts a
 /// stream once both of its ends are done, which can be just after the client saw the end.)
 async fn assert_tier(srv: &common::Server, agent: &common::Agent, mode: Mode, streams: u64) {
-    let tier = if mode == Mode::Tls { "copy" } else { "splice" };
+    let tier = if mode == Mode::Tls { common::tls_tier() } else { "splice" };
     for (admin, who) in [(srv.admin_addr, "server"), (agent.admin_addr, "agent")] {
         let line = format!("spoke_{who}_datapath_streams_total{{tier=\"{tier}\"}}");
         assert_eq!(common::counted(admin, &line, streams).await, streams, "{line}");

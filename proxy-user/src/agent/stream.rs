@@ -147,7 +147,11 @@ pub(super) async fn serve(
         return None;
     };
     let mut conn = Counted::new(conn, registration);
-    if !relay(agent, &mut conn, &mut target).await || !conn.reusable() {
+    if !relay(agent, &mut conn, &mut target).await {
+        return None;
+    }
+    if !conn.reusable() {
+        conn.finish().await;
         return None;
     }
     drop(target);

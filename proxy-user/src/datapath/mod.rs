@@ -303,7 +303,10 @@ impl Datapath {
             (Ok(a), Ok(b)) => Ok((a, b)),
             (Err(why), _) | (_, Err(why)) => Err(why),
         };
-        let ktls = matches!(both, Ok((Plain::Ktls(_), _) | (_, Plain::Ktls(_))));
+        let ktls = matches!(
+            both,
+            Ok((Plain::Ktls(_) | Plain::Counted(_), _) | (_, Plain::Ktls(_) | Plain::Counted(_)))
+        );
         match (self.mode, both) {
             (Mode::Copy, _) | (Mode::Auto, Err(_)) => (Tier::Copy, None),
             (Mode::Auto | Mode::Splice, Ok(_)) if ktls => (Tier::Ktls, None),

@@ -30,10 +30,22 @@ pub trait Spliceable: AsFd + Sync + Sized {
     fn try_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
     /// Ends the connection as a failure once dropped ([`Stream::abort`]).
     fn abort(&self);
-    /// Ends the direction this socket sends: FIN.
-    fn shutdown_write(&self) -> impl Future<Output = io::Result<()>> + Send {
+    /// Ends the direction this socket sends, after `written` bytes: FIN.
+    fn end_write(&self, written: u64) -> impl Future<Output = io::Result<()>> + Send {
+        let _ = written;
         let done = socket2::SockRef::from(self).shutdown(Shutdown::Write);
         async { done }
+    }
+    /// Bytes this socket may still give after `taken` as a source: `None` for no limit.
+    fn limit(&self, taken: u64) -> io::Result<Option<u64>> {
+        let _ = taken;
+        Ok(None)
+    }
+    /// The source gave all it may ([`Spliceable::limit`] reached 0): its direction ended.
+    fn counted_end(&self) {}
+    /// Waits until the source has something: bytes, an end, or (counted ends) its count.
+    fn source_ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.ready_for(Interest::READABLE)
     }
     /// A splice from this socket failed with `e`. Where a record that is not application data stopped
     /// it (kernel TLS), reads that record: `Ok(true)` when it ended the peer's direction.
@@ -78,25 +90,51 @@ impl Spliceable for Plain<'_> {
         match self {
             Plain::Tcp(s) | Plain::Ktls(s) => s.ready_for(interest).await,
             Plain::Unix(s) => s.ready_for(interest).await,
+            Plain::Counted(c) => c.socket().ready_for(interest).await,
         }
     }
     fn try_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
         match self {
             Plain::Tcp(s) | Plain::Ktls(s) => s.try_io(interest, f),
             Plain::Unix(s) => s.try_io(interest, f),
+            Plain::Counted(c) => c.socket().try_io(interest, f),
         }
     }
     fn abort(&self) {
         match self {
             Plain::Tcp(s) | Plain::Ktls(s) => Stream::abort(*s),
             Plain::Unix(s) => Stream::abort(*s),
+            Plain::Counted(c) => Stream::abort(c.socket()),
         }
     }
-    async fn shutdown_write(&self) -> io::Result<()> {
-        if let Plain::Ktls(s) = self {
+    fn limit(&self, taken: u64) -> io::Result<Option<u64>> {
+        match self {
+            Plain::Counted(c) => c.limit(taken),
+            _ => Ok(None),
+        }
+    }
+    fn counted_end(&self) {
+        if let Plain::Counted(c) = self {
+            c.counted_end();
+        }
+    }
+    async fn source_ready(&self) -> io::Result<()> {
+        match self {
+            Plain::Counted(c) => c.source_ready().await,
+            _ => self.ready_for(Interest::READABLE).await,
+        }
+    }
+    async fn end_write(&self, written: u64) -> io::Result<()> {
+        let s = match self {
+            Plain::Counted(c) if c.announce(written) => return Ok(()),
+            Plain::Counted(c) => Some(c.socket()),
+            Plain::Ktls(s) => Some(*s),
+            Plain::Tcp(_) | Plain::Unix(_) => None,
+        };
+        if let Some(s) = s {
             loop {
                 s.ready(Interest::WRITABLE).await?;
-                match s.try_io(Interest::WRITABLE, || ktls::send_close_notify(*s)) {
+                match s.try_io(Interest::WRITABLE, || ktls::send_close_notify(s)) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
@@ -106,16 +144,21 @@ impl Spliceable for Plain<'_> {
         socket2::SockRef::from(self).shutdown(Shutdown::Write)
     }
     fn stopped(&self, e: io::Error) -> io::Result<bool> {
-        match (self, e.raw_os_error()) {
-            (Plain::Ktls(s), Some(nix::libc::EINVAL | nix::libc::EIO)) => ktls::read_control(s),
-            (Plain::Ktls(_), Some(nix::libc::EBADMSG)) => {
+        let ktls = match self {
+            Plain::Ktls(s) => Some(*s),
+            Plain::Counted(c) => Some(c.socket()),
+            Plain::Tcp(_) | Plain::Unix(_) => None,
+        };
+        match (ktls, e.raw_os_error()) {
+            (Some(s), Some(nix::libc::EINVAL | nix::libc::EIO)) => ktls::read_control(s),
+            (Some(_), Some(nix::libc::EBADMSG)) => {
                 Err(io::Error::new(io::ErrorKind::InvalidData, "a TLS record did not open (kernel TLS)"))
             }
             _ => Err(e),
         }
     }
     fn announces_end(&self) -> bool {
-        matches!(self, Plain::Ktls(_))
+        matches!(self, Plain::Ktls(_) | Plain::Counted(_))
     }
 }
 
@@ -169,18 +212,28 @@ async fn pump<S: Spliceable, D: Spliceable>(
     let mut pipe: Option<Pipe> = None;
     let mut in_pipe = 0usize;
     let mut total = 0u64;
+    let mut taken = 0u64;
     let mut eof = false;
     loop {
         if pipe.is_none() {
-            // Idle: hold no pipe until the source has something (bytes or end of stream).
-            src.ready_for(Interest::READABLE).await.map_err(|e| (End::A, e))?;
+            // Idle: hold no pipe until the source has something (bytes, an end or its count).
+            src.source_ready().await.map_err(|e| (End::A, e))?;
             pipe = Some(Pipe::take().map_err(|e| (End::A, e))?);
         }
         let p = pipe.as_ref().expect("a pipe is held from here on");
         let mut progressed = false;
         let mut drained_source = false;
-        if !eof && in_pipe < p.capacity {
-            let fill = || Ok(splice(src, None, &p.write, None, p.capacity - in_pipe, FLAGS)?);
+        // What the source may still give (counted ends): never a byte past the announced count.
+        let room = match src.limit(taken).map_err(|e| (End::A, e))? {
+            Some(left) => usize::try_from(left).unwrap_or(usize::MAX).min(p.capacity - in_pipe),
+            None => p.capacity - in_pipe,
+        };
+        if !eof && room == 0 && in_pipe < p.capacity {
+            src.counted_end();
+            eof = true;
+            progressed = true;
+        } else if !eof && room > 0 {
+            let fill = || Ok(splice(src, None, &p.write, None, room, FLAGS)?);
             // With bytes in the pipe an EAGAIN may mean a full pipe rather than an empty source (a pipe
             // holds one buffer per page of its capacity, fewer bytes when skbs are small). Only an empty
             // pipe's EAGAIN clears the source's readiness: cleared wrongly, a source whose receive window
@@ -197,6 +250,7 @@ async fn pump<S: Spliceable, D: Spliceable>(
                 Ok(0) => eof = true,
                 Ok(n) => {
                     in_pipe += n;
+                    taken += n as u64;
                     activity.read(n);
                     progressed = true;
                 }
@@ -225,7 +279,7 @@ async fn pump<S: Spliceable, D: Spliceable>(
         if in_pipe == 0 && (eof || drained_source) {
             pipe.take().expect("a pipe is held here").give_back();
             if eof {
-                dst.shutdown_write().await.map_err(|e| (End::B, e))?;
+                dst.end_write(total).await.map_err(|e| (End::B, e))?;
                 return Ok(total);
             }
             continue;
@@ -238,7 +292,7 @@ async fn pump<S: Spliceable, D: Spliceable>(
         if in_pipe > 0 {
             dst.ready_for(Interest::WRITABLE).await.map_err(|e| (End::B, e))?;
         } else {
-            src.ready_for(Interest::READABLE).await.map_err(|e| (End::A, e))?;
+            src.source_ready().await.map_err(|e| (End::A, e))?;
         }
     }
 }

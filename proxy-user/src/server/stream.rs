@@ -218,7 +218,14 @@ async fn carry<S: Stream, D: DataSide>(server: &Server, client: &mut S, data: &m
     };
     if let Some(outcome) = outcome {
         server.metrics.stream.record(&outcome, ENDS);
-        outcome.failure.is_none() && data.reusable()
+        if outcome.failure.is_some() {
+            return false;
+        }
+        if !data.reusable() {
+            data.finish().await;
+            return false;
+        }
+        true
     } else {
         debug!("idle while the server drains: closing the stream");
         server.metrics.drain_closed_idle.inc();
@@ -233,6 +240,8 @@ trait DataSide: Stream {
     fn conn(&mut self) -> &mut DataConn;
     /// Whether it can carry another stream now.
     fn reusable(&self) -> bool;
+    /// A clean stream whose connection is not reused: the real end, where only a count told it.
+    async fn finish(&mut self) {}
 }
 
 impl DataSide for DataConn {
@@ -252,6 +261,10 @@ impl DataSide for Counted<DataConn> {
 
     fn reusable(&self) -> bool {
         Counted::reusable(self)
+    }
+
+    async fn finish(&mut self) {
+        Counted::finish(self).await;
     }
 }
 

@@ -18,10 +18,12 @@ use std::collections::HashMap;
 use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
@@ -220,6 +222,86 @@ pub struct Counted<S> {
     session_gone: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// The server could not tell the agent it read everything (queue full, session gone).
     read_untold: bool,
+    /// How the splice tier ended the directions, when it carried the stream (kernel TLS).
+    spliced: SplicedEnds,
+}
+
+/// What the splice tier did with a counted connection's ends ([`CountedSocket`]): set through shared
+/// references while both directions run.
+#[derive(Debug, Default)]
+struct SplicedEnds {
+    announced: AtomicBool,
+    read_counted: AtomicBool,
+    read_untold: AtomicBool,
+}
+
+/// A counted connection whose plaintext crosses its socket (kernel TLS), as the splice tier takes it:
+/// the socket, and how the stream's two ends are told by count (see the module documentation).
+#[derive(Clone, Copy, Debug)]
+pub struct CountedSocket<'a> {
+    socket: &'a TcpStream,
+    reg: &'a Registration,
+    state: &'a SplicedEnds,
+    /// Bytes read and written through the [`Counted`] before the splice took over (bytes that followed
+    /// a request head, written first): the counts go on from there.
+    before: (u64, u64),
+}
+
+impl<'a> CountedSocket<'a> {
+    /// The socket underneath.
+    #[must_use]
+    pub fn socket(&self) -> &'a TcpStream {
+        self.socket
+    }
+
+    /// Bytes the source may still give after `taken`: `None` until the peer's count is known (or for
+    /// good once the session is gone), an error when the count is below what was read.
+    pub fn limit(&self, taken: u64) -> io::Result<Option<u64>> {
+        let taken = self.before.0 + taken;
+        let count = self.reg.ends.streams().get(&self.reg.stream_id).and_then(|h| h.count);
+        match count {
+            Some(n) if n < taken => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the peer announced {n} bytes after sending {taken}"),
+            )),
+            Some(n) => Ok(Some(n - taken)),
+            None => Ok(None),
+        }
+    }
+
+    /// The source reached the announced count: its direction ended. The server tells the agent.
+    pub fn counted_end(&self) {
+        self.state.read_counted.store(true, Ordering::Release);
+        if self.reg.side == Side::Server {
+            let told = self.reg.ends.tx.try_send(Message::StreamEndRead { stream_id: self.reg.stream_id });
+            self.state.read_untold.store(told.is_err(), Ordering::Release);
+        }
+    }
+
+    /// Waits until the socket is readable, or, while it is not known yet, the peer's count arrives.
+    pub async fn source_ready(&self) -> io::Result<()> {
+        let (ends, id) = (&self.reg.ends, self.reg.stream_id);
+        let known = ends.streams().get(&id).is_some_and(|h| h.count.is_some());
+        if known {
+            return self.socket.ready(tokio::io::Interest::READABLE).await.map(drop);
+        }
+        let count = std::future::poll_fn(|cx| ends.poll_count(id, cx));
+        tokio::select! {
+            ready = self.socket.ready(tokio::io::Interest::READABLE) => ready.map(drop),
+            Some(_) = count => Ok(()),
+        }
+    }
+
+    /// The destination's source ended after `written` bytes: announced by count where the session
+    /// takes it (`true`), otherwise the caller sends a real end.
+    #[must_use]
+    pub fn announce(&self, written: u64) -> bool {
+        let ends = &self.reg.ends;
+        let end = Message::StreamEnd { stream_id: self.reg.stream_id, bytes: self.before.1 + written };
+        let announced = !ends.gone.is_cancelled() && ends.tx.try_send(end).is_ok();
+        self.state.announced.store(announced, Ordering::Release);
+        announced
+    }
 }
 
 impl<S: Stream> Counted<S> {
@@ -236,6 +318,7 @@ impl<S: Stream> Counted<S> {
             read_end: ReadEnd::Open,
             session_gone: None,
             read_untold: false,
+            spliced: SplicedEnds::default(),
         }
     }
 
@@ -249,10 +332,20 @@ impl<S: Stream> Counted<S> {
     /// everything ([`Counted::read_acknowledged`]).
     #[must_use]
     pub fn reusable(&self) -> bool {
-        self.write == WriteEnd::Announced
-            && self.read_end == ReadEnd::Counted
+        let spliced = &self.spliced;
+        (self.write == WriteEnd::Announced || spliced.announced.load(Ordering::Acquire))
+            && (self.read_end == ReadEnd::Counted || spliced.read_counted.load(Ordering::Acquire))
             && !self.read_untold
+            && !spliced.read_untold.load(Ordering::Acquire)
             && !self.reg.ends.gone.is_cancelled()
+    }
+
+    /// A stream the splice tier ended by count whose connection is not reused: sends the real end too
+    /// (`close_notify` and FIN), in case the announcement never reached the peer (its session lost).
+    pub async fn finish(&mut self) {
+        if self.spliced.announced.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(REUSE_TIMEOUT, self.inner.shutdown()).await;
+        }
     }
 
     /// Agent side: waits until the server has read every byte the agent wrote, or the session ended.
@@ -404,9 +497,16 @@ impl<S: Stream> Stream for Counted<S> {
         self.inner.reset_on_close(reset);
     }
 
-    /// Never a kernel socket to splice: the ends are counted in user space.
+    /// A kernel TLS connection's socket, with its ends counted by the splice tier
+    /// ([`CountedSocket`]); no other: their ends are counted in user space.
     fn plain(&self) -> Result<Plain<'_>, &'static str> {
-        self.inner.plain().and(Err("counted_ends"))
+        match self.inner.plain()? {
+            Plain::Ktls(socket) => {
+                let before = (self.read, self.written);
+                Ok(Plain::Counted(CountedSocket { socket, reg: &self.reg, state: &self.spliced, before }))
+            }
+            _ => Err("counted_ends"),
+        }
     }
 }
 

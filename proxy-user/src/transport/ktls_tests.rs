@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::datapath::{Activity, End, Moved, splice};
+use crate::transport::counted::{Counted, Ends, Side};
 use crate::transport::handshake::{Kind, accept, connect};
 use crate::transport::secured::Secured;
 use crate::transport::tls::{self, ClientCerts, ClientTls, TlsFiles, Versions};
@@ -75,7 +76,6 @@ async fn pair(pki: &Pki, client: Option<KernelTls>, server: Option<KernelTls>) -
     let s = s.unwrap().0;
     assert_eq!(matches!(c, Secured::Kernel(_)), client.is_some(), "client side in the kernel iff asked");
     assert_eq!(matches!(s, Secured::Kernel(_)), server.is_some(), "server side in the kernel iff asked");
-    assert!(!c.ends_by_count() && !s.ends_by_count(), "the kernel's suite ends streams by close");
     (c, s, kind)
 }
 
@@ -208,6 +208,66 @@ async fn splice_carries_a_kernel_tls_end_and_its_close_notify() {
     both_ways(client, target, n).await;
     let moved = relay.await.unwrap().expect("a clean end both ways");
     assert_eq!(moved, Moved { a_to_b: n as u64, b_to_a: (n / 2 + 3) as u64 });
+}
+
+/// Forwards one session's end frames to the other side's [`Ends`], as the control channels would.
+fn cross(mut rx: tokio::sync::mpsc::Receiver<crate::protocol::Message>, to: Arc<Ends>) {
+    use crate::protocol::Message;
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            match m {
+                Message::StreamEnd { stream_id, bytes } => to.told_end(stream_id, bytes),
+                Message::StreamEndRead { stream_id } => to.told_read(stream_id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    });
+}
+
+/// A kernel TLS data connection whose stream is spliced ends both directions by count, as a user-space
+/// peer does, and carries the next stream without a handshake.
+#[tokio::test]
+async fn splice_ends_a_kernel_tls_stream_by_count_and_the_connection_carries_on() {
+    let Some(k) = kernel() else { return };
+    let pki = pki();
+    let (client, server, _) = pair(&pki, None, Some(k)).await;
+    let (server_ends, server_rx) = Ends::new();
+    let (agent_ends, agent_rx) = Ends::new();
+    cross(server_rx, agent_ends.clone());
+    cross(agent_rx, server_ends.clone());
+    // The agent's side in user space, the server's in the kernel, spliced to a target.
+    let mut agent = Counted::new(client, agent_ends.register(1, Side::Agent).unwrap());
+    let server = Counted::new(server, server_ends.register(1, Side::Server).unwrap());
+    let (b, mut target) = crate::transport::tcp_pair().await;
+    let relay = tokio::spawn(async move {
+        let moved = splice::relay_plain(server.plain().unwrap(), Plain::Tcp(&b), &Activity::default()).await;
+        (moved, server)
+    });
+    let up = pattern(2 * splice::PIPE_SIZE + 3, 5);
+    agent.write_all(&up).await.unwrap();
+    agent.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    target.read_to_end(&mut got).await.unwrap();
+    assert!(got == up, "agent → target intact, then an end");
+    target.write_all(b"response").await.unwrap();
+    target.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    agent.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"response");
+    let (moved, server) = relay.await.unwrap();
+    assert_eq!(moved.expect("a clean end"), Moved { a_to_b: up.len() as u64, b_to_a: 8 });
+    assert!(server.reusable(), "the server's side ended both ways by count");
+    assert!(agent.reusable() && agent.read_acknowledged().await, "the agent heard the server read all");
+    // The same connection, no handshake: the next stream's bytes, both ways.
+    let (mut agent, mut server) = (agent.into_inner(), server.into_inner());
+    agent.write_all(b"next stream").await.unwrap();
+    agent.flush().await.unwrap();
+    let mut next = [0u8; 11];
+    server.read_exact(&mut next).await.unwrap();
+    assert_eq!(&next, b"next stream");
+    server.write_all(b"ok").await.unwrap();
+    agent.read_exact(&mut next[..2]).await.unwrap();
+    assert_eq!(&next[..2], b"ok");
 }
 
 #[tokio::test]

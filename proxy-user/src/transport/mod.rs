@@ -42,6 +42,8 @@ pub enum Plain<'a> {
     Unix(&'a UnixStream),
     /// A TCP socket with kernel TLS ([`ktls`]): plaintext at the socket, records on the wire.
     Ktls(&'a TcpStream),
+    /// A kernel TLS socket whose stream's ends are told by count ([`counted`]).
+    Counted(counted::CountedSocket<'a>),
 }
 
 impl std::os::fd::AsFd for Plain<'_> {
@@ -49,6 +51,7 @@ impl std::os::fd::AsFd for Plain<'_> {
         match self {
             Self::Tcp(s) | Self::Ktls(s) => s.as_fd(),
             Self::Unix(s) => s.as_fd(),
+            Self::Counted(c) => c.socket().as_fd(),
         }
     }
 }
@@ -149,13 +152,11 @@ impl<D: records::Role> Link<secured::Secured<D>> {
         }
     }
 
-    /// Whether its streams end by count ([`secured::Secured::ends_by_count`]); never on a plain link.
+    /// Whether its streams end by count ([`counted`]): over TLS, where records carry the bytes
+    /// unframed; never on a plain link.
     #[must_use]
     pub fn ends_by_count(&self) -> bool {
-        match self {
-            Self::Tls(t) => t.ends_by_count(),
-            Self::Plain(_) => false,
-        }
+        matches!(self, Self::Tls(_))
     }
 }
 

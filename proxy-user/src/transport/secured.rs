@@ -37,17 +37,6 @@ impl<D: Role> Secured<D> {
             Self::Kernel(k) => k.peer_node(),
         }
     }
-
-    /// Whether its streams end by count and the connection carries one stream after another
-    /// ([`super::counted`]). Not on a connection of the kernel's cipher suite, whichever side holds it
-    /// in the kernel: spliced bytes are not counted, so such a connection carries one stream and ends it
-    /// with `close_notify` and FIN (docs/protocol.md).
-    pub fn ends_by_count(&self) -> bool {
-        match self {
-            Self::User(r) => r.suite() != super::ktls::KERNEL_SUITE,
-            Self::Kernel(_) => false,
-        }
-    }
 }
 
 impl<D: Role> AsyncRead for Secured<D> {

@@ -688,3 +688,19 @@ pub async fn tls_tunnel(server: &Server, dest: SocketAddr) -> tokio_rustls::clie
     assert_eq!(status, 200, "CONNECT {dest}: {head}");
     s
 }
+
+/// Whether the processes under test should carry TLS streams in kernel TLS: `SPOKE_EXPECT_KTLS` (`1` or
+/// `0`, set by `cargo xtask test` in its virtual machines), or else what this kernel offers.
+pub fn expect_kernel_tls() -> bool {
+    match std::env::var("SPOKE_EXPECT_KTLS").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => spoke::transport::ktls::KernelTls::probe().is_ok(),
+    }
+}
+
+/// The tier a TLS stream takes with the default datapath: `ktls` where the kernel offers kernel TLS,
+/// `copy` otherwise.
+pub fn tls_tier() -> &'static str {
+    if expect_kernel_tls() { "ktls" } else { "copy" }
+}

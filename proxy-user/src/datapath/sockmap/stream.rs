@@ -405,8 +405,9 @@ impl<'a> Direction<'a> {
         }
         buffer::give(buf);
         self.drain(0).await?;
-        self.dst.shutdown_write().await.map_err(|e| (End::B, e))?;
-        Ok(self.moved())
+        let moved = self.moved();
+        self.dst.end_write(moved).await.map_err(|e| (End::B, e))?;
+        Ok(moved)
     }
 
     /// Writes bytes the program passed, after every byte redirected before them, and publishes them.
