@@ -282,9 +282,14 @@ async fn pump<S: Spliceable, D: Spliceable>(
                 dst.end_write(total).await.map_err(|e| (End::B, e))?;
                 return Ok(total);
             }
+            tokio::task::consume_budget().await;
             continue;
         }
         if progressed {
+            // Cooperative: splice syscalls use none of tokio's budget, and a source that never runs dry
+            // (a kernel TLS socket sealing slower than its peer sends) would keep this worker thread,
+            // and the tasks queued behind it, such as a control channel's heartbeat, for good.
+            tokio::task::consume_budget().await;
             continue;
         }
         // Nothing moved. With bytes in the pipe only the destination can make progress (the pipe may be
