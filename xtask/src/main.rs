@@ -200,6 +200,8 @@ fn test_executable(selection: &[&str]) -> anyhow::Result<PathBuf> {
     String::from_utf8(out.stdout)?
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        // The test harness only: `--test` builds the package's binaries too, which come as artifacts.
+        .filter(|v| v.pointer("/profile/test").and_then(serde_json::Value::as_bool) == Some(true))
         .filter_map(|v| v.get("executable")?.as_str().map(PathBuf::from))
         .next_back()
         .with_context(|| format!("no test executable for {selection:?}"))
