@@ -255,6 +255,9 @@ pub fn spoke(env: &Env) -> anyhow::Result<System> {
     spoke_with(env, "spoke (TLS tunnel, copy)", true, "copy")
 }
 
+/// Why the kernel TLS system did not start: this kernel has none (expected on most hosts).
+pub const NO_KERNEL_TLS: &str = "no kernel TLS here";
+
 /// Spoke with TLS data connections sealed by kernel TLS and spliced on both hops, where the kernel has
 /// kernel TLS (both processes' default, `auto`); unavailable elsewhere.
 pub fn spoke_ktls(env: &Env) -> anyhow::Result<System> {
@@ -330,7 +333,7 @@ fn spoke_with(env: &Env, name: &str, tls: bool, datapath: &str) -> anyhow::Resul
             let _ = child.kill();
             let _ = child.wait();
         }
-        bail!("no kernel TLS here (spoke_server_kernel_tls is 0; the server log says why)");
+        bail!("{NO_KERNEL_TLS} (spoke_server_kernel_tls is 0; the server log says why)");
     }
     Ok(System {
         name: name.into(),
