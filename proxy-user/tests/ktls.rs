@@ -100,35 +100,7 @@ async fn half_close_either_way_then_a_reset() {
     send_pattern(&mut client, 4, 2 * MIB).await;
     assert_eq!(backend.await.unwrap(), 2 * MIB);
 
-    // A reset at the backend reaches the client as an abort, through the TCP frontend (a Unix socket
-    // cannot carry a reset).
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut go = [0u8; 2];
-        s.read_exact(&mut go).await.unwrap();
-        s.write_all(b"partial").await.unwrap();
-        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
-        drop(s);
-    });
-    let mut client = common::tls_tunnel(&srv, addr).await;
-    client.write_all(b"go").await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    let end = tokio::time::timeout(common::WAIT, async {
-        loop {
-            match client.read(&mut buf).await {
-                Ok(0) => break Ok(()),
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) => break Err(e),
-            }
-        }
-    })
-    .await
-    .expect("the reset ends the client's stream");
-    assert!(end.is_err(), "an aborted stream must not end cleanly");
-    assert!(b"partial".starts_with(&got), "only bytes sent before the reset: {got:?}");
+    common::backend_reset_reaches_the_client_as_an_abort(&srv).await;
     let line = format!("spoke_agent_datapath_streams_total{{tier=\"{}\"}}", common::tls_tier());
     assert_eq!(common::counted(agent.admin_addr, &line, 3).await, 3, "{line}");
 }

@@ -203,36 +203,7 @@ async fn backend_reset_reaches_the_client_as_an_abort_spliced() {
 
 async fn backend_reset(mode: Mode) {
     let (srv, _agent) = system(mode).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        // Wait for the client's first byte: the tunnel is open end to end.
-        let mut go = [0u8; 2];
-        s.read_exact(&mut go).await.unwrap();
-        s.write_all(b"partial").await.unwrap();
-        // SO_LINGER 0 then close: the kernel sends RST.
-        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
-        drop(s);
-    });
-    // Through the TCP frontend: the client's socket can carry the reset (a Unix socket cannot).
-    let mut client = common::tls_tunnel(&srv, addr).await;
-    client.write_all(b"go").await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    let end = tokio::time::timeout(common::WAIT, async {
-        loop {
-            match client.read(&mut buf).await {
-                Ok(0) => break Ok(()),
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) => break Err(e),
-            }
-        }
-    })
-    .await
-    .expect("the reset must end the client's stream");
-    assert!(end.is_err(), "an aborted stream must not end cleanly");
-    assert!(b"partial".starts_with(&got), "only bytes sent before the reset: {got:?}");
+    common::backend_reset_reaches_the_client_as_an_abort(&srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use crate::datapath::{Activity, End, Moved, splice};
 use crate::transport::counted::{Counted, Ends, Side};
 use crate::transport::handshake::{Kind, accept, connect};
 use crate::transport::secured::Secured;
-use crate::transport::tls::{self, ClientCerts, ClientTls, TlsFiles, Versions};
+use crate::transport::tls::{self, ClientTls};
 use crate::transport::{Plain, Stream as _};
 
 /// Kernel TLS here, or `None` (with a note) where the kernel lacks it and no test run expects it.
@@ -41,24 +41,8 @@ struct Pki {
 
 fn pki() -> Pki {
     let dir = tempfile::tempdir().unwrap();
-    let certs = crate::devcerts::generate(dir.path(), &[], &[]).unwrap();
-    let server = tls::server_config(
-        &TlsFiles {
-            ca: certs.cluster_ca.clone(),
-            cert: certs.cluster_cert.clone(),
-            key: certs.cluster_key.clone(),
-        },
-        Versions::Tls13,
-        ClientCerts::Required,
-    )
-    .unwrap();
-    let client = ClientTls::load(&TlsFiles {
-        ca: certs.cluster_ca.clone(),
-        cert: certs.agent_cert.clone(),
-        key: certs.agent_key.clone(),
-    })
-    .unwrap();
-    Pki { _dir: dir, client, server }
+    let (server, agent) = tls::test_pki(dir.path());
+    Pki { _dir: dir, client: ClientTls::load(&agent).unwrap(), server }
 }
 
 type Pair = (Secured<ClientConnectionData>, Secured<ServerConnectionData>, Kind);

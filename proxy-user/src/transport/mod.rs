@@ -105,16 +105,6 @@ impl<S: Stream> Stream for tokio_rustls::server::TlsStream<S> {
     }
 }
 
-impl<D: records::Role> Stream for records::Records<D> {
-    fn reset_on_close(&self, reset: bool) {
-        self.tcp().reset_on_close(reset);
-    }
-
-    fn plain(&self) -> Result<Plain<'_>, &'static str> {
-        Err("tls")
-    }
-}
-
 /// Socket options of a link: no Nagle delay (frames are small and latency-sensitive) and keepalive, so
 /// that a vanished peer is noticed.
 pub fn tune_link(stream: &TcpStream) -> io::Result<()> {

@@ -495,7 +495,7 @@ mod tests {
     use super::*;
     use crate::transport::handshake::{Kind, accept, connect};
     use crate::transport::secured::Secured;
-    use crate::transport::tls::{self, ClientCerts, TlsFiles, Versions};
+    use crate::transport::tls;
 
     struct Pki {
         _dir: tempfile::TempDir,
@@ -505,24 +505,8 @@ mod tests {
 
     fn pki() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let certs = crate::devcerts::generate(dir.path(), &[], &[]).unwrap();
-        let server = tls::server_config(
-            &TlsFiles {
-                ca: certs.cluster_ca.clone(),
-                cert: certs.cluster_cert.clone(),
-                key: certs.cluster_key.clone(),
-            },
-            Versions::Tls13,
-            ClientCerts::Required,
-        )
-        .unwrap();
-        let client = tls::client_config(&TlsFiles {
-            ca: certs.cluster_ca.clone(),
-            cert: certs.agent_cert.clone(),
-            key: certs.agent_key.clone(),
-        })
-        .unwrap();
-        Pki { _dir: dir, client, server }
+        let (server, agent) = tls::test_pki(dir.path());
+        Pki { _dir: dir, client: tls::client_config(&agent).unwrap(), server }
     }
 
     async fn pair(pki: &Pki) -> (Records<ClientConnectionData>, Records<ServerConnectionData>, Kind) {

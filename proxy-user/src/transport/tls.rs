@@ -300,6 +300,20 @@ impl ClientTls {
     }
 }
 
+/// For tests of agent links: development certificates in `dir`, the server's configuration (TLS 1.3,
+/// client certificates required) and the agent's certificate files.
+#[cfg(test)]
+pub(crate) fn test_pki(dir: &Path) -> (Arc<rustls::ServerConfig>, TlsFiles) {
+    let certs = crate::devcerts::generate(dir, &[], &[]).expect("development certificates");
+    let server = server_config(
+        &TlsFiles { ca: certs.cluster_ca.clone(), cert: certs.cluster_cert, key: certs.cluster_key },
+        Versions::Tls13,
+        ClientCerts::Required,
+    )
+    .expect("server configuration");
+    (server, TlsFiles { ca: certs.cluster_ca, cert: certs.agent_cert, key: certs.agent_key })
+}
+
 /// Why a TLS handshake did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {

@@ -704,3 +704,37 @@ pub fn expect_kernel_tls() -> bool {
 pub fn tls_tier() -> &'static str {
     if expect_kernel_tls() { "ktls" } else { "copy" }
 }
+
+/// A backend that sends a few bytes and resets: the client, through the TCP frontend (a Unix socket
+/// cannot carry a reset), sees its stream aborted after at most those bytes, never a clean end.
+pub async fn backend_reset_reaches_the_client_as_an_abort(srv: &Server) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        // Wait for the client's first byte: the tunnel is open end to end.
+        let mut go = [0u8; 2];
+        s.read_exact(&mut go).await.unwrap();
+        s.write_all(b"partial").await.unwrap();
+        // SO_LINGER 0 then close: the kernel sends RST.
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    });
+    let mut client = tls_tunnel(srv, addr).await;
+    client.write_all(b"go").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the reset must end the client's stream");
+    assert!(end.is_err(), "an aborted stream must not end cleanly");
+    assert!(b"partial".starts_with(&got), "only bytes sent before the reset: {got:?}");
+}
