@@ -1,5 +1,6 @@
 //! The TLS handshake of an agent link: rustls's unbuffered connection driven over the socket by a
-//! deadline, then its traffic secrets handed to the kernel ([`Ktls`]) or to [`Records`].
+//! deadline; then the same connection carries the records in user space ([`UserTls`]), or its traffic
+//! secrets go to the kernel ([`Ktls`]).
 //!
 //! The handshake reads one record at a time (a header, then the rest of its record), so that when it
 //! ends nothing past it was read: the kernel can take the connection over at that record boundary.
@@ -9,7 +10,6 @@ use std::sync::Arc;
 
 use rustls::HandshakeKind;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
-use rustls::kernel::KernelConnection;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
 use rustls_pki_types::ServerName;
@@ -18,9 +18,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::ktls::{self, InstallError, KERNEL_SUITE, KernelTls, Ktls};
-use super::records::{HEADER, MAX_RECORD, Records, Role, invalid, tls_error};
 use super::secured::Secured;
 use super::tls::{HandshakeError, peer_node};
+use super::user_tls::{HEADER, MAX_RECORD, Role, UserTls, invalid, tls_error};
 
 /// The largest handshake flight the driver buffers.
 const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
@@ -39,10 +39,9 @@ pub async fn connect(
 ) -> Result<(Secured<ClientConnectionData>, Kind), HandshakeError> {
     let failed = |e: rustls::Error| HandshakeError::Failed(tls_error(e));
     let mut conn = UnbufferedClientConnection::new(config, name).map_err(failed)?;
-    let flight = drive(&mut conn, &mut tcp, deadline).await?;
-    let (kind, peer_node) = (conn.handshake_kind(), conn.peer_certificates().and_then(peer_node));
-    let (secrets, kernel_conn) = conn.dangerous_into_kernel_connection().map_err(failed)?;
-    Ok((secure(tcp, kernel_conn, secrets, flight, peer_node, kernel)?, kind))
+    let flight = drive::<ClientConnectionData>(&mut conn, &mut tcp, deadline).await?;
+    let kind = conn.handshake_kind();
+    Ok((secure::<ClientConnectionData>(tcp, conn, flight, kernel)?, kind))
 }
 
 /// Accepts a handshake on `tcp` by `deadline`. With `kernel`, a connection of [`KERNEL_SUITE`] (the
@@ -55,34 +54,37 @@ pub async fn accept(
 ) -> Result<(Secured<ServerConnectionData>, Kind), HandshakeError> {
     let failed = |e: rustls::Error| HandshakeError::Failed(tls_error(e));
     let mut conn = UnbufferedServerConnection::new(config).map_err(failed)?;
-    let flight = drive(&mut conn, &mut tcp, deadline).await?;
-    let (kind, peer_node) = (conn.handshake_kind(), conn.peer_certificates().and_then(peer_node));
-    let (secrets, kernel_conn) = conn.dangerous_into_kernel_connection().map_err(failed)?;
-    Ok((secure(tcp, kernel_conn, secrets, flight, peer_node, kernel)?, kind))
+    let flight = drive::<ServerConnectionData>(&mut conn, &mut tcp, deadline).await?;
+    let kind = conn.handshake_kind();
+    Ok((secure::<ServerConnectionData>(tcp, conn, flight, kernel)?, kind))
 }
 
 /// The connection after its handshake: kernel TLS where it is offered and the suite is the kernel's,
-/// user-space records otherwise (also where the kernel refused the keys before taking any).
+/// rustls in user space otherwise. rustls's connection itself goes on carrying a user-space link; only
+/// kernel TLS takes its secrets out of it.
 fn secure<D: Role>(
     tcp: TcpStream,
-    conn: KernelConnection<D>,
-    secrets: rustls::ExtractedSecrets,
+    conn: D::Conn,
     flight: Leftover,
-    peer_node: Option<String>,
     kernel: Option<KernelTls>,
 ) -> Result<Secured<D>, HandshakeError> {
-    let suite = conn.negotiated_cipher_suite().suite();
+    let peer_node = conn.peer_certificates().and_then(peer_node);
+    let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
     let empty = flight.records.is_empty() && flight.plaintext.is_empty();
-    if kernel.is_some() && suite == KERNEL_SUITE && empty {
-        match ktls::install(&tcp, &secrets) {
-            Ok(()) => return Ok(Secured::Kernel(Ktls::new(tcp, conn, peer_node))),
-            Err(InstallError::Broken(e)) => return Err(HandshakeError::Failed(e)),
+    if kernel.is_some_and(|k| suite == Some(KERNEL_SUITE) && empty && k.usable()) {
+        let (secrets, kernel_conn) =
+            D::into_kernel(conn).map_err(|e| HandshakeError::Failed(tls_error(e)))?;
+        return match ktls::install(&tcp, &secrets) {
+            Ok(()) => Ok(Secured::Kernel(Ktls::new(tcp, kernel_conn, peer_node))),
+            // The secrets are out of rustls: this connection cannot go on in user space. Later ones do.
+            Err(InstallError::Broken(e)) => Err(HandshakeError::Failed(e)),
             Err(InstallError::Untouched(error)) => {
-                tracing::warn!(%error, "kernel TLS refused the keys: this connection's records stay in user space");
+                KernelTls::refused(&error);
+                Err(HandshakeError::Failed(error))
             }
-        }
+        };
     }
-    Records::new(tcp, conn, secrets, flight, peer_node).map(Secured::User).map_err(HandshakeError::Failed)
+    Ok(Secured::User(UserTls::new(tcp, conn, &flight.records, flight.plaintext, peer_node)))
 }
 
 /// What came after the handshake: records received but not processed, and application bytes rustls
@@ -93,38 +95,11 @@ pub(super) struct Leftover {
     pub(super) plaintext: Vec<u8>,
 }
 
-/// Either side's unbuffered connection, for [`drive`].
-trait Unbuffered {
-    type Data;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
-    fn handshaking(&self) -> bool;
-}
-
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-}
-
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-}
-
 /// Drives an unbuffered connection through its handshake by `deadline`: encodes and sends its flights,
 /// reads the peer's, until it may send application data with the handshake complete. Returns what
 /// arrived beyond the handshake.
-async fn drive<C: Unbuffered>(
-    conn: &mut C,
+async fn drive<D: Role>(
+    conn: &mut D::Conn,
     tcp: &mut TcpStream,
     deadline: Instant,
 ) -> Result<Leftover, HandshakeError> {
@@ -136,7 +111,7 @@ async fn drive<C: Unbuffered>(
     let io = |e: io::Error| HandshakeError::Failed(e);
     loop {
         let (mut discard, step) = {
-            let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..used]);
+            let UnbufferedStatus { discard, state } = D::process(conn, &mut incoming[..used]);
             let step = match state.map_err(|e| HandshakeError::Failed(tls_error(e)))? {
                 ConnectionState::EncodeTlsData(mut data) => loop {
                     match data.encode(&mut scratch) {
@@ -187,7 +162,7 @@ async fn drive<C: Unbuffered>(
                 outgoing.clear();
                 false
             }
-            Step::Writable if !conn.handshaking() => {
+            Step::Writable if !conn.is_handshaking() => {
                 incoming.truncate(used);
                 return Ok(Leftover { records: incoming, plaintext });
             }

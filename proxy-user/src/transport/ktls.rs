@@ -32,7 +32,7 @@ use rustls::{CipherSuite, ConnectionTrafficSecrets, ExtractedSecrets, HandshakeT
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::records::{Role, invalid, tls_error};
+use super::user_tls::{Role, invalid, tls_error};
 
 /// The one cipher suite Spoke hands to the kernel (see the module documentation).
 pub const KERNEL_SUITE: CipherSuite = CipherSuite::TLS13_CHACHA20_POLY1305_SHA256;
@@ -53,7 +53,23 @@ const MAX_CONTROL: usize = 16 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelTls(());
 
+/// Set once the kernel refused a connection's keys after the probe had passed: later connections stay
+/// in user space (a connection whose secrets left rustls cannot).
+static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 impl KernelTls {
+    /// Whether connections still go to the kernel (none has been refused since the probe).
+    pub fn usable(self) -> bool {
+        !REFUSED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The kernel refused a connection's keys: say so once, and keep later connections in user space.
+    pub(super) fn refused(error: &io::Error) {
+        if !REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(%error, "kernel TLS refused a connection's keys: from now on TLS records stay in user space");
+        }
+    }
+
     /// Checks that this kernel seals and opens records with a ChaCha20-Poly1305 key on TCP sockets,
     /// and tells their type through `recvmsg`; why not, as an operator would fix it, otherwise. (Setting
     /// the upper layer loads the `tls` module where the process has `CAP_NET_ADMIN`.)

@@ -1,4 +1,4 @@
-//! Kernel TLS against Spoke's own record layer and itself. Tests that need the kernel's TLS run where
+//! Kernel TLS against rustls in user space (`user_tls`) and itself. Tests that need the kernel's TLS run where
 //! it is offered: in the virtual machines of `cargo xtask vm`, which set `SPOKE_EXPECT_KTLS` so that
 //! they fail rather than pass vacuously; on a kernel without it they say so and check nothing.
 
@@ -166,7 +166,7 @@ async fn a_key_update_the_kernel_cannot_follow_fails_the_stream_cleanly() {
     let (mut client, server, _) = pair(&pki, Some(k), None).await;
     let Secured::User(mut server) = server else { unreachable!("asked for user space") };
     server.write_all(b"before").await.unwrap();
-    server.force_key_update().unwrap();
+    server.refresh_traffic_keys().unwrap();
     server.write_all(b"after").await.unwrap();
     server.flush().await.unwrap();
     let mut got = [0u8; 6];

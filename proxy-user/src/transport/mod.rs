@@ -10,9 +10,9 @@ pub mod accept;
 pub mod counted;
 pub mod handshake;
 pub mod ktls;
-pub mod records;
 pub mod secured;
 pub mod tls;
+pub mod user_tls;
 
 use std::io;
 use std::pin::Pin;
@@ -132,8 +132,8 @@ pub type AcceptedLink = Link<secured::Secured<rustls::server::ServerConnectionDa
 /// A link as the agent holds it (it dialed the server).
 pub type DialedLink = Link<secured::Secured<rustls::client::ClientConnectionData>>;
 
-impl<D: records::Role> Link<secured::Secured<D>> {
-    /// The node the peer's certificate names, over TLS (see [`records::Records::peer_node`]).
+impl<D: user_tls::Role> Link<secured::Secured<D>> {
+    /// The node the peer's certificate names, over TLS (see [`user_tls::UserTls::peer_node`]).
     #[must_use]
     pub fn peer_node(&self) -> Option<&str> {
         match self {

@@ -1,5 +1,5 @@
-//! A TLS link after its handshake: records sealed in user space ([`Records`]) or by the kernel
-//! ([`Ktls`]), one type for the code that carries streams.
+//! A TLS link after its handshake: records sealed in user space by rustls ([`UserTls`]) or by the
+//! kernel ([`Ktls`]), one type for the code that carries streams.
 
 use std::io;
 use std::pin::Pin;
@@ -9,14 +9,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::ktls::Ktls;
-use super::records::{Records, Role};
+use super::user_tls::{Role, UserTls};
 use super::{Plain, Stream};
 
 /// A TLS connection, its records in user space or in the kernel.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "links hold it boxed (`Link::Tls`): one allocation whichever variant, none saved by boxing rustls's state again"
+)]
 pub enum Secured<D: Role> {
-    /// Spoke's own record layer.
-    User(Records<D>),
+    /// rustls's records in user space.
+    User(UserTls<D>),
     /// Kernel TLS: the connection's plaintext crosses the socket, so the kernel tiers can carry it.
     Kernel(Ktls<D>),
 }

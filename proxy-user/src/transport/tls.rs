@@ -132,7 +132,17 @@ pub fn server_config(
     versions: Versions,
     clients: ClientCerts,
 ) -> Result<Arc<rustls::ServerConfig>> {
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(read_roots(&files.ca)?), provider());
+    server_config_with(files, versions, clients, provider())
+}
+
+fn server_config_with(
+    files: &TlsFiles,
+    versions: Versions,
+    clients: ClientCerts,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::ServerConfig>> {
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(read_roots(&files.ca)?), provider.clone());
     let builder = match clients {
         ClientCerts::Required => builder,
         ClientCerts::Optional => builder.allow_unauthenticated(),
@@ -142,7 +152,7 @@ pub fn server_config(
         Versions::Tls13 => &[&rustls::version::TLS13],
         Versions::Tls12And13 => &[&rustls::version::TLS13, &rustls::version::TLS12],
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(protocols)
         .map_err(|source| TlsError::Rustls { context: "server protocol versions", source })?
         .with_client_cert_verifier(verifier)
@@ -150,7 +160,7 @@ pub fn server_config(
         .map_err(|source| TlsError::Rustls { context: "server certificate", source })?;
     config.ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|source| TlsError::Rustls { context: "session ticketer", source })?;
-    // Agent links hand their traffic secrets over after the handshake (`records`).
+    // Kernel TLS takes a link's traffic secrets after the handshake (`ktls`).
     config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
@@ -312,6 +322,26 @@ pub(crate) fn test_pki(dir: &Path) -> (Arc<rustls::ServerConfig>, TlsFiles) {
     )
     .expect("server configuration");
     (server, TlsFiles { ca: certs.cluster_ca, cert: certs.agent_cert, key: certs.agent_key })
+}
+
+/// For tests of agent links against other TLS stacks: [`test_pki`]'s server and agent configurations,
+/// both with only the cipher suites of `provider`.
+#[cfg(test)]
+pub(crate) fn test_configs(
+    dir: &Path,
+    provider: rustls::crypto::CryptoProvider,
+) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let certs = crate::devcerts::generate(dir, &[], &[]).expect("development certificates");
+    let provider = Arc::new(provider);
+    let server = server_config_with(
+        &TlsFiles { ca: certs.cluster_ca.clone(), cert: certs.cluster_cert, key: certs.cluster_key },
+        Versions::Tls13,
+        ClientCerts::Required,
+        provider.clone(),
+    )
+    .expect("server configuration");
+    let agent = TlsFiles { ca: certs.cluster_ca, cert: certs.agent_cert, key: certs.agent_key };
+    (server, client_config_with(&agent, provider).expect("client configuration"))
 }
 
 /// Why a TLS handshake did not complete.
