@@ -112,7 +112,10 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
             out.put_u128(session_id.0);
         }
         Message::Challenge { nonce } => out.put_slice(nonce),
-        Message::DataProof { mac } => out.put_slice(mac),
+        Message::DataProof { nonce, mac } => {
+            out.put_slice(nonce);
+            out.put_slice(mac);
+        }
         Message::Dial { stream_id, host, port, timeout_ms, mac } => {
             out.put_u64(*stream_id);
             put_str(out, host)?;
@@ -183,7 +186,7 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
             Message::DataHello { version: get_u16(b, "version")?, session_id: get_session_id(b)? }
         }
         kind::CHALLENGE => Message::Challenge { nonce: get_array(b, "nonce")? },
-        kind::DATA_PROOF => Message::DataProof { mac: get_array(b, "mac")? },
+        kind::DATA_PROOF => Message::DataProof { nonce: get_array(b, "nonce")?, mac: get_array(b, "mac")? },
         kind::DIAL => Message::Dial {
             stream_id: get_u64(b, "stream id")?,
             host: get_str(b, "host")?,
@@ -426,7 +429,7 @@ mod tests {
             Message::GoAway { reason: "shutting down".into() },
             Message::DataHello { version: PROTOCOL_VERSION, session_id: SessionId(9) },
             Message::Challenge { nonce: [7; 16] },
-            Message::DataProof { mac: [9; 32] },
+            Message::DataProof { nonce: [8; 16], mac: [9; 32] },
             Message::Dial {
                 stream_id: 1,
                 host: "kubelet.example".into(),

@@ -79,7 +79,7 @@ fn leaf(
     names: &[String],
     usage: ExtendedKeyUsagePurpose,
 ) -> Result<(String, String), rcgen::Error> {
-    leaf_in(issuer, common_name, None, names, usage)
+    leaf_in(issuer, common_name, None, names, usage, None)
 }
 
 fn leaf_in(
@@ -88,9 +88,15 @@ fn leaf_in(
     organization: Option<&str>,
     names: &[String],
     usage: ExtendedKeyUsagePurpose,
+    not_after: Option<std::time::SystemTime>,
 ) -> Result<(String, String), rcgen::Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(DnType::CommonName, common_name);
+    if let Some(not_after) = not_after {
+        params.not_before =
+            time::OffsetDateTime::from(std::time::SystemTime::now() - std::time::Duration::from_mins(1));
+        params.not_after = time::OffsetDateTime::from(not_after);
+    }
     if let Some(organization) = organization {
         params.distinguished_name.push(DnType::OrganizationName, organization);
     }
@@ -114,6 +120,16 @@ pub const CLIENT_NAME: &str = "kube-apiserver";
 /// Writes a fresh set of development certificates into `dir`. Server certificates are valid for
 /// `localhost`, `127.0.0.1`, `::1` and `server_names`; a node certificate is made for each of `nodes`.
 pub fn generate(dir: &Path, server_names: &[String], nodes: &[String]) -> Result<DevCerts, DevCertsError> {
+    generate_until(dir, server_names, nodes, None)
+}
+
+/// [`generate`], with node certificates that expire at `nodes_until` (for tests of expiry) where given.
+pub fn generate_until(
+    dir: &Path,
+    server_names: &[String],
+    nodes: &[String],
+    nodes_until: Option<std::time::SystemTime>,
+) -> Result<DevCerts, DevCertsError> {
     let write = |name: &str, text: &str| -> Result<PathBuf, DevCertsError> {
         let path = dir.join(name);
         std::fs::create_dir_all(dir)
@@ -142,7 +158,7 @@ pub fn generate(dir: &Path, server_names: &[String], nodes: &[String]) -> Result
         let common_name = format!("{}{name}", crate::transport::tls::NODE_USER_PREFIX);
         let group = Some(crate::transport::tls::NODES_GROUP);
         let (cert, key) =
-            leaf_in(&cluster_ca, &common_name, group, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+            leaf_in(&cluster_ca, &common_name, group, &[], ExtendedKeyUsagePurpose::ClientAuth, nodes_until)?;
         node_certs.push(NodeCert {
             name: name.clone(),
             cert: write(&format!("{file}.pem"), &cert)?,

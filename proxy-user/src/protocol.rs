@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 /// Version of the wire format spoken by this build. A peer announcing another version is refused with
 /// [`Message::Reject`].
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Checks a peer's protocol version; `Err` holds the reason to send back in a `Reject`.
 pub fn check_version(version: u16) -> Result<(), String> {
@@ -81,6 +81,13 @@ impl std::fmt::Debug for KeyBytes {
     }
 }
 
+/// Wiped when dropped: the key leaves no copy behind in freed memory.
+impl Drop for KeyBytes {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl KeyBytes {
     /// A fresh key from the operating system's secure random source.
     #[must_use]
@@ -120,22 +127,17 @@ impl DataKey {
         ring::hmac::verify(&self.0, input, mac).is_ok()
     }
 
-    fn proof_input(session: SessionId, nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
-        [&b"data-connection"[..], &session.0.to_be_bytes(), nonce].concat()
+    fn proof_input(session: SessionId, nonces: &Nonces) -> Vec<u8> {
+        [&b"data-connection"[..], &session.0.to_be_bytes(), &nonces.server, &nonces.agent].concat()
     }
 
     /// Every field of a dial, each of fixed length or length-prefixed, so no two dials share an input.
-    fn dial_input(
-        nonce: &[u8; NONCE_LEN],
-        stream_id: u64,
-        host: &str,
-        port: u16,
-        timeout_ms: u32,
-    ) -> Vec<u8> {
+    fn dial_input(nonces: &Nonces, stream_id: u64, host: &str, port: u16, timeout_ms: u32) -> Vec<u8> {
         let host_len = u16::try_from(host.len()).unwrap_or(u16::MAX).to_be_bytes();
         [
             &b"dial"[..],
-            nonce,
+            &nonces.server,
+            &nonces.agent,
             &stream_id.to_be_bytes(),
             &host_len,
             host.as_bytes(),
@@ -145,41 +147,53 @@ impl DataKey {
         .concat()
     }
 
-    /// What a plain data connection answers to `nonce` to join `session`.
+    /// What a plain data connection answers to join `session`, with the server's challenge and its own
+    /// nonce.
     #[must_use]
-    pub fn proof(&self, session: SessionId, nonce: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
-        self.mac(&Self::proof_input(session, nonce))
+    pub fn proof(&self, session: SessionId, nonces: &Nonces) -> [u8; MAC_LEN] {
+        self.mac(&Self::proof_input(session, nonces))
     }
 
-    /// Whether `mac` is [`DataKey::proof`] of `session` and `nonce` (compared in constant time).
+    /// Whether `mac` is [`DataKey::proof`] of `session` and `nonces` (compared in constant time).
     #[must_use]
-    pub fn verify_proof(&self, session: SessionId, nonce: &[u8; NONCE_LEN], mac: &[u8; MAC_LEN]) -> bool {
-        self.verify(&Self::proof_input(session, nonce), mac)
+    pub fn verify_proof(&self, session: SessionId, nonces: &Nonces, mac: &[u8; MAC_LEN]) -> bool {
+        self.verify(&Self::proof_input(session, nonces), mac)
     }
 
-    /// The MAC of a `Dial` on the plain data connection challenged with `nonce`.
+    /// The MAC of a `Dial` on the plain data connection whose challenge exchanged `nonces`.
     #[must_use]
     pub fn dial_mac(
         &self,
-        nonce: &[u8; NONCE_LEN],
+        nonces: &Nonces,
         stream_id: u64,
         host: &str,
         port: u16,
         timeout_ms: u32,
     ) -> [u8; MAC_LEN] {
-        self.mac(&Self::dial_input(nonce, stream_id, host, port, timeout_ms))
+        self.mac(&Self::dial_input(nonces, stream_id, host, port, timeout_ms))
     }
 
     /// Whether `mac` is [`DataKey::dial_mac`] of this dial (compared in constant time).
     #[must_use]
     pub fn verify_dial(
         &self,
-        nonce: &[u8; NONCE_LEN],
+        nonces: &Nonces,
         (stream_id, host, port, timeout_ms): (u64, &str, u16, u32),
         mac: &[u8; MAC_LEN],
     ) -> bool {
-        self.verify(&Self::dial_input(nonce, stream_id, host, port, timeout_ms), mac)
+        self.verify(&Self::dial_input(nonces, stream_id, host, port, timeout_ms), mac)
     }
+}
+
+/// The two nonces of a data connection's challenge: the server's (`Challenge`) and the agent's
+/// (`DataProof`). Both sign the connection's `Dial`, so a `Challenge`, `Dial` and MAC recorded on an
+/// earlier connection and replayed on a new one never verify: the agent's nonce is fresh each time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nonces {
+    /// The server's challenge.
+    pub server: [u8; NONCE_LEN],
+    /// The agent's answer.
+    pub agent: [u8; NONCE_LEN],
 }
 
 /// The `Reject` reason for a `Hello` that reached a replica the agent holds a session with already
@@ -374,7 +388,9 @@ pub enum Message {
     },
     /// Agent → server on a plain data connection, answering `Challenge`.
     DataProof {
-        /// [`DataKey::proof`] of the session id and the challenge's nonce.
+        /// The agent's own fresh random bytes.
+        nonce: [u8; NONCE_LEN],
+        /// [`DataKey::proof`] of the session id, the challenge's nonce and `nonce`.
         mac: [u8; MAC_LEN],
     },
     /// Server → agent on a data connection: connect to this destination.
@@ -387,8 +403,9 @@ pub enum Message {
         port: u16,
         /// How long the agent may try (milliseconds).
         timeout_ms: u32,
-        /// On a plain data connection, [`DataKey::dial_mac`] of this dial and the connection's
-        /// challenge nonce; all zero over TLS, which authenticates the server already.
+        /// On a data connection that answered a challenge, [`DataKey::dial_mac`] of this dial and the
+        /// challenge's [`Nonces`]; all zero over TLS with a node certificate, which authenticates both
+        /// ends already.
         mac: [u8; MAC_LEN],
     },
     /// Agent → server on a data connection: the dial's outcome.
@@ -451,5 +468,35 @@ impl Message {
 
     pub(crate) fn dial_status(v: u8) -> Option<DialStatus> {
         DialStatus::from_u8(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An on-path host that recorded a data connection's `Challenge`, `Dial` and MAC replays them on a
+    /// new connection: the agent answers the old challenge with a fresh nonce of its own, so neither
+    /// the recorded proof nor the recorded dial verifies there.
+    #[test]
+    fn a_challenge_and_dial_recorded_on_one_connection_do_not_verify_on_another() {
+        let key = DataKey::new(&KeyBytes::random().0);
+        let session = SessionId::random();
+        let recorded = Nonces { server: new_nonce(), agent: new_nonce() };
+        let dial = (7, "10.0.0.5", 10250, 5_000);
+        let mac = key.dial_mac(&recorded, dial.0, dial.1, dial.2, dial.3);
+        let proof = key.proof(session, &recorded);
+        assert!(key.verify_dial(&recorded, dial, &mac));
+        assert!(key.verify_proof(session, &recorded, &proof));
+
+        let replayed = Nonces { agent: new_nonce(), ..recorded };
+        assert!(!key.verify_dial(&replayed, dial, &mac), "a replayed dial verified");
+        assert!(!key.verify_proof(session, &replayed, &proof), "a replayed proof verified");
+        // Nor does a dial signed for another stream, host, port or timeout.
+        for other in
+            [(8, "10.0.0.5", 10250, 5_000), (7, "10.0.0.6", 10250, 5_000), (7, "10.0.0.5", 22, 5_000)]
+        {
+            assert!(!key.verify_dial(&recorded, other, &mac), "{other:?}");
+        }
     }
 }

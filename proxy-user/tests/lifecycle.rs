@@ -426,7 +426,7 @@ async fn a_plain_data_connection_must_prove_the_sessions_key() {
         .unwrap();
     let challenge = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut s)).await.unwrap();
     assert!(matches!(challenge, Ok(Message::Challenge { .. })), "{challenge:?}");
-    spoke::codec::write_message(&mut s, &Message::DataProof { mac: [0; 32] }).await.unwrap();
+    spoke::codec::write_message(&mut s, &Message::DataProof { nonce: [0; 16], mac: [0; 32] }).await.unwrap();
     let reply = tokio::time::timeout(common::WAIT, spoke::codec::read_message(&mut s)).await.unwrap();
     assert!(matches!(&reply, Ok(Message::Reject { .. })), "{reply:?}");
     assert_eq!(
@@ -484,4 +484,87 @@ async fn a_dial_forged_on_the_path_of_a_plain_data_connection_is_refused() {
     eventually("forged dials refused", || async { metric(agent.admin_addr, forged).await >= 3 }).await;
     let accepted = tokio::time::timeout(std::time::Duration::from_millis(500), target.accept()).await;
     assert!(accepted.is_err(), "the agent dialed a destination the server never asked for");
+}
+
+/// A host on the path of plain data connections records one connection's `Challenge` and the server's
+/// genuine `Dial` with its MAC, then replays both on later connections. The agent answers every
+/// challenge with a fresh nonce of its own that the dial's MAC must cover, so the replayed dial never
+/// verifies and the destination is dialed once, by the genuine request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_and_dial_replayed_on_another_plain_data_connection_are_refused() {
+    use spoke::protocol::Message;
+    type Recorded = std::sync::Arc<std::sync::Mutex<Option<(Message, Message)>>>;
+    let certs = certs();
+    let srv = server(&certs).allow_plaintext_tunnel().run().await;
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let path = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let path_port = path.local_addr().unwrap().port();
+    let upstream = srv.agent_addr;
+    let recorded: Recorded = Recorded::default();
+    let rec = recorded.clone();
+    tokio::spawn(async move {
+        while let Ok((mut agent_side, _)) = path.accept().await {
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let mut server_side = TcpStream::connect(upstream).await.unwrap();
+                let mut first = [0u8; 1];
+                if agent_side.peek(&mut first).await.unwrap_or(0) == 0 || first[0] == 0x16 {
+                    let _ = tokio::io::copy_bidirectional(&mut agent_side, &mut server_side).await;
+                    return;
+                }
+                let (mut agent_rd, mut agent_wr) = agent_side.into_split();
+                let (mut server_rd, mut server_wr) = server_side.split();
+                let up = tokio::io::copy(&mut agent_rd, &mut server_wr);
+                let down = async {
+                    let challenge = spoke::codec::read_message(&mut server_rd).await?;
+                    let replay = rec.lock().unwrap().clone();
+                    if let Some((old_challenge, old_dial)) = replay {
+                        spoke::codec::write_message(&mut agent_wr, &old_challenge).await?;
+                        spoke::codec::write_message(&mut agent_wr, &old_dial).await?;
+                        return Ok(());
+                    }
+                    spoke::codec::write_message(&mut agent_wr, &challenge).await?;
+                    let dial = spoke::codec::read_message(&mut server_rd).await?;
+                    spoke::codec::write_message(&mut agent_wr, &dial).await?;
+                    if matches!(dial, Message::Dial { .. }) {
+                        rec.lock().unwrap().get_or_insert((challenge, dial));
+                    }
+                    tokio::io::copy(&mut server_rd, &mut agent_wr).await?;
+                    Ok::<_, spoke::codec::CodecError>(())
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    let agent = agent(&srv).plaintext("copy").flag("--proxy-server-port", &path_port.to_string()).run().await;
+    // The genuine request, recorded on its way.
+    let mut tunnel = common::tunnel(&srv, target_addr).await;
+    let (mut genuine, _) = target.accept().await.unwrap();
+    tunnel.write_all(b"genuine").await.unwrap();
+    let mut got = [0u8; 7];
+    genuine.read_exact(&mut got).await.unwrap();
+    assert!(recorded.lock().unwrap().is_some(), "the path host recorded the dial");
+    // Every data connection made from now on meets the replay.
+    let forged = "spoke_agent_server_conn_failures_total{kind=\"forged_dial\"}";
+    eventually("replayed dials refused", || async { metric(agent.admin_addr, forged).await >= 2 }).await;
+    let again = tokio::time::timeout(std::time::Duration::from_millis(500), target.accept()).await;
+    assert!(again.is_err(), "the agent dialed the recorded destination again");
+}
+
+/// A control session ends at `--max-session-age` with `GoAway`, and the agent comes back with a new
+/// handshake: no session outlives the bound its certificate was checked under.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_at_its_age_limit_and_the_agent_returns() {
+    let certs = certs();
+    let srv = server(&certs).flag("--max-session-age", "1s").run().await;
+    let echo = echo().await;
+    let _agent = agent(&srv).run().await;
+    round_trip(&srv, echo).await;
+    eventually("two sessions ended at their age limit", || async {
+        srv.proc.log().matches("session age limit").count() >= 2
+    })
+    .await;
+    srv.wait_for_agent().await;
+    round_trip(&srv, echo).await;
 }

@@ -199,7 +199,7 @@ const RECORD_OVERFLOW: u8 = 22;
 const UNEXPECTED_MESSAGE: u8 = 10;
 const ILLEGAL_PARAMETER: u8 = 47;
 
-/// A KeyUpdate message: type 24, length 1, `request` (0 not requested, 1 requested).
+/// A `KeyUpdate` message: type 24, length 1, `request` (0 not requested, 1 requested).
 fn key_update(request: u8) -> [u8; 5] {
     [24, 0, 0, 1, request]
 }
@@ -231,13 +231,13 @@ async fn a_record_longer_than_16640_bytes_is_refused() {
     };
     refused(garbage, "cannot decrypt", Some(BAD_RECORD_MAC)).await;
     // 16,641 bytes of ciphertext: the plaintext, its content type and the 16-byte tag.
-    let sealed = |f: &mut Forger| f.seal(ContentType::ApplicationData, &[1u8; 16_641 - 17]);
+    let sealed = |f: &mut Forger| f.seal(ContentType::ApplicationData, &vec![1u8; 16_641 - 17]);
     refused(sealed, "", Some(RECORD_OVERFLOW)).await;
 }
 
 #[tokio::test]
 async fn plaintext_over_2_to_the_14_is_refused() {
-    refused(|f| f.seal(ContentType::ApplicationData, &[7u8; 16_385]), "", Some(RECORD_OVERFLOW)).await;
+    refused(|f| f.seal(ContentType::ApplicationData, &vec![7u8; 16_385]), "", Some(RECORD_OVERFLOW)).await;
 }
 
 /// Empty records, more than 32 in a row (rustls's limit), whatever type they claim.

@@ -17,7 +17,7 @@ use super::Agent;
 use super::control::Session;
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{Message, NONCE_LEN, PROTOCOL_VERSION, UNKNOWN_SESSION};
+use crate::protocol::{self, Message, Nonces, PROTOCOL_VERSION, UNKNOWN_SESSION};
 use crate::transport::counted::Side;
 use crate::transport::{DialedLink, Stream as _};
 
@@ -169,9 +169,9 @@ async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Op
     let Slot { agent, session, stop, counts } = slot;
     // A data connection without a certificate of the node (plain, or with a token credential)
     // answers the server's challenge with the session's data key.
-    let nonce = if agent.proves_data_conns(&conn) {
+    let nonces = if agent.proves_data_conns(&conn) {
         match prove(agent, &mut conn, session).await {
-            Ok(nonce) => Some(nonce),
+            Ok(nonces) => Some(nonces),
             Err(Unproven::Misrouted) => {
                 drop(dialing);
                 return replace_misrouted(counts, stop).await;
@@ -205,7 +205,7 @@ async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Op
     match first {
         None => {}
         Some(Ok(Message::Dial { stream_id, host, port, timeout_ms, mac }))
-            if nonce.is_some_and(|n| {
+            if nonces.is_some_and(|n| {
                 !session.key.verify_dial(&n, (stream_id, &host, port, timeout_ms), &mac)
             }) =>
         {
@@ -310,14 +310,17 @@ async fn repark(slot: Slot, mut conn: DialedLink, lineage: Lineage) {
     }
 }
 
-/// Answers the server's challenge on a data connection; the nonce signs the dial that follows.
-async fn prove(agent: &Agent, conn: &mut DialedLink, session: &Session) -> Result<[u8; NONCE_LEN], Unproven> {
+/// Answers the server's challenge on a data connection; the nonces sign the dial that follows.
+async fn prove(agent: &Agent, conn: &mut DialedLink, session: &Session) -> Result<Nonces, Unproven> {
     let exchange = async {
         match codec::read_message(conn).await.map_err(Unproven::Failed)? {
             Message::Challenge { nonce } => {
-                let proof = Message::DataProof { mac: session.key.proof(session.id, &nonce) };
+                // A nonce of our own: a Dial recorded on another connection never verifies on this one.
+                let nonces = Nonces { server: nonce, agent: protocol::new_nonce() };
+                let proof =
+                    Message::DataProof { nonce: nonces.agent, mac: session.key.proof(session.id, &nonces) };
                 codec::write_message(conn, &proof).await.map_err(Unproven::Failed)?;
-                Ok(nonce)
+                Ok(nonces)
             }
             Message::Reject { reason } if reason == UNKNOWN_SESSION => Err(Unproven::Misrouted),
             Message::Reject { .. } => Err(Unproven::Failed(CodecError::Invalid("refused by the server"))),

@@ -142,6 +142,12 @@ pub struct ServerArgs {
     /// How often agents send heartbeats; an agent silent for three intervals is dropped.
     #[arg(long, env = "SPOKE_SERVER_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// Longest an agent's control session lives before the server ends it (`GoAway`) and the agent
+    /// reconnects with a fresh handshake; a session also ends when its client certificate expires.
+    /// Below the kubelet's certificate rotation (months, by default), so that a rotated or revoked
+    /// identity does not live on in an old session or its resumption tickets.
+    #[arg(long, env = "SPOKE_SERVER_MAX_SESSION_AGE", default_value = "24h", value_parser = parse_duration)]
+    pub max_session_age: Duration,
     /// `/readyz` says ready once an agent is connected, or after this long without one (a cluster may
     /// have no nodes yet); never while shutting down.
     #[arg(long, env = "SPOKE_SERVER_READINESS_GRACE", default_value = "60s", value_parser = parse_duration)]
@@ -287,6 +293,8 @@ pub struct ServerLimits {
     pub handshake_timeout: Duration,
     /// See [`ServerArgs::heartbeat_interval`].
     pub heartbeat_interval: Duration,
+    /// See [`ServerArgs::max_session_age`].
+    pub max_session_age: Duration,
     /// See [`ServerArgs::graceful_shutdown_timeout`].
     pub grace_period: Duration,
     /// See [`ServerArgs::readiness_grace`].
@@ -434,6 +442,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 dial_timeout: nonzero_duration("--backend-dial-timeout", a.backend_dial_timeout)?,
                 handshake_timeout: nonzero_duration("--handshake-timeout", a.handshake_timeout)?,
                 heartbeat_interval: nonzero_duration("--heartbeat-interval", a.heartbeat_interval)?,
+                max_session_age: nonzero_duration("--max-session-age", a.max_session_age)?,
                 grace_period: a.graceful_shutdown_timeout,
                 readiness_grace: a.readiness_grace,
                 drain_idle_timeout: nonzero_duration("--drain-idle-timeout", a.drain_idle_timeout)?,

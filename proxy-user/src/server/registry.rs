@@ -13,21 +13,21 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::apiserver::nodes::NodeFacts;
-use crate::protocol::{DataKey, Identity, NONCE_LEN, SessionId};
+use crate::protocol::{DataKey, Identity, Nonces, SessionId};
 use crate::transport::AcceptedLink;
 use crate::transport::counted::Ends;
 
 /// A data connection parked by an agent.
 pub type DataConn = AcceptedLink;
 
-/// A parked data connection, with the nonce it was challenged with when it is plain (its `Dial` is
-/// signed with the session's data key and this nonce).
+/// A parked data connection, with the nonces of its challenge where it answered one (its `Dial` is then
+/// signed with the session's data key and these nonces).
 #[derive(Debug)]
 pub struct Parked {
     /// The connection.
     pub conn: DataConn,
-    /// The challenge nonce of a plain connection; `None` over TLS.
-    pub nonce: Option<[u8; NONCE_LEN]>,
+    /// The challenge's nonces; `None` over TLS with a node certificate.
+    pub nonces: Option<Nonces>,
 }
 
 /// How the server picks the agent for a destination; tried in the configured order.

@@ -14,7 +14,7 @@ use super::registry::{AgentHandle, ParkError, Parked, Routes};
 use super::{Server, trust};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
-use crate::protocol::{self, DataKey, Identity, KeyBytes, Message, PROTOCOL_VERSION, SessionId};
+use crate::protocol::{self, DataKey, Identity, KeyBytes, Message, Nonces, PROTOCOL_VERSION, SessionId};
 use crate::transport::accept::Accepted;
 use crate::transport::counted::Ends;
 use crate::transport::handshake;
@@ -52,6 +52,9 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
             // A load balancer sent an agent to a replica it holds already: keep the session it has.
             debug!("agent reached a replica it holds already");
             reject(&mut conn, protocol::ALREADY_HELD).await;
+        }
+        Message::Hello { .. } if conn.peer_expired(std::time::SystemTime::now()) => {
+            refuse_expired(&server, &mut conn).await;
         }
         Message::Hello { identity, token, .. } => {
             match trust::admit(&server, &conn, &identity, &token, deadline).await {
@@ -122,6 +125,17 @@ async fn establish(
     established
 }
 
+/// Refuses a connection whose client certificate expired (TLS resumption carries a certificate past
+/// its end, which no handshake checks again).
+async fn refuse_expired(server: &Server, conn: &mut AcceptedLink) {
+    warn!(
+        node = conn.peer_node().unwrap_or("-"),
+        "agent connection refused: its client certificate has expired"
+    );
+    inc(&server.metrics.agent_conn_failures, "reason", "certificate_expired");
+    reject(conn, "the client certificate has expired").await;
+}
+
 async fn reject(conn: &mut AcceptedLink, reason: &str) {
     let _ = codec::write_message(conn, &Message::Reject { reason: reason.to_owned() }).await;
 }
@@ -129,6 +143,10 @@ async fn reject(conn: &mut AcceptedLink, reason: &str) {
 /// Parks a data connection that quoted `session_id` (its first frame, or the `DataHello` an agent sends
 /// on a connection whose stream ended by count), after its checks, by `deadline`.
 pub(super) async fn park(server: &Server, mut conn: AcceptedLink, session_id: SessionId, deadline: Instant) {
+    // Checked at every park: a resumed handshake carries the first one's certificate on.
+    if conn.peer_expired(std::time::SystemTime::now()) {
+        return refuse_expired(server, &mut conn).await;
+    }
     let Some(agent) = server.agents.session(session_id) else {
         inc(&server.metrics.agent_conn_failures, "reason", "unknown_session");
         return reject(&mut conn, protocol::UNKNOWN_SESSION).await;
@@ -145,26 +163,29 @@ pub(super) async fn park(server: &Server, mut conn: AcceptedLink, session_id: Se
     }
     // A data connection without a node certificate (plain, or with token authentication) proves it
     // holds the session's data key, which never crossed the wire, by answering a fresh challenge.
-    let nonce = if matches!(conn, Link::Plain(_)) || server.config.agent_auth == AgentAuth::Token {
+    let nonces = if matches!(conn, Link::Plain(_)) || server.config.agent_auth == AgentAuth::Token {
         let nonce = protocol::new_nonce();
         let answer = async {
             codec::write_message(&mut conn, &Message::Challenge { nonce }).await?;
             codec::read_message(&mut conn).await
         };
         let proven = match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(Message::DataProof { mac })) => agent.data_key.verify_proof(session_id, &nonce, &mac),
-            _ => false,
+            Ok(Ok(Message::DataProof { nonce: agent_nonce, mac })) => {
+                let nonces = Nonces { server: nonce, agent: agent_nonce };
+                agent.data_key.verify_proof(session_id, &nonces, &mac).then_some(nonces)
+            }
+            _ => None,
         };
-        if !proven {
+        let Some(nonces) = proven else {
             warn!(agent = %agent.identity.agent_id, "data connection without a valid proof refused");
             inc(&server.metrics.agent_conn_failures, "reason", "bad_proof");
             return reject(&mut conn, "no valid proof of the session's data key").await;
-        }
-        Some(nonce)
+        };
+        Some(nonces)
     } else {
         None
     };
-    match agent.park(Parked { conn, nonce }) {
+    match agent.park(Parked { conn, nonces }) {
         Ok(()) => {}
         Err(ParkError::Full) => {
             inc(&server.metrics.agent_conn_failures, "reason", "pool_full");
@@ -248,6 +269,13 @@ async fn session(
     agent: &AgentHandle,
     mut end_frames: tokio::sync::mpsc::Receiver<Message>,
 ) -> Result<&'static str, CodecError> {
+    // The session ends at its age limit, or when the certificate it was opened with expires.
+    let mut end = Instant::now() + server.config.limits.max_session_age;
+    if let Some(left) =
+        conn.peer_not_after().map(|t| t.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+    {
+        end = end.min(Instant::now() + left);
+    }
     let (rd, mut wr) = tokio::io::split(conn);
     let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
     let silence = server.config.limits.heartbeat_interval * MISSED_HEARTBEATS;
@@ -266,6 +294,11 @@ async fn session(
                 break Ok("server shutting down");
             }
             () = agent.gone.cancelled() => break Ok("replaced by a newer session"),
+            () = tokio::time::sleep_until(end) => {
+                let reason = "session at its age limit or its certificate's end: reconnect with a new handshake";
+                let _ = codec::write_message(&mut wr, &Message::GoAway { reason: reason.into() }).await;
+                break Ok("session age limit");
+            }
             Some(frame) = end_frames.recv() => {
                 if let Err(e) = codec::write_message(&mut wr, &frame).await {
                     break Err(e);

@@ -402,8 +402,8 @@ async fn dial(
         let parked = agent.take(deadline).await.ok_or_else(|| DialError::NoDataConn(agent_id()))?;
         let mut conn = parked.conn;
         // On a plain data connection the dial is signed, so that no host on the path can forge one.
-        let mac = parked.nonce.map_or([0; MAC_LEN], |nonce| {
-            agent.data_key.dial_mac(&nonce, stream_id, &req.host, req.port, timeout_ms)
+        let mac = parked.nonces.map_or([0; MAC_LEN], |nonces| {
+            agent.data_key.dial_mac(&nonces, stream_id, &req.host, req.port, timeout_ms)
         });
         let dial = Message::Dial { stream_id, host: req.host.clone(), port: req.port, timeout_ms, mac };
         // Registered before the dial: the agent may announce its end as soon as it has replied.

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::ktls::{self, InstallError, KERNEL_SUITE, KernelTls, Ktls};
 use super::secured::Secured;
-use super::tls::{HandshakeError, peer_node};
+use super::tls::{HandshakeError, Peer};
 use super::user_tls::{HEADER, MAX_RECORD, Role, UserTls, invalid, tls_error};
 
 /// The largest handshake flight the driver buffers.
@@ -68,14 +68,14 @@ fn secure<D: Role>(
     flight: Leftover,
     kernel: Option<KernelTls>,
 ) -> Result<Secured<D>, HandshakeError> {
-    let peer_node = conn.peer_certificates().and_then(peer_node);
+    let peer = Peer::of(conn.peer_certificates());
     let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
     let empty = flight.records.is_empty() && flight.plaintext.is_empty();
     if kernel.is_some_and(|k| suite == Some(KERNEL_SUITE) && empty && k.usable()) {
         let (secrets, kernel_conn) =
             D::into_kernel(conn).map_err(|e| HandshakeError::Failed(tls_error(e)))?;
         return match ktls::install(&tcp, &secrets) {
-            Ok(()) => Ok(Secured::Kernel(Ktls::new(tcp, kernel_conn, peer_node))),
+            Ok(()) => Ok(Secured::Kernel(Ktls::new(tcp, kernel_conn, peer))),
             // The secrets are out of rustls: this connection cannot go on in user space. Later ones do.
             Err(InstallError::Broken(e)) => Err(HandshakeError::Failed(e)),
             Err(InstallError::Untouched(error)) => {
@@ -84,7 +84,7 @@ fn secure<D: Role>(
             }
         };
     }
-    Ok(Secured::User(UserTls::new(tcp, conn, &flight.records, flight.plaintext, peer_node)))
+    Ok(Secured::User(UserTls::new(tcp, conn, &flight.records, flight.plaintext, peer)))
 }
 
 /// What came after the handshake: records received but not processed, and application bytes rustls

@@ -121,13 +121,13 @@ fn crypto_info(seq: u64, key: &[u8; 32], iv: &[u8; 12]) -> sockopt::TlsCryptoInf
 }
 
 /// One direction's key from rustls's secrets.
-fn kernel_key((seq, secrets): &(u64, ConnectionTrafficSecrets)) -> io::Result<sockopt::TlsCryptoInfo> {
+fn kernel_key((seq, secrets): &(u64, ConnectionTrafficSecrets)) -> io::Result<Wiped> {
     let ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } = secrets else {
         return Err(invalid("kernel TLS is used with ChaCha20-Poly1305 only"));
     };
     let key: &[u8; 32] = key.as_ref().try_into().map_err(|_| invalid("ChaCha20 key of the wrong length"))?;
     let iv: &[u8; 12] = iv.as_ref().try_into().map_err(|_| invalid("ChaCha20 IV of the wrong length"))?;
-    Ok(crypto_info(*seq, key, iv))
+    Ok(Wiped(crypto_info(*seq, key, iv)))
 }
 
 /// Why keys could not go to the kernel, and whether the socket is still usable in user space.
@@ -148,8 +148,33 @@ pub(super) fn install(tcp: &TcpStream, secrets: &ExtractedSecrets) -> Result<(),
     // Without keys the TLS upper layer passes bytes through: a failure up to here leaves TCP as it was.
     setsockopt(tcp, sockopt::TcpUlp::default(), &&b"tls"[..])
         .map_err(|e| InstallError::Untouched(io::Error::from(e)))?;
-    setsockopt(tcp, sockopt::TcpTlsTx, &tx).map_err(|e| InstallError::Untouched(io::Error::from(e)))?;
-    setsockopt(tcp, sockopt::TcpTlsRx, &rx).map_err(|e| InstallError::Broken(io::Error::from(e)))
+    setsockopt(tcp, sockopt::TcpTlsTx, &tx.0).map_err(|e| InstallError::Untouched(io::Error::from(e)))?;
+    setsockopt(tcp, sockopt::TcpTlsRx, &rx.0).map_err(|e| InstallError::Broken(io::Error::from(e)))
+}
+
+/// A key for the kernel, wiped once it was handed over (or not).
+struct Wiped(sockopt::TlsCryptoInfo);
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        match &mut self.0 {
+            sockopt::TlsCryptoInfo::Chacha20Poly1305(info) => {
+                info.key.zeroize();
+                info.iv.zeroize();
+            }
+            sockopt::TlsCryptoInfo::Aes128Gcm(info) => {
+                info.key.zeroize();
+                info.iv.zeroize();
+                info.salt.zeroize();
+            }
+            sockopt::TlsCryptoInfo::Aes256Gcm(info) => {
+                info.key.zeroize();
+                info.iv.zeroize();
+                info.salt.zeroize();
+            }
+        }
+    }
 }
 
 /// What a record that is not application data meant.
@@ -304,7 +329,9 @@ pub struct Ktls<D: Role> {
     tcp: TcpStream,
     /// rustls's state after the handshake: session tickets go to the client's resumption cache.
     kernel: KernelConnection<D>,
-    peer_node: Option<String>,
+    /// What the peer's certificate says (a kubelet's client certificate names its node), read at the
+    /// handshake.
+    peer: super::tls::Peer,
     control: ControlRecords,
     read_closed: bool,
     sending: Sending,
@@ -312,20 +339,17 @@ pub struct Ktls<D: Role> {
 
 impl<D: Role> std::fmt::Debug for Ktls<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ktls")
-            .field("tcp", &self.tcp)
-            .field("peer_node", &self.peer_node)
-            .finish_non_exhaustive()
+        f.debug_struct("Ktls").field("tcp", &self.tcp).field("peer", &self.peer).finish_non_exhaustive()
     }
 }
 
 impl<D: Role> Ktls<D> {
     /// A connection whose keys [`install`] handed to the kernel.
-    pub(super) fn new(tcp: TcpStream, kernel: KernelConnection<D>, peer_node: Option<String>) -> Self {
+    pub(super) fn new(tcp: TcpStream, kernel: KernelConnection<D>, peer: super::tls::Peer) -> Self {
         Self {
             tcp,
             kernel,
-            peer_node,
+            peer,
             control: ControlRecords::default(),
             read_closed: false,
             sending: Sending::Open,
@@ -339,7 +363,12 @@ impl<D: Role> Ktls<D> {
 
     /// The node the peer's certificate names, if it does.
     pub fn peer_node(&self) -> Option<&str> {
-        self.peer_node.as_deref()
+        self.peer.node.as_deref()
+    }
+
+    /// What the peer's certificate says.
+    pub fn peer(&self) -> &super::tls::Peer {
+        &self.peer
     }
 
     fn take_control(&mut self, typ: u8, bytes: &[u8]) -> io::Result<()> {

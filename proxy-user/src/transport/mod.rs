@@ -142,6 +142,24 @@ impl<D: user_tls::Role> Link<secured::Secured<D>> {
         }
     }
 
+    /// Whether the peer's certificate has expired by `now` (a plain link has none).
+    #[must_use]
+    pub fn peer_expired(&self, now: std::time::SystemTime) -> bool {
+        match self {
+            Self::Tls(t) => t.peer().expired(now),
+            Self::Plain(_) => false,
+        }
+    }
+
+    /// The end of the peer's certificate, over TLS.
+    #[must_use]
+    pub fn peer_not_after(&self) -> Option<std::time::SystemTime> {
+        match self {
+            Self::Tls(t) => t.peer().not_after,
+            Self::Plain(_) => None,
+        }
+    }
+
     /// Whether its streams end by count ([`counted`]): over TLS, where records carry the bytes
     /// unframed; never on a plain link.
     #[must_use]

@@ -41,6 +41,14 @@ impl<D: Role> Secured<D> {
             Self::Kernel(k) => k.peer_node(),
         }
     }
+
+    /// What the peer's certificate says.
+    pub fn peer(&self) -> &super::tls::Peer {
+        match self {
+            Self::User(r) => r.peer(),
+            Self::Kernel(k) => k.peer(),
+        }
+    }
 }
 
 impl<D: Role> AsyncRead for Secured<D> {

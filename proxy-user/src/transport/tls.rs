@@ -406,6 +406,36 @@ pub fn peer_node(chain: &[CertificateDer<'_>]) -> Option<String> {
     }
 }
 
+/// What a peer's certificate says that outlives the handshake, read once there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The node it names ([`peer_node`]).
+    pub node: Option<String>,
+    /// The end of its validity (`notAfter`). A resumed handshake presents no certificate and carries
+    /// the first one's on, so this is checked again whenever the connection is put to a new use.
+    pub not_after: Option<std::time::SystemTime>,
+}
+
+impl Peer {
+    /// The facts of `chain` (the peer's first certificate).
+    #[must_use]
+    pub fn of(chain: Option<&[CertificateDer<'_>]>) -> Self {
+        let Some(chain) = chain else { return Self::default() };
+        let not_after = chain.first().and_then(|cert| {
+            let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+            let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+            Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+        });
+        Self { node: peer_node(chain), not_after }
+    }
+
+    /// Whether the certificate has expired by `now` (a peer without one never has).
+    #[must_use]
+    pub fn expired(&self, now: std::time::SystemTime) -> bool {
+        self.not_after.is_some_and(|end| end < now)
+    }
+}
+
 /// The organization of kubelets' client certificates.
 pub const NODES_GROUP: &str = "system:nodes";
 /// The common-name prefix of kubelets' client certificates, before the node's name.

@@ -163,8 +163,9 @@ pub struct UserTls<D: Role> {
     /// `close_notify` received: the peer's direction ended.
     read_closed: bool,
     sending: Sending,
-    /// The node the peer's certificate names (a kubelet's client certificate), read at the handshake.
-    peer_node: Option<String>,
+    /// What the peer's certificate says (a kubelet's client certificate names its node), read at the
+    /// handshake.
+    peer: super::tls::Peer,
     /// What failed the connection: every later read and write fails with it.
     broken: Option<(io::ErrorKind, String)>,
 }
@@ -175,7 +176,7 @@ impl<D: Role> std::fmt::Debug for UserTls<D> {
         f.debug_struct("UserTls")
             .field("tcp", &self.tcp)
             .field("suite", &self.conn.negotiated_cipher_suite().map(|s| s.suite()))
-            .field("peer_node", &self.peer_node)
+            .field("peer", &self.peer)
             .finish_non_exhaustive()
     }
 }
@@ -248,7 +249,7 @@ impl<D: Role> UserTls<D> {
         conn: D::Conn,
         received: &[u8],
         plaintext: Vec<u8>,
-        peer_node: Option<String>,
+        peer: super::tls::Peer,
     ) -> Self {
         let handed = received.len();
         let rbuf = if received.is_empty() { BytesMut::new() } else { BytesMut::from(received) };
@@ -263,7 +264,7 @@ impl<D: Role> UserTls<D> {
             out: Outgoing::default(),
             read_closed: false,
             sending: Sending::Open,
-            peer_node,
+            peer,
             broken: None,
         }
     }
@@ -275,7 +276,12 @@ impl<D: Role> UserTls<D> {
 
     /// The node the peer's certificate names (`CN=system:node:<name>, O=system:nodes`), if it does.
     pub fn peer_node(&self) -> Option<&str> {
-        self.peer_node.as_deref()
+        self.peer.node.as_deref()
+    }
+
+    /// What the peer's certificate says.
+    pub fn peer(&self) -> &super::tls::Peer {
+        &self.peer
     }
 
     /// Bytes of buffer this connection holds now (what it read and sealed, and what it opened and the

@@ -348,3 +348,46 @@ async fn a_peer_that_stops_mid_record_pins_no_grown_buffer() {
     assert!(read.is_err(), "nothing to read yet");
     assert!(spoke.held() <= 2 * MAX_RECORD, "{} bytes held for half a record", spoke.held());
 }
+
+/// TLS resumption presents no certificate: a session resumed after the client's certificate expired
+/// carries it on. Spoke reads its end at the handshake, and the server refuses such a connection at
+/// Hello and at every park (`server::session`).
+#[tokio::test]
+async fn a_resumed_session_still_shows_its_expired_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let until = std::time::SystemTime::now() + Duration::from_secs(2);
+    let certs = crate::devcerts::generate_until(dir.path(), &[], &["n1".to_owned()], Some(until)).unwrap();
+    let server = tls::server_config(
+        &tls::TlsFiles {
+            ca: certs.cluster_ca.clone(),
+            cert: certs.cluster_cert.clone(),
+            key: certs.cluster_key.clone(),
+        },
+        tls::Versions::Tls13,
+        tls::ClientCerts::Required,
+    )
+    .unwrap();
+    let node = &certs.nodes[0];
+    let client = tls::client_config(&tls::TlsFiles {
+        ca: certs.cluster_ca.clone(),
+        cert: node.cert.clone(),
+        key: node.key.clone(),
+    })
+    .unwrap();
+    let pki = Pki { _dir: dir, client, server };
+    let (mut client, mut server, first) = pair(&pki).await;
+    assert_eq!(first, Some(HandshakeKind::Full));
+    assert_eq!(server.peer_node(), Some("n1"));
+    assert!(!server.peer().expired(std::time::SystemTime::now()));
+    server.write_all(b"x").await.unwrap();
+    server.flush().await.unwrap();
+    client.read_exact(&mut [0u8; 1]).await.unwrap();
+
+    tokio::time::sleep_until(Instant::now() + Duration::from_millis(2500)).await;
+    let now = std::time::SystemTime::now();
+    assert!(now > until);
+    let (_client, server, second) = pair(&pki).await;
+    assert_eq!(second, Some(HandshakeKind::Resumed), "rustls resumed a session of an expired certificate");
+    assert_eq!(server.peer_node(), Some("n1"));
+    assert!(server.peer().expired(now), "the resumed connection shows its certificate's end");
+}
