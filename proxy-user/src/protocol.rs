@@ -196,6 +196,14 @@ pub struct Nonces {
     pub agent: [u8; NONCE_LEN],
 }
 
+impl Nonces {
+    /// What signs the `Dial`s of a connection that answered no challenge: a TLS data connection with a
+    /// node certificate, which TLS authenticates and keeps from replay. Its dials are signed all the
+    /// same, so that nothing but the server can make the agent dial: not bytes of a stream read as a
+    /// frame because a bug desynchronised the byte counts of a reused connection.
+    pub const NONE: Self = Self { server: [0; NONCE_LEN], agent: [0; NONCE_LEN] };
+}
+
 /// The `Reject` reason for a `Hello` that reached a replica the agent holds a session with already
 /// (through a load balancer).
 pub const ALREADY_HELD: &str = "this replica holds a session with the agent already";
@@ -403,9 +411,8 @@ pub enum Message {
         port: u16,
         /// How long the agent may try (milliseconds).
         timeout_ms: u32,
-        /// On a data connection that answered a challenge, [`DataKey::dial_mac`] of this dial and the
-        /// challenge's [`Nonces`]; all zero over TLS with a node certificate, which authenticates both
-        /// ends already.
+        /// [`DataKey::dial_mac`] of this dial and the connection's challenge [`Nonces`] ([`Nonces::NONE`]
+        /// over TLS with a node certificate, where no challenge is made).
         mac: [u8; MAC_LEN],
     },
     /// Agent → server on a data connection: the dial's outcome.
@@ -492,6 +499,14 @@ mod tests {
         let replayed = Nonces { agent: new_nonce(), ..recorded };
         assert!(!key.verify_dial(&replayed, dial, &mac), "a replayed dial verified");
         assert!(!key.verify_proof(session, &replayed, &proof), "a replayed proof verified");
+        // Over TLS without a challenge the dial is signed too: bytes that happen to parse as a `Dial`
+        // carry no MAC the agent accepts.
+        assert!(!key.verify_dial(&Nonces::NONE, dial, &[0; MAC_LEN]));
+        assert!(key.verify_dial(
+            &Nonces::NONE,
+            dial,
+            &key.dial_mac(&Nonces::NONE, dial.0, dial.1, dial.2, dial.3)
+        ));
         // Nor does a dial signed for another stream, host, port or timeout.
         for other in
             [(8, "10.0.0.5", 10250, 5_000), (7, "10.0.0.6", 10250, 5_000), (7, "10.0.0.5", 22, 5_000)]

@@ -568,3 +568,28 @@ async fn a_session_ends_at_its_age_limit_and_the_agent_returns() {
     srv.wait_for_agent().await;
     round_trip(&srv, echo).await;
 }
+
+/// A node certificate that expires while its agent is connected: the server ends the session at the
+/// certificate's end, and the agent's next connections, whose resumed TLS sessions still carry that
+/// certificate, are refused at `Hello` and at park, so no route to the node is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_certificate_expires_can_no_longer_park_or_resume() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let until = std::time::SystemTime::now() + std::time::Duration::from_secs(4);
+    let files =
+        spoke::devcerts::generate_until(dir.path(), &[], &["node-a".into()], Some(until)).expect("certs");
+    let certs = std::sync::Arc::new(common::Certs { dir, files });
+    let srv = server(&certs).flag("--agent-auth", "node-cert").run().await;
+    let echo = echo().await;
+    let a = &certs.files.nodes[0];
+    let _agent = agent(&srv).id("node-a").cert(&a.cert, &a.key).run().await;
+    round_trip(&srv, echo).await;
+    let expired = "spoke_server_agent_conn_failures_total{reason=\"certificate_expired\"}";
+    eventually("connections with the expired certificate refused", || async {
+        metric(srv.admin_addr, expired).await >= 1
+    })
+    .await;
+    assert!(srv.proc.log().contains("session age limit"), "the session ended at the certificate's end");
+    assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 0);
+    assert_eq!(connect_status(&srv, &echo.to_string()).await.0, 503);
+}

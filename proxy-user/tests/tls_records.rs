@@ -4,7 +4,10 @@
 //! secrets are taken out after the handshake, so that the test seals whatever records it likes under the
 //! right keys.
 
+mod common;
+
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustls::crypto::cipher::{
@@ -147,19 +150,23 @@ async fn stock_pair(pki: &Pki) -> (SpokeServer, tokio_rustls::client::TlsStream<
 /// Spoke's server end and a forger connected to it, the handshake done.
 async fn connected(pki: &Pki) -> (SpokeServer, Forger) {
     let (server, client) = stock_pair(pki).await;
+    (server, forger(client))
+}
+
+/// A forger on a stock client's connection, its keys taken out after the handshake.
+fn forger(client: tokio_rustls::client::TlsStream<TcpStream>) -> Forger {
     let (tcp, conn) = client.into_inner();
     let secrets = conn.dangerous_extract_secrets().expect("secrets");
     let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256.tls13().expect("TLS 1.3 suite");
     let (tx_key, tx_iv) = keys(secrets.tx.1);
     let (rx_key, rx_iv) = keys(secrets.rx.1);
-    let forger = Forger {
+    Forger {
         tcp,
         tx: suite.aead_alg.encrypter(tx_key, tx_iv),
         tx_seq: secrets.tx.0,
         rx: suite.aead_alg.decrypter(rx_key, rx_iv),
         rx_seq: secrets.rx.0,
-    };
-    (server, forger)
+    }
 }
 
 /// Reads Spoke's end until it fails: the bytes before the failure, and the error.
@@ -327,4 +334,100 @@ async fn a_truncated_record_is_an_error_not_an_end() {
     let (got, err) = read_error(&mut server).await;
     assert_eq!(got, b"whole");
     assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+}
+
+/// p99 of `n` round trips of 64 bytes on `tunnel`, in microseconds.
+async fn round_trips_p99(tunnel: &mut tokio::net::UnixStream, n: usize) -> u128 {
+    let mut times = Vec::with_capacity(n);
+    let mut buf = [0u8; 64];
+    for _ in 0..n {
+        let start = std::time::Instant::now();
+        tunnel.write_all(&[7u8; 64]).await.expect("write");
+        tunnel.read_exact(&mut buf).await.expect("echo");
+        times.push(start.elapsed().as_micros());
+    }
+    times.sort_unstable();
+    times[n * 99 / 100]
+}
+
+/// Floods against a live server, from holders of a cluster certificate: one peer packs key updates into
+/// full records, another sends only empty records, each on a new connection as soon as the last one is
+/// cut. rustls refuses the first at its first record and the second after 32; each connection is cut
+/// off, counted (`agent_conn_failures_total{reason="tls_records"}`) and logged, and another agent's
+/// stream keeps its round trips meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_against_a_live_server_are_cut_off_and_leave_other_streams_alone() {
+    const ROUND_TRIPS: usize = 300;
+    let certs = common::certs();
+    let srv = common::server(&certs).run().await;
+    let echo = common::echo().await;
+    let _agent = common::agent(&srv).run().await;
+    let mut tunnel = common::tunnel(&srv, echo).await;
+    let quiet = round_trips_p99(&mut tunnel, ROUND_TRIPS).await;
+
+    let f = &certs.files;
+    let files = TlsFiles { ca: f.cluster_ca.clone(), cert: f.agent_cert.clone(), key: f.agent_key.clone() };
+    let connector =
+        tokio_rustls::TlsConnector::from(tls::client_config(&files).expect("client configuration"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let cut = Arc::new(AtomicU64::new(0));
+    let floods: [fn(&mut Forger) -> Vec<u8>; 2] = [
+        // Key updates packed into one full record.
+        |f| f.seal(ContentType::Handshake, &key_update(0).repeat(3_000)),
+        // Empty records only.
+        |f| (0..64).flat_map(|_| f.seal(ContentType::ApplicationData, &[])).collect(),
+    ];
+    let mut flooders = Vec::new();
+    for flood in floods {
+        let (connector, stop, cut, addr) = (connector.clone(), stop.clone(), cut.clone(), srv.agent_addr);
+        flooders.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let tcp = TcpStream::connect(addr).await.expect("connect");
+                let name = ServerName::try_from("localhost").expect("name");
+                let Ok(client) = connector.connect(name, tcp).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let mut forger = forger(client);
+                let bytes = flood(&mut forger);
+                for _ in 0..64 {
+                    if forger.tcp.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                // Cut off: the server closes the connection (after its alert, where rustls sends one).
+                let mut sink = Vec::new();
+                let read = tokio::time::timeout(Duration::from_secs(10), forger.tcp.read_to_end(&mut sink));
+                assert!(read.await.is_ok(), "a flooding connection left open");
+                cut.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    common::eventually("floods under way", || async { cut.load(Ordering::Relaxed) >= 4 }).await;
+    let loaded = round_trips_p99(&mut tunnel, ROUND_TRIPS).await;
+    common::eventually("flooding connections cut off", || async { cut.load(Ordering::Relaxed) >= 20 }).await;
+    stop.store(true, Ordering::Relaxed);
+    for flooder in flooders {
+        flooder.await.expect("flooder");
+    }
+    let cut = cut.load(Ordering::Relaxed);
+    let counted =
+        common::metric(srv.admin_addr, "spoke_server_agent_conn_failures_total{reason=\"tls_records\"}")
+            .await;
+    let (_, metrics) = common::admin_get(srv.admin_addr, "/metrics").await;
+    let failures: Vec<&str> = metrics.lines().filter(|l| l.contains("agent_conn_failures_total{")).collect();
+    assert!(counted >= cut.saturating_sub(2), "{counted} counted for {cut} cut off: {failures:?}");
+    assert!(srv.proc.log().contains("broke TLS's rules"), "the cut is logged");
+    eprintln!(
+        "round trip p99: {quiet} µs quiet, {loaded} µs under the floods ({cut} flooding connections cut off)"
+    );
+    // Within 2x of the quiet run, or 10 ms on a loaded 2-core machine: before, one flood held both
+    // workers for seconds.
+    assert!(
+        loaded <= (2 * quiet).max(10_000),
+        "round trip p99 {loaded} µs under the floods, {quiet} µs without"
+    );
+    tunnel.write_all(b"still here").await.expect("write");
+    let mut back = [0u8; 10];
+    tunnel.read_exact(&mut back).await.expect("echo");
 }

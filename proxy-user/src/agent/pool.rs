@@ -205,9 +205,11 @@ async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Op
     match first {
         None => {}
         Some(Ok(Message::Dial { stream_id, host, port, timeout_ms, mac }))
-            if nonces.is_some_and(|n| {
-                !session.key.verify_dial(&n, (stream_id, &host, port, timeout_ms), &mac)
-            }) =>
+            if !session.key.verify_dial(
+                &nonces.unwrap_or(Nonces::NONE),
+                (stream_id, &host, port, timeout_ms),
+                &mac,
+            ) =>
         {
             warn!(dest = %format_args!("{host}:{port}"), "a Dial that is not the server's: refused");
             inc(&agent.metrics.server_conn_failures, "kind", "forged_dial");

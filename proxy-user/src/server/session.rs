@@ -19,6 +19,7 @@ use crate::transport::accept::Accepted;
 use crate::transport::counted::Ends;
 use crate::transport::handshake;
 use crate::transport::tls::HandshakeError;
+use crate::transport::user_tls;
 use crate::transport::{self, AcceptedLink, Link};
 
 /// Control frames buffered between the reader task and the session loop.
@@ -107,9 +108,15 @@ async fn establish(
             warn!("plaintext agent connection refused (--allow-plaintext-tunnel is off)");
             return Err("plaintext_refused");
         };
-        let first = codec::read_message(&mut conn).await.map_err(|error| {
-            warn!(%error, "agent sent no valid first frame");
-            "protocol"
+        let first = codec::read_message(&mut conn).await.map_err(|error| match &error {
+            CodecError::Io(e) if user_tls::is_tls_violation(e) => {
+                warn!(%error, "agent connection broke TLS's rules and was cut off");
+                "tls_records"
+            }
+            _ => {
+                warn!(%error, "agent sent no valid first frame");
+                "protocol"
+            }
         })?;
         if matches!((&conn, &first), (Link::Plain(_), Message::Hello { .. })) {
             warn!("control channel refused: it must use TLS");

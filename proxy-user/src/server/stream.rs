@@ -18,7 +18,7 @@ use crate::codec::{self, CodecError};
 use crate::datapath::Activity;
 use crate::frontend::{self, ConnectRequest, ESTABLISHED};
 use crate::metrics::inc;
-use crate::protocol::{self, DialStatus, MAC_LEN, Message};
+use crate::protocol::{self, DialStatus, Message, Nonces};
 use crate::transport::Stream;
 use crate::transport::accept::Accepted;
 use crate::transport::counted::{Counted, REUSE_TIMEOUT, Side};
@@ -401,10 +401,10 @@ async fn dial(
             agent.stream_slots.clone().try_acquire_owned().map_err(|_| DialError::AgentBusy(agent_id()))?;
         let parked = agent.take(deadline).await.ok_or_else(|| DialError::NoDataConn(agent_id()))?;
         let mut conn = parked.conn;
-        // On a plain data connection the dial is signed, so that no host on the path can forge one.
-        let mac = parked.nonces.map_or([0; MAC_LEN], |nonces| {
-            agent.data_key.dial_mac(&nonces, stream_id, &req.host, req.port, timeout_ms)
-        });
+        // Every dial is signed: on a plain data connection no host on the path can forge or replay one,
+        // and on any connection no stream bytes can pass for one.
+        let nonces = parked.nonces.unwrap_or(Nonces::NONE);
+        let mac = agent.data_key.dial_mac(&nonces, stream_id, &req.host, req.port, timeout_ms);
         let dial = Message::Dial { stream_id, host: req.host.clone(), port: req.port, timeout_ms, mac };
         // Registered before the dial: the agent may announce its end as soon as it has replied.
         let counted = conn.ends_by_count().then(|| agent.ends.register(stream_id, Side::Server)).flatten();

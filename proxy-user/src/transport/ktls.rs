@@ -179,7 +179,7 @@ impl Drop for Wiped {
 
 /// What a record that is not application data meant.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Control {
+pub enum Control {
     /// `close_notify`: the peer's direction ended.
     CloseNotify,
     /// A `NewSessionTicket` message's body.
@@ -189,19 +189,20 @@ pub(crate) enum Control {
 /// The bytes of records that are not application data, gathered until they make whole messages (the
 /// kernel may hand a record over in pieces).
 #[derive(Debug, Default)]
-pub(crate) struct ControlRecords {
+pub struct ControlRecords {
     typ: u8,
     bytes: Vec<u8>,
 }
 
 impl ControlRecords {
     /// Whether a message is half received.
-    pub(crate) fn is_empty(&self) -> bool {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
 
     /// Takes `bytes` of a record of type `typ`; returns the messages they complete.
-    pub(crate) fn take(&mut self, typ: u8, bytes: &[u8]) -> io::Result<Vec<Control>> {
+    pub fn take(&mut self, typ: u8, bytes: &[u8]) -> io::Result<Vec<Control>> {
         if !self.bytes.is_empty() && typ != self.typ {
             return Err(invalid("a TLS message split across records of different types"));
         }

@@ -56,6 +56,13 @@ pub(super) fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// Whether `e` is rustls refusing what the peer sent (a record or message that breaks TLS's rules, or a
+/// flood its limits cut off), as opposed to the connection failing.
+#[must_use]
+pub fn is_tls_violation(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(<dyn std::error::Error + Send + Sync>::is::<rustls::Error>)
+}
+
 /// The side of a link: which unbuffered connection rustls keeps for it, and what it does with a
 /// session ticket once the records are in the kernel ([`super::ktls`]).
 pub trait Role: Sized + Send + Sync + Unpin + 'static {
@@ -167,7 +174,7 @@ pub struct UserTls<D: Role> {
     /// handshake.
     peer: super::tls::Peer,
     /// What failed the connection: every later read and write fails with it.
-    broken: Option<(io::ErrorKind, String)>,
+    broken: Option<Broken>,
 }
 
 impl<D: Role> std::fmt::Debug for UserTls<D> {
@@ -178,6 +185,24 @@ impl<D: Role> std::fmt::Debug for UserTls<D> {
             .field("suite", &self.conn.negotiated_cipher_suite().map(|s| s.suite()))
             .field("peer", &self.peer)
             .finish_non_exhaustive()
+    }
+}
+
+/// What failed a connection.
+#[derive(Clone, Debug)]
+enum Broken {
+    /// rustls refused what the peer sent ([`is_tls_violation`] tells it from the error).
+    Tls(rustls::Error),
+    /// The socket failed.
+    Io(io::ErrorKind, String),
+}
+
+impl Broken {
+    fn error(&self) -> io::Error {
+        match self {
+            Self::Tls(e) => tls_error(e.clone()),
+            Self::Io(kind, what) => io::Error::new(*kind, what.clone()),
+        }
     }
 }
 
@@ -398,17 +423,16 @@ impl<D: Role> UserTls<D> {
     /// step only: rustls hands out what it queued before it processes any record again, and a failed
     /// connection processes none (the record that failed may still be in `rbuf`).
     fn fail(&mut self, e: rustls::Error) -> io::Error {
-        let error = tls_error(e);
         if self.broken.is_none() {
-            self.broken = Some((error.kind(), error.to_string()));
+            self.broken = Some(Broken::Tls(e.clone()));
             let _ = self.step(&Want::Input, None);
         }
-        error
+        tls_error(e)
     }
 
     /// The error that failed the connection.
     fn broken_error(&self) -> Option<io::Error> {
-        self.broken.as_ref().map(|(kind, what)| io::Error::new(*kind, what.clone()))
+        self.broken.as_ref().map(Broken::error)
     }
 
     /// Steps until `want` is done.
@@ -445,6 +469,23 @@ impl<D: Role> UserTls<D> {
         }
         (out.pos, out.end) = (0, 0);
         Poll::Ready(Ok(()))
+    }
+
+    /// Writes what the socket takes now, without waiting: for the read path, which must not register
+    /// for the socket's write readiness (a link split across two tasks would lose its writer's wake-up).
+    /// What is left goes out with the next write or flush.
+    fn try_send(&mut self) -> io::Result<()> {
+        let out = &mut self.out;
+        while out.pos < out.end {
+            match self.tcp.try_write(&out.buf[out.pos..out.end]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => out.pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        (out.pos, out.end) = (0, 0);
+        Ok(())
     }
 
     /// Everything written out: the send buffer is freed (an idle stream holds none).
@@ -504,7 +545,7 @@ impl<D: Role> AsyncRead for UserTls<D> {
             }
             if let Some(e) = this.broken_error() {
                 // Reported once the bytes before the failure were read; the alert goes out first.
-                let _ = this.poll_send(cx);
+                let _ = this.try_send();
                 return Poll::Ready(if progressed { Ok(()) } else { Err(e) });
             }
             if this.read_closed {
@@ -526,10 +567,9 @@ impl<D: Role> AsyncRead for UserTls<D> {
             match this.step(&Want::Input, Some(buf)) {
                 Ok(Step::Again | Step::Done) => {
                     progressed |= buf.filled().len() > filled;
-                    // What rustls queued (a KeyUpdate answered) starts out now; the rest with the
-                    // next write, or the next read once the socket takes it.
-                    if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-                        this.broken.get_or_insert((e.kind(), e.to_string()));
+                    // What rustls queued starts out now, as far as the socket takes it.
+                    if let Err(e) = this.try_send() {
+                        this.broken.get_or_insert(Broken::Io(e.kind(), e.to_string()));
                     }
                     continue;
                 }

@@ -320,7 +320,7 @@ async fn a_cut_connection_or_a_tampered_record_is_an_error_and_the_tamperer_gets
 }
 
 fn err_text<D: Role>(tls: &UserTls<D>) -> String {
-    tls.broken.as_ref().map(|(_, what)| what.clone()).unwrap_or_default()
+    tls.broken_error().map(|e| e.to_string()).unwrap_or_default()
 }
 
 /// A peer that stops in the middle of a record keeps only that record's bytes on this side, however
@@ -390,4 +390,42 @@ async fn a_resumed_session_still_shows_its_expired_certificate() {
     assert_eq!(second, Some(HandshakeKind::Resumed), "rustls resumed a session of an expired certificate");
     assert_eq!(server.peer_node(), Some("n1"));
     assert!(server.peer().expired(now), "the resumed connection shows its certificate's end");
+}
+
+/// A link read by one task and written by another (as a control channel is: `tokio::io::split` and a
+/// spawned reader), bulk both ways: the read path never takes the writer's wake-up (it only tries to
+/// write), so neither side stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_split_across_two_tasks_moves_bulk_both_ways() {
+    const N: usize = 32 << 20;
+    let pki = pki(only(CipherSuite::TLS13_AES_128_GCM_SHA256));
+    for _ in 0..3 {
+        let (client, server, _) = pair(&pki).await;
+        let (mut client_rd, mut client_wr) = tokio::io::split(client);
+        let (mut server_rd, mut server_wr) = tokio::io::split(server);
+        let tasks = [
+            tokio::spawn(async move {
+                client_wr.write_all(&pattern(N, 1)).await.unwrap();
+                client_wr.shutdown().await.unwrap();
+            }),
+            tokio::spawn(async move {
+                server_wr.write_all(&pattern(N, 2)).await.unwrap();
+                server_wr.shutdown().await.unwrap();
+            }),
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                client_rd.read_to_end(&mut got).await.unwrap();
+                assert!(got == pattern(N, 2));
+            }),
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                server_rd.read_to_end(&mut got).await.unwrap();
+                assert!(got == pattern(N, 1));
+            }),
+        ];
+        let all = futures_util::future::join_all(tasks);
+        for task in tokio::time::timeout(Duration::from_mins(1), all).await.expect("no stall") {
+            task.unwrap();
+        }
+    }
 }
