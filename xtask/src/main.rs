@@ -208,7 +208,7 @@ fn test_executable(selection: &[&str]) -> anyhow::Result<PathBuf> {
 }
 
 /// The tests that need kernel TLS, in each of [`vm::KERNELS`] under emulation: the transport's unit
-/// tests (kernel TLS and the record layer it falls back to) and the end-to-end ones
+/// tests (kernel TLS and the user-space TLS it falls back to) and the end-to-end ones
 /// (`proxy-user/tests/ktls.rs`); in 6.12 also the whole tunnel suite, whose TLS streams then take the
 /// kernel TLS tier (all but its 1 GiB transfer, whose bound is for hardware: `ktls.rs` moves 256 MiB);
 /// then the end-to-end ones again in a guest without the tls module, for the fallback.

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use rustls::crypto::cipher::{MessageEncrypter, OutboundChunks, OutboundPlainMessage};
+use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
 use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion};
 use spoke::transport::handshake;
 use spoke::transport::secured::Secured;
@@ -34,12 +34,25 @@ fn setup() -> &'static Setup {
             ClientCerts::Required,
         )
         .expect("server configuration");
-        // The agent's configuration, AES-128-GCM only so that the test knows which AEAD seals.
-        let files = TlsFiles { ca: certs.cluster_ca, cert: certs.agent_cert, key: certs.agent_key };
-        let mut client = (*tls::client_config(&files).expect("client configuration")).clone();
+        // The agent's certificate, AES-128-GCM only so that the test knows which AEAD seals.
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(&certs.cluster_ca).expect("CA")).expect("CA");
+        let chain: Vec<_> = CertificateDer::pem_file_iter(&certs.agent_cert)
+            .expect("certificate")
+            .map(|c| c.expect("certificate"))
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&certs.agent_key).expect("key");
         let mut provider = rustls::crypto::ring::default_provider();
         provider.cipher_suites.retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-        client.crypto_provider = Arc::new(provider);
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client certificate");
+        client.enable_secret_extraction = true;
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
         Setup { runtime, server, client: Arc::new(client), _dir: dir }
