@@ -188,6 +188,11 @@ pub struct ServerMetrics {
     pub agent_conn_failures: Counters,
     /// Streams closed while the server drained because they sat idle.
     pub drain_closed_idle: Counter,
+    /// Items (addresses, host names, pod CIDRs) a Node lists now that another Node listed first: left
+    /// out of its routes and claims. Alert on a value above 0.
+    pub node_claim_conflicts: Gauge,
+    /// Such conflicts that arose since the server started.
+    pub node_claim_conflicts_total: Counter,
 }
 
 impl ServerMetrics {
@@ -202,7 +207,19 @@ impl ServerMetrics {
             data_conns_idle: Gauge::default(),
             agent_conn_failures: Counters::default(),
             drain_closed_idle: Counter::default(),
+            node_claim_conflicts: Gauge::default(),
+            node_claim_conflicts_total: Counter::default(),
         };
+        r.register(
+            "node_claim_conflicts",
+            "Addresses, host names and pod CIDRs a Node lists that another Node listed first (left out of its routes)",
+            m.node_claim_conflicts.clone(),
+        );
+        r.register(
+            "node_claim_conflicts_seen",
+            "Conflicts between Nodes' listed addresses, host names and pod CIDRs since the start",
+            m.node_claim_conflicts_total.clone(),
+        );
         r.register(
             "drain_closed_idle",
             "Streams closed while the server drained because they sat idle",

@@ -158,3 +158,53 @@ async fn a_token_proves_the_node_its_pod_runs_on() {
     round_trip(&srv, echo).await;
     assert_eq!(api.reviews(), reviews_after_forgers, "the good token's review was cached");
 }
+
+/// A kubelet may write its own Node's status (`NodeRestriction` allows it): node b lists node a's
+/// `InternalIP` there. Node a listed it first, so it keeps the route: node b may not claim the address,
+/// gets no route to it from its Node, and none of 200 CONNECTs to node a's address reach node b's
+/// agent. The conflict is logged and exposed for alerting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_listing_another_nodes_address_in_its_status_takes_none_of_its_traffic() {
+    let certs = certs();
+    let api = apiserver(&certs).await;
+    let srv = server(&certs)
+        .flag("--agent-auth", "node-cert")
+        .flag("--agent-claims", "node-objects")
+        .flag("--kubeconfig", &api.kubeconfig.display().to_string())
+        .run()
+        .await;
+    let echo = echo().await;
+    assert_eq!(echo.ip().to_string(), "127.0.0.1", "the echo backend is on node a's address");
+    let [a, b] = [&certs.files.nodes[0], &certs.files.nodes[1]];
+    let node_a = agent(&srv).id("node-a").cert(&a.cert, &a.key).identifiers("ipv4=127.0.0.1").run().await;
+    round_trip(&srv, echo).await;
+
+    api.put_node(node(
+        "node-b",
+        &[("InternalIP", "127.0.0.2"), ("InternalIP", "127.0.0.1"), ("Hostname", "node-b")],
+        &["10.244.2.0/24"],
+    ));
+    let conflicts = "spoke_server_node_claim_conflicts ";
+    eventually("the conflict exposed", || async { metric(srv.admin_addr, conflicts).await == 1 }).await;
+    assert!(srv.proc.log().contains("another Node listed first"), "the conflict is logged");
+
+    // Node b claiming the address is refused, and told why.
+    let refused = failures("claim_refused");
+    let mut forger =
+        agent(&srv).id("node-b").cert(&b.cert, &b.key).identifiers("ipv4=127.0.0.1").spawn().await;
+    counted_past(&srv, &refused, 0).await;
+    forger.proc.kill().await;
+    assert!(srv.proc.log().contains("which listed it first"), "the refusal names the owner");
+
+    // Node b with its own claim is admitted, and gets no route to node a's address from its Node.
+    let node_b = agent(&srv).id("node-b").cert(&b.cert, &b.key).identifiers("ipv4=127.0.0.2").run().await;
+    assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 2);
+    let ok = "spoke_agent_streams_total{result=\"ok\"}";
+    let (a_before, b_before) = (metric(node_a.admin_addr, ok).await, metric(node_b.admin_addr, ok).await);
+    for _ in 0..200 {
+        round_trip(&srv, echo).await;
+    }
+    let a_after = common::counted(node_a.admin_addr, ok, a_before + 200).await;
+    assert_eq!(a_after, a_before + 200, "every stream to node a's address went to node a");
+    assert_eq!(metric(node_b.admin_addr, ok).await, b_before, "none went to node b");
+}

@@ -1,7 +1,9 @@
 //! The server's access to the Kubernetes apiserver: one client (from a kubeconfig file or the pod's
-//! in-cluster credentials), the Node facts agents' claims are checked against ([`nodes`]), token
+//! in-cluster credentials), the Node facts agents' claims are checked against ([`nodes`], with who owns
+//! an item two Nodes list in [`claims`]), token
 //! reviews ([`tokens`]) and the replica count from Leases ([`leases`]). Nothing here knows about agents or streams.
 
+pub mod claims;
 pub mod leases;
 pub mod nodes;
 pub mod tokens;

@@ -18,6 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::claims::Claims;
+
 /// Changed node names buffered for the subscriber; past it, it is told to re-check every node.
 const CHANGES_QUEUE: usize = 1024;
 
@@ -30,13 +32,20 @@ pub struct NodeFacts {
     pub addresses: Vec<IpAddr>,
     /// `spec.podCIDRs` (or, where only it is set, `spec.podCIDR`).
     pub pod_cidrs: Vec<IpNet>,
+    /// `metadata.creationTimestamp`, seconds since the epoch (0 where unknown): the older Node is first
+    /// in line for an item two Nodes list ([`super::claims`]).
+    pub created: i64,
+    /// Items the Node lists that another Node listed first, as (item, owner): left out of the fields
+    /// above ([`super::claims`]).
+    pub contested: Vec<(String, String)>,
 }
 
 impl NodeFacts {
     /// The facts of `node`; values that do not parse are left out (and so never match a claim).
     #[must_use]
     pub fn of(node: &Node) -> Self {
-        let mut facts = Self::default();
+        let created = node.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second());
+        let mut facts = Self { created, ..Self::default() };
         for a in node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default() {
             match a.type_.as_str() {
                 "InternalIP" | "ExternalIP" => facts.addresses.extend(a.address.parse::<IpAddr>().ok()),
@@ -75,10 +84,28 @@ pub struct Nodes {
 
 #[derive(Debug)]
 struct Inner {
-    facts: RwLock<HashMap<String, Arc<NodeFacts>>>,
+    state: RwLock<State>,
     /// True once the first complete list arrived.
     ready: watch::Sender<bool>,
     changes: broadcast::Sender<String>,
+}
+
+/// The Nodes as stated, who owns what they list, and the facts each may use.
+#[derive(Debug, Default)]
+struct State {
+    stated: HashMap<String, Arc<NodeFacts>>,
+    claims: Claims,
+    facts: HashMap<String, Arc<NodeFacts>>,
+}
+
+impl State {
+    /// Node `name`'s facts again from its stated ones: `true` when a node known before changed or went
+    /// (a new one is announced by nothing: no agent of it was admitted yet).
+    fn refresh(&mut self, name: &str) -> bool {
+        let Some(stated) = self.stated.get(name) else { return self.facts.remove(name).is_some() };
+        let facts = Arc::new(self.claims.effective(name, stated));
+        self.facts.insert(name.to_owned(), facts.clone()).is_some_and(|old| old != facts)
+    }
 }
 
 /// Why a node's facts are not known.
@@ -120,7 +147,7 @@ impl Nodes {
                     Some(Ok(Event::InitDone)) => this.replace(listing.take().unwrap_or_default()),
                     Some(Ok(Event::Apply(node))) => {
                         if let Some(name) = node.metadata.name.clone() {
-                            this.upsert(name, NodeFacts::of(&node));
+                            this.upsert(&name, NodeFacts::of(&node));
                         }
                     }
                     Some(Ok(Event::Delete(node))) => {
@@ -137,7 +164,7 @@ impl Nodes {
     fn empty() -> Self {
         Self {
             inner: Arc::new(Inner {
-                facts: RwLock::default(),
+                state: RwLock::default(),
                 ready: watch::Sender::new(false),
                 changes: broadcast::Sender::new(CHANGES_QUEUE),
             }),
@@ -158,13 +185,21 @@ impl Nodes {
         if !*self.inner.ready.borrow() {
             return Err(Unknown::NotSynced);
         }
-        self.read().get(name).cloned().ok_or(Unknown::NoSuchNode)
+        self.read().facts.get(name).cloned().ok_or(Unknown::NoSuchNode)
     }
 
     /// How many nodes are known.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.read().facts.len()
+    }
+
+    /// Items listed now by a Node that another Node listed first ([`super::claims`]), and how many
+    /// such conflicts arose since the start.
+    #[must_use]
+    pub fn conflicts(&self) -> (usize, u64) {
+        let state = self.read();
+        (state.claims.conflicts(), state.claims.seen())
     }
 
     /// Whether no node is known.
@@ -179,12 +214,12 @@ impl Nodes {
         Changes(self.inner.changes.subscribe())
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<NodeFacts>>> {
-        self.inner.facts.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.inner.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<NodeFacts>>> {
-        self.inner.facts.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn notify(&self, name: String) {
@@ -192,14 +227,15 @@ impl Nodes {
         let _ = self.inner.changes.send(name);
     }
 
-    /// A complete list replaces what was known; nodes gone from it or changed in it are announced.
+    /// A complete list replaces what was known; nodes gone from it or whose facts changed are announced.
     fn replace(&self, listing: HashMap<String, Arc<NodeFacts>>) {
-        let old = std::mem::replace(&mut *self.write(), listing);
         let changed: Vec<String> = {
-            let new = self.read();
-            let gone = old.keys().filter(|name| !new.contains_key(*name));
-            let different = new.iter().filter(|(name, facts)| old.get(*name).is_some_and(|o| o != *facts));
-            gone.chain(different.map(|(name, _)| name)).cloned().collect()
+            let mut state = self.write();
+            state.claims = Claims::rebuild(&state.claims, &listing);
+            state.stated = listing;
+            let names: std::collections::BTreeSet<String> =
+                state.stated.keys().chain(state.facts.keys()).cloned().collect();
+            names.into_iter().filter(|name| state.refresh(name)).collect()
         };
         let first = !self.inner.ready.send_replace(true);
         if first {
@@ -210,17 +246,29 @@ impl Nodes {
         }
     }
 
-    fn upsert(&self, name: String, facts: NodeFacts) {
-        let facts = Arc::new(facts);
-        let old = self.write().insert(name.clone(), facts.clone());
-        if old.is_some_and(|old| old != facts) {
-            self.notify(name);
-        }
+    fn upsert(&self, name: &str, facts: NodeFacts) {
+        self.update(name, Some(&Arc::new(facts)));
     }
 
     fn remove(&self, name: &str) {
-        if self.write().remove(name).is_some() {
-            self.notify(name.to_owned());
+        self.update(name, None);
+    }
+
+    /// Node `name` states `facts` now (`None`: deleted); it and every node whose owned items changed
+    /// with it are announced where their facts changed.
+    fn update(&self, name: &str, facts: Option<&Arc<NodeFacts>>) {
+        let changed: Vec<String> = {
+            let mut state = self.write();
+            let old = match facts {
+                Some(f) => state.stated.insert(name.to_owned(), f.clone()),
+                None => state.stated.remove(name),
+            };
+            let mut affected = state.claims.update(name, old.as_deref(), facts.map(AsRef::as_ref));
+            affected.insert(name.to_owned());
+            affected.into_iter().filter(|n| state.refresh(n)).collect()
+        };
+        for name in changed {
+            self.notify(name);
         }
     }
 }
@@ -283,9 +331,9 @@ mod tests {
         nodes.replace(HashMap::from([("a".to_owned(), a.clone()), ("b".to_owned(), a.clone())]));
         assert_eq!(*nodes.get("a", deadline).await.unwrap(), *a);
         assert_eq!(nodes.known("c").unwrap_err(), Unknown::NoSuchNode);
-        nodes.upsert("a".into(), (*a).clone());
-        nodes.upsert("c".into(), NodeFacts::default());
-        nodes.upsert("b".into(), NodeFacts::default());
+        nodes.upsert("a", (*a).clone());
+        nodes.upsert("c", NodeFacts::default());
+        nodes.upsert("b", NodeFacts::default());
         nodes.remove("c");
         nodes.replace(HashMap::from([("b".to_owned(), Arc::new(NodeFacts::default()))]));
         for expected in ["b", "c", "a"] {

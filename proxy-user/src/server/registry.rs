@@ -484,6 +484,7 @@ mod tests {
             names: vec![],
             addresses: vec![addr.parse().unwrap()],
             pod_cidrs: vec![pods.parse().unwrap()],
+            ..NodeFacts::default()
         };
         r.register(&a, Routes::of(&a.identity, Some(&facts("10.0.0.1", "10.244.1.0/24"))));
         r.register(&b, Routes::of(&b.identity, Some(&facts("10.0.0.2", "10.244.2.0/24"))));

@@ -139,7 +139,13 @@ pub(super) fn check_claims(
     }
     for address in &identity.addresses {
         if !facts.addresses.contains(address) {
-            return Err(format!("address {address} is not among Node {node:?}'s addresses"));
+            let item = format!("address {address}");
+            if let Some((_, owner)) = facts.contested.iter().find(|(i, _)| *i == item) {
+                return Err(format!(
+                    "{item} is also listed by Node {owner:?}, which listed it first: Node {node:?} may not claim it"
+                ));
+            }
+            return Err(format!("{item} is not among Node {node:?}'s addresses"));
         }
     }
     for cidr in &identity.cidrs {
@@ -177,6 +183,10 @@ pub(super) async fn recheck_on_node_changes(server: Arc<Server>) {
             change = changes.next() => change,
         };
         let Some(change) = change else { return };
+        let (conflicts, seen) = nodes.conflicts();
+        server.metrics.node_claim_conflicts.set(i64::try_from(conflicts).unwrap_or(i64::MAX));
+        let counted = server.metrics.node_claim_conflicts_total.get();
+        server.metrics.node_claim_conflicts_total.inc_by(seen.saturating_sub(counted));
         for agent in server.agents.all() {
             if let Change::Node(name) = &change
                 && *name != agent.identity.node_name
@@ -229,6 +239,7 @@ mod tests {
             names: vec!["node-a.example".into()],
             addresses: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
             pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            ..NodeFacts::default()
         }
     }
 
