@@ -99,8 +99,6 @@ struct Pki {
 }
 
 fn pki() -> Pki {
-    use rustls_pki_types::pem::PemObject as _;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let dir = tempfile::tempdir().expect("temporary directory");
     let certs = spoke::devcerts::generate(dir.path(), &[], &[]).expect("development certificates");
     let server = tls::server_config(
@@ -109,24 +107,11 @@ fn pki() -> Pki {
         ClientCerts::Required,
     )
     .expect("server configuration");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(&certs.cluster_ca).expect("CA")).expect("CA");
-    let chain: Vec<_> = CertificateDer::pem_file_iter(&certs.agent_cert)
-        .expect("certificate")
-        .map(|c| c.expect("certificate"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&certs.agent_key).expect("key");
     // AES-128-GCM only, so that the forger knows which AEAD seals.
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites.retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client certificate");
-    client.enable_secret_extraction = true;
-    Pki { _dir: dir, server, client: Arc::new(client) }
+    let files = TlsFiles { ca: certs.cluster_ca, cert: certs.agent_cert, key: certs.agent_key };
+    let client = tls::client_config_offering(&files, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        .expect("client configuration");
+    Pki { _dir: dir, server, client }
 }
 
 /// Spoke's server end and a stock rustls client connected to it, the handshake done.
@@ -432,8 +417,8 @@ async fn floods_against_a_live_server_are_cut_off_and_leave_other_streams_alone(
 
     let f = &certs.files;
     let files = TlsFiles { ca: f.cluster_ca.clone(), cert: f.agent_cert.clone(), key: f.agent_key.clone() };
-    let connector =
-        tokio_rustls::TlsConnector::from(tls::client_config(&files).expect("client configuration"));
+    let client = tls::client_config_offering(&files, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let connector = tokio_rustls::TlsConnector::from(client.expect("client configuration"));
     let (handshakes, _) = under_peers(&srv, &connector, [|_| Vec::new(), |_| Vec::new()], &mut tunnel).await;
     let before =
         common::metric(srv.admin_addr, "spoke_server_agent_conn_failures_total{reason=\"tls_records\"}")

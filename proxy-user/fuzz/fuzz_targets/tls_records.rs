@@ -35,27 +35,12 @@ fn setup() -> &'static Setup {
         )
         .expect("server configuration");
         // The agent's certificate, AES-128-GCM only so that the test knows which AEAD seals.
-        use rustls_pki_types::pem::PemObject as _;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_file(&certs.cluster_ca).expect("CA")).expect("CA");
-        let chain: Vec<_> = CertificateDer::pem_file_iter(&certs.agent_cert)
-            .expect("certificate")
-            .map(|c| c.expect("certificate"))
-            .collect();
-        let key = PrivateKeyDer::from_pem_file(&certs.agent_key).expect("key");
-        let mut provider = rustls::crypto::ring::default_provider();
-        provider.cipher_suites.retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .expect("client certificate");
-        client.enable_secret_extraction = true;
+        let files = TlsFiles { ca: certs.cluster_ca, cert: certs.agent_cert, key: certs.agent_key };
+        let client = tls::client_config_offering(&files, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            .expect("client configuration");
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-        Setup { runtime, server, client: Arc::new(client), _dir: dir }
+        Setup { runtime, server, client, _dir: dir }
     })
 }
 

@@ -81,12 +81,17 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
+/// ring's provider with `suite` only.
+fn provider_offering(suite: rustls::CipherSuite) -> Arc<rustls::crypto::CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.retain(|s| s.suite() == suite);
+    Arc::new(provider)
+}
+
 /// ring's provider with [`super::ktls::KERNEL_SUITE`] only: what an agent offers on a data connection
 /// it wants carried by kernel TLS, which the server can only accept with that suite.
 fn kernel_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites.retain(|s| s.suite() == super::ktls::KERNEL_SUITE);
-    Arc::new(provider)
+    provider_offering(super::ktls::KERNEL_SUITE)
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
@@ -179,6 +184,15 @@ pub enum ClientCerts {
 /// shared by every connection to a server so its session cache makes refills resume.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
     client_config_with(files, provider())
+}
+
+/// [`client_config`] offering only `suite` (as an agent that wants kernel TLS offers only the kernel's;
+/// tests and fuzz targets that seal records themselves must know the AEAD).
+pub fn client_config_offering(
+    files: &TlsFiles,
+    suite: rustls::CipherSuite,
+) -> Result<Arc<rustls::ClientConfig>> {
+    client_config_with(files, provider_offering(suite))
 }
 
 fn client_config_with(
