@@ -18,8 +18,8 @@ use crate::protocol::{self, DataKey, Identity, KeyBytes, Message, Nonces, PROTOC
 use crate::transport::accept::Accepted;
 use crate::transport::counted::Ends;
 use crate::transport::handshake;
+use crate::transport::role;
 use crate::transport::tls::HandshakeError;
-use crate::transport::user_tls;
 use crate::transport::{self, AcceptedLink, Link};
 
 /// Control frames buffered between the reader task and the session loop.
@@ -109,7 +109,7 @@ async fn establish(
             return Err("plaintext_refused");
         };
         let first = codec::read_message(&mut conn).await.map_err(|error| match &error {
-            CodecError::Io(e) if user_tls::is_tls_violation(e) => {
+            CodecError::Io(e) if role::is_tls_violation(e) => {
                 warn!(%error, "agent connection broke TLS's rules and was cut off");
                 "tls_records"
             }

@@ -18,9 +18,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::ktls::{self, InstallError, KERNEL_SUITE, KernelTls, Ktls};
+use super::role::{Role, invalid, tls_error};
 use super::secured::Secured;
 use super::tls::{HandshakeError, Peer};
-use super::user_tls::{HEADER, MAX_RECORD, Role, UserTls, invalid, tls_error};
+use super::user_tls::{HEADER, MAX_RECORD, UserTls};
 
 /// The largest handshake flight the driver buffers.
 const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;

@@ -32,7 +32,7 @@ use rustls::{CipherSuite, ConnectionTrafficSecrets, ExtractedSecrets, HandshakeT
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::user_tls::{Role, invalid, tls_error};
+use super::role::{Role, invalid, tls_error};
 
 /// The one cipher suite Spoke hands to the kernel (see the module documentation).
 pub const KERNEL_SUITE: CipherSuite = CipherSuite::TLS13_CHACHA20_POLY1305_SHA256;

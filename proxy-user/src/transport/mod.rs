@@ -10,6 +10,7 @@ pub mod accept;
 pub mod counted;
 pub mod handshake;
 pub mod ktls;
+pub mod role;
 pub mod secured;
 pub mod tls;
 pub mod user_tls;
@@ -132,7 +133,7 @@ pub type AcceptedLink = Link<secured::Secured<rustls::server::ServerConnectionDa
 /// A link as the agent holds it (it dialed the server).
 pub type DialedLink = Link<secured::Secured<rustls::client::ClientConnectionData>>;
 
-impl<D: user_tls::Role> Link<secured::Secured<D>> {
+impl<D: role::Role> Link<secured::Secured<D>> {
     /// The node the peer's certificate names, over TLS (see [`user_tls::UserTls::peer_node`]).
     #[must_use]
     pub fn peer_node(&self) -> Option<&str> {

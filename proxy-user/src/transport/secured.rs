@@ -9,7 +9,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::ktls::Ktls;
-use super::user_tls::{Role, UserTls};
+use super::role::Role;
+use super::user_tls::UserTls;
 use super::{Plain, Stream};
 
 /// A TLS connection, its records in user space or in the kernel.

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::transport::handshake::{Kind, accept, connect};
+use crate::transport::role::Role;
 use crate::transport::secured::Secured;
 use crate::transport::tls;
 
