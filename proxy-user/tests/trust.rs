@@ -208,3 +208,35 @@ async fn a_node_listing_another_nodes_address_in_its_status_takes_none_of_its_tr
     assert_eq!(a_after, a_before + 200, "every stream to node a's address went to node a");
     assert_eq!(metric(node_b.admin_addr, ok).await, b_before, "none went to node b");
 }
+
+/// The same conflict present when the server starts: its first node list gives the address to the
+/// first Node in line (here the first by name, as the stand-in sets no creation time), and the
+/// conflict is exposed without waiting for a change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_present_at_start_is_resolved_and_exposed() {
+    let certs = certs();
+    let api = apiserver(&certs).await;
+    api.put_node(node(
+        "node-b",
+        &[("InternalIP", "127.0.0.2"), ("InternalIP", "127.0.0.1"), ("Hostname", "node-b")],
+        &["10.244.2.0/24"],
+    ));
+    let srv = server(&certs)
+        .flag("--agent-auth", "node-cert")
+        .flag("--agent-claims", "node-objects")
+        .flag("--kubeconfig", &api.kubeconfig.display().to_string())
+        .run()
+        .await;
+    let conflicts = "spoke_server_node_claim_conflicts ";
+    eventually("the conflict exposed", || async { metric(srv.admin_addr, conflicts).await == 1 }).await;
+    let b = &certs.files.nodes[1];
+    let refused = failures("claim_refused");
+    let mut forger =
+        agent(&srv).id("node-b").cert(&b.cert, &b.key).identifiers("ipv4=127.0.0.1").spawn().await;
+    counted_past(&srv, &refused, 0).await;
+    forger.proc.kill().await;
+    let echo = echo().await;
+    let a = &certs.files.nodes[0];
+    let _node_a = agent(&srv).id("node-a").cert(&a.cert, &a.key).identifiers("ipv4=127.0.0.1").run().await;
+    round_trip(&srv, echo).await;
+}

@@ -57,6 +57,10 @@ pub struct Listeners {
 
 /// How often the drain looks whether streams are still open.
 const DRAIN_CHECK: Duration = Duration::from_millis(50);
+/// How long the frontends go on accepting after the socket file is gone: a client that looked the path
+/// up just before may still complete its connect, and would otherwise land in the backlog of a listener
+/// about to close (and be reset).
+const LAST_CALL: Duration = Duration::from_millis(100);
 /// How long the server waits, at its end, for its agents' sessions to be told to go away.
 const AGENTS_TOLD: Duration = Duration::from_secs(1);
 
@@ -221,11 +225,12 @@ async fn drain(server: &Server, grace: Duration, uds_file: Option<&SocketFile>) 
         }
     };
     let _ = tokio::time::timeout_at(deadline, quiet).await;
-    // No new connection can reach the socket once its file is gone; then the frontends stop, serving
-    // what the kernel had already queued. Those are served to their end, within the grace period, and
+    // No new connection can reach the socket once its file is gone; after a last call for connects
+    // already under way, the frontends stop, serving what the kernel had already queued. Those are served to their end, within the grace period, and
     // only then are the agents told to go away.
     if let Some(file) = uds_file {
         file.remove_if_own();
+        let _ = tokio::time::timeout_at(deadline, tokio::time::sleep(LAST_CALL)).await;
     }
     server.frontend_stop.cancel();
     server.frontend.close();

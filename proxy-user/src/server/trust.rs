@@ -171,22 +171,36 @@ fn list(cidrs: &[IpNet]) -> String {
     cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
+/// How often the Node-conflict metrics are brought up to date when no Node changes.
+const CONFLICTS_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Brings the Node-conflict metrics up to date ([`crate::apiserver::claims`]).
+fn count_conflicts(server: &Server, nodes: &crate::apiserver::nodes::Nodes) {
+    let (conflicts, seen) = nodes.conflicts();
+    server.metrics.node_claim_conflicts.set(i64::try_from(conflicts).unwrap_or(i64::MAX));
+    let counted = server.metrics.node_claim_conflicts_total.get();
+    server.metrics.node_claim_conflicts_total.inc_by(seen.saturating_sub(counted));
+}
+
 /// Re-checks connected agents whenever their Node changes or goes: a session whose claims no longer
 /// hold is ended (its agent reconnects and is checked afresh); one whose claims hold takes its Node's
 /// new routes.
 pub(super) async fn recheck_on_node_changes(server: Arc<Server>) {
     let Some(nodes) = server.nodes.clone() else { return };
     let mut changes = nodes.changes();
+    // The conflict metrics follow every change, and the first node list too (which announces nothing).
+    let mut refresh = tokio::time::interval(CONFLICTS_REFRESH);
     loop {
         let change = tokio::select! {
             () = server.stop.cancelled() => return,
+            _ = refresh.tick() => {
+                count_conflicts(&server, &nodes);
+                continue;
+            }
             change = changes.next() => change,
         };
         let Some(change) = change else { return };
-        let (conflicts, seen) = nodes.conflicts();
-        server.metrics.node_claim_conflicts.set(i64::try_from(conflicts).unwrap_or(i64::MAX));
-        let counted = server.metrics.node_claim_conflicts_total.get();
-        server.metrics.node_claim_conflicts_total.inc_by(seen.saturating_sub(counted));
+        count_conflicts(&server, &nodes);
         for agent in server.agents.all() {
             if let Change::Node(name) = &change
                 && *name != agent.identity.node_name
