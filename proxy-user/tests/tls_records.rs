@@ -451,3 +451,36 @@ async fn floods_against_a_live_server_are_cut_off_and_leave_other_streams_alone(
     let mut back = [0u8; 10];
     tunnel.read_exact(&mut back).await.expect("echo");
 }
+
+/// A read that ends inside a record, then the rest of it, `close_notify` and the end of the connection
+/// at once: the reader delivers the record and ends cleanly. The split is put where the bytes inside
+/// the record, read as a record header, would announce a record that ends within what follows: a
+/// reader that kept its place in the middle of the record (as one did, and kernel TLS peers hit it)
+/// took that for a record boundary, went to read the socket with the `close_notify` unprocessed, and
+/// reported a truncation.
+#[tokio::test]
+async fn a_record_received_in_two_parts_then_close_notify_and_the_end_reads_cleanly() {
+    let pki = pki();
+    let (mut server, mut forger) = connected(&pki).await;
+    let record = forger.seal(ContentType::ApplicationData, &[0x42; 16 * 1024]);
+    let close = forger.seal(ContentType::Alert, &[1, 0]);
+    let total = record.len() + close.len();
+    let split = (5..record.len() - 5)
+        .find(|&p| {
+            let len = usize::from(u16::from_be_bytes([record[p + 3], record[p + 4]]));
+            p + 5 + len <= record.len() && p + 5 + len < total
+        })
+        .expect("a split whose inner bytes look like a short record");
+    forger.send(&record[..split]).await;
+    let mut buf = vec![0u8; 32 * 1024];
+    let early = tokio::time::timeout(Duration::from_millis(300), server.read(&mut buf)).await;
+    assert!(early.is_err(), "nothing to read before the record is whole");
+    forger.send(&[&record[split..], &close[..]].concat()).await;
+    forger.tcp.shutdown().await.expect("FIN");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), server.read_to_end(&mut got))
+        .await
+        .expect("no hang")
+        .expect("a clean end after close_notify");
+    assert_eq!(got, vec![0x42; 16 * 1024]);
+}

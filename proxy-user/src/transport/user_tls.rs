@@ -87,8 +87,8 @@ pub struct UserTls<D: Role> {
     /// Bytes received and not yet discarded by rustls: records, or the start of one. Empty, without an
     /// allocation, while nothing is in flight.
     rbuf: BytesMut,
-    /// The first `handed` bytes of `rbuf` were handed to rustls (it may keep some, as part of a
-    /// handshake message split across records): every step hands at least these again.
+    /// The first `handed` bytes of `rbuf`, whole records, were handed to rustls (it may keep some, as
+    /// part of a handshake message split across records): every step hands at least these again.
     handed: usize,
     /// Bytes asked of the socket per read: from one record, doubled while reads fill it.
     read_size: usize,
@@ -196,6 +196,15 @@ fn next_record_end(have: &[u8], from: usize) -> Option<usize> {
     (end <= have.len()).then_some(end)
 }
 
+/// The end of the last whole record in `have` (records from its start).
+fn whole_records(have: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(end) = next_record_end(have, at) {
+        at = end;
+    }
+    at
+}
+
 impl<D: Role> UserTls<D> {
     /// The connection after its handshake ([`super::handshake`]): `received` holds the bytes read past
     /// the handshake, `plaintext` application bytes rustls opened with it.
@@ -206,7 +215,7 @@ impl<D: Role> UserTls<D> {
         plaintext: Vec<u8>,
         peer: super::tls::Peer,
     ) -> Self {
-        let handed = received.len();
+        let handed = whole_records(received);
         let rbuf = if received.is_empty() { BytesMut::new() } else { BytesMut::from(received) };
         Self {
             tcp,
@@ -254,11 +263,14 @@ impl<D: Role> UserTls<D> {
     /// and does `want` where the connection may send application data. Opened application bytes go
     /// to `reader` as far as it has room, the rest to `plain`.
     fn step(&mut self, want: &Want<'_>, mut reader: Option<&mut ReadBuf<'_>>) -> Result<Step, rustls::Error> {
-        let end = next_record_end(&self.rbuf, self.handed).unwrap_or(self.rbuf.len()).max(self.handed);
+        // A record that is not whole yet is handed too (rustls refuses a bad header at once), but
+        // `handed` only ever counts whole records: it must stay on a record boundary.
+        let next = next_record_end(&self.rbuf, self.handed);
+        let (end, whole) = (next.unwrap_or(self.rbuf.len()), next.unwrap_or(self.handed));
         let UnbufferedStatus { mut discard, state } = D::process(&mut self.conn, &mut self.rbuf[..end]);
         let step = match state {
             Err(e) => {
-                self.handed = end - discard;
+                self.handed = whole.saturating_sub(discard);
                 self.rbuf.advance(discard);
                 return Err(e);
             }
@@ -340,7 +352,8 @@ impl<D: Role> UserTls<D> {
                 return Err(rustls::Error::General("early data after the handshake".into()));
             }
         };
-        self.handed = end - discard;
+        // rustls discards whole records only, all of them within `whole`.
+        self.handed = whole.saturating_sub(discard);
         self.rbuf.advance(discard);
         // Records past what was handed are whole already: the next step takes them, not a read.
         if step == Step::NeedInput && next_record_end(&self.rbuf, self.handed).is_some() {
