@@ -362,11 +362,6 @@ impl<D: Role> Ktls<D> {
         &self.tcp
     }
 
-    /// The node the peer's certificate names, if it does.
-    pub fn peer_node(&self) -> Option<&str> {
-        self.peer.node.as_deref()
-    }
-
     /// What the peer's certificate says.
     pub fn peer(&self) -> &super::tls::Peer {
         &self.peer

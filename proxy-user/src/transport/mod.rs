@@ -134,31 +134,31 @@ pub type AcceptedLink = Link<secured::Secured<rustls::server::ServerConnectionDa
 pub type DialedLink = Link<secured::Secured<rustls::client::ClientConnectionData>>;
 
 impl<D: role::Role> Link<secured::Secured<D>> {
-    /// The node the peer's certificate names, over TLS (see [`user_tls::UserTls::peer_node`]).
+    /// What the peer's certificate says, over TLS (a plain link has no certificate).
     #[must_use]
-    pub fn peer_node(&self) -> Option<&str> {
+    pub fn peer(&self) -> Option<&tls::Peer> {
         match self {
-            Self::Tls(t) => t.peer_node(),
+            Self::Tls(t) => Some(t.peer()),
             Self::Plain(_) => None,
         }
+    }
+
+    /// The node the peer's certificate names, over TLS ([`tls::Peer::node`]).
+    #[must_use]
+    pub fn peer_node(&self) -> Option<&str> {
+        self.peer().and_then(|p| p.node.as_deref())
     }
 
     /// Whether the peer's certificate has expired by `now` (a plain link has none).
     #[must_use]
     pub fn peer_expired(&self, now: std::time::SystemTime) -> bool {
-        match self {
-            Self::Tls(t) => t.peer().expired(now),
-            Self::Plain(_) => false,
-        }
+        self.peer().is_some_and(|p| p.expired(now))
     }
 
     /// The end of the peer's certificate, over TLS.
     #[must_use]
     pub fn peer_not_after(&self) -> Option<std::time::SystemTime> {
-        match self {
-            Self::Tls(t) => t.peer().not_after,
-            Self::Plain(_) => None,
-        }
+        self.peer().and_then(|p| p.not_after)
     }
 
     /// Whether its streams end by count ([`counted`]): over TLS, where records carry the bytes

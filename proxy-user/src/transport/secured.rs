@@ -37,10 +37,7 @@ impl<D: Role> Secured<D> {
 
     /// The node the peer's certificate names (`CN=system:node:<name>, O=system:nodes`), if it does.
     pub fn peer_node(&self) -> Option<&str> {
-        match self {
-            Self::User(r) => r.peer_node(),
-            Self::Kernel(k) => k.peer_node(),
-        }
+        self.peer().node.as_deref()
     }
 
     /// What the peer's certificate says.

@@ -238,11 +238,6 @@ impl<D: Role> UserTls<D> {
         &self.tcp
     }
 
-    /// The node the peer's certificate names (`CN=system:node:<name>, O=system:nodes`), if it does.
-    pub fn peer_node(&self) -> Option<&str> {
-        self.peer.node.as_deref()
-    }
-
     /// What the peer's certificate says.
     pub fn peer(&self) -> &super::tls::Peer {
         &self.peer

@@ -378,7 +378,7 @@ async fn a_resumed_session_still_shows_its_expired_certificate() {
     let pki = Pki { _dir: dir, client, server };
     let (mut client, mut server, first) = pair(&pki).await;
     assert_eq!(first, Some(HandshakeKind::Full));
-    assert_eq!(server.peer_node(), Some("n1"));
+    assert_eq!(server.peer().node.as_deref(), Some("n1"));
     assert!(!server.peer().expired(std::time::SystemTime::now()));
     server.write_all(b"x").await.unwrap();
     server.flush().await.unwrap();
@@ -389,7 +389,7 @@ async fn a_resumed_session_still_shows_its_expired_certificate() {
     assert!(now > until);
     let (_client, server, second) = pair(&pki).await;
     assert_eq!(second, Some(HandshakeKind::Resumed), "rustls resumed a session of an expired certificate");
-    assert_eq!(server.peer_node(), Some("n1"));
+    assert_eq!(server.peer().node.as_deref(), Some("n1"));
     assert!(server.peer().expired(now), "the resumed connection shows its certificate's end");
 }
 
