@@ -255,6 +255,8 @@ pub struct AgentMetrics {
     pub control_connected: Gauge,
     /// Server replicas the agent should reach, as the servers say.
     pub server_count: Gauge,
+    /// 1 while servers refuse this agent because another live session holds its identity.
+    pub standby: Gauge,
     /// Failed connections to the server, by `kind` (control, data).
     pub server_conn_failures: Counters,
     /// TLS handshakes with the server by `kind`: `full` or `resumed` (session tickets).
@@ -271,6 +273,7 @@ impl AgentMetrics {
             pool_idle: Gauge::default(),
             control_connected: Gauge::default(),
             server_count: Gauge::default(),
+            standby: Gauge::default(),
             server_conn_failures: Counters::default(),
             server_handshakes: Counters::default(),
         };
@@ -282,6 +285,11 @@ impl AgentMetrics {
             m.control_connected.clone(),
         );
         r.register("server_count", "Server replicas the agent should reach", m.server_count.clone());
+        r.register(
+            "standby",
+            "1 while servers refuse the agent because another live session holds its identity",
+            m.standby.clone(),
+        );
         r.register(
             "server_conn_failures",
             "Failed connections to the server, by kind",

@@ -208,6 +208,11 @@ impl Nonces {
 /// (through a load balancer).
 pub const ALREADY_HELD: &str = "this replica holds a session with the agent already";
 
+/// The `Reject` reason for a `Hello` whose agent id another live session holds (another process with
+/// the same node's identity, or a new pod during a rollout before the old one drains): the agent stands
+/// by and tries again.
+pub const IDENTITY_HELD: &str = "another live session holds this agent's identity";
+
 /// The `Reject` reason for a `DataHello` whose session this server does not hold (expired, or another
 /// replica's: the agent then replaces the connection at once).
 pub const UNKNOWN_SESSION: &str = "unknown or expired session";

@@ -593,3 +593,73 @@ async fn a_session_whose_certificate_expires_can_no_longer_park_or_resume() {
     assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 0);
     assert_eq!(connect_status(&srv, &echo.to_string()).await.0, 503);
 }
+
+/// Two live agents with one node's identity (a duplicated certificate, or a `DaemonSet` rollout with
+/// `maxSurge`: the old and the new pod on one node for a while). The session that holds the identity
+/// keeps it while its agent answers; the second is refused, counted, and stands by (ready, so that a
+/// rollout goes on); once the first drains, the second takes over, and no request fails throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_live_agent_of_one_node_stands_by_and_takes_over_when_the_first_drains() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    let echo = echo().await;
+    let old = agent(&srv).run().await;
+    let new = agent(&srv).spawn().await;
+    eventually("the second agent stands by", || async {
+        metric(new.admin_addr, "spoke_agent_standby").await == 1
+    })
+    .await;
+    new.ready().await;
+    let refused = "spoke_server_agent_conn_failures_total{reason=\"identity_in_use\"}";
+    let before = metric(srv.admin_addr, refused).await;
+    assert!(before >= 1, "the refusal is counted");
+    // Requests flow while the second one keeps trying: none fails, and the first keeps its session.
+    let mut failed = 0;
+    for _ in 0..200 {
+        if connect_status(&srv, &echo.to_string()).await.0 != 200 {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0, "requests failed while two agents claimed one identity");
+    eventually("the second agent tries again and is refused again", || async {
+        metric(srv.admin_addr, refused).await > before
+    })
+    .await;
+    assert!(
+        !srv.proc.log().contains("replacing its earlier session"),
+        "sessions flapped:\n{}",
+        srv.proc.log()
+    );
+    assert_eq!(metric(old.admin_addr, "spoke_agent_control_connected").await, 1);
+    assert_eq!(metric(new.admin_addr, "spoke_agent_control_connected").await, 0);
+    // The rollout deletes the old pod: it drains, and the one standing by takes over.
+    old.proc.terminate();
+    eventually("the second agent took over", || async {
+        metric(new.admin_addr, "spoke_agent_control_connected").await == 1
+            && metric(new.admin_addr, "spoke_agent_standby").await == 0
+    })
+    .await;
+    new.ready().await;
+    round_trip(&srv, echo).await;
+}
+
+/// An agent whose control channel broke on its own side only (the server's end still looks open)
+/// comes back at once: the old session answers no probe, so the new one replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_answers_no_probe_is_replaced_at_once() {
+    let certs = certs();
+    let srv = server(&certs).flag("--heartbeat-interval", "30s").run().await;
+    let echo = echo().await;
+    let stopped = agent(&srv).run().await;
+    // SIGSTOP: the process holds its sockets open but answers nothing, like a link gone silent.
+    let pid = stopped.proc.child.id().expect("agent pid");
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+    let second = agent(&srv).run().await;
+    round_trip(&srv, echo).await;
+    // Replaced because it answered no probe, not dropped after three silent 30 s heartbeats.
+    let log = srv.proc.log();
+    assert!(log.contains("replacing its earlier session"), "{log}");
+    assert!(!log.contains("no heartbeat"), "{log}");
+    assert_eq!(metric(second.admin_addr, "spoke_agent_standby").await, 0);
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+}

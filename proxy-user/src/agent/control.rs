@@ -105,6 +105,7 @@ pub(super) async fn run(agent: &Arc<Agent>, shutdown: &CancellationToken) {
         let delay = match opened {
             Ok(Some(opened)) => {
                 held.lock().insert(opened.server_id.clone(), opened.server_count);
+                agent.metrics.standby.set(0);
                 backoff.reset();
                 duplicates = 0;
                 let (agent, held, shutdown) = (agent.clone(), held.clone(), shutdown.clone());
@@ -121,7 +122,18 @@ pub(super) async fn run(agent: &Arc<Agent>, shutdown: &CancellationToken) {
                     backoff.delay()
                 }
             }
+            Err(ConnectError::IdentityHeld) => {
+                // Another live agent holds this node's sessions: stand by, and take over once it
+                // drains or goes silent (the server decides, at each try).
+                if agent.metrics.standby.get() == 0 {
+                    warn!(server = %server, "another live agent holds this node's identity: standing by");
+                }
+                agent.metrics.standby.set(i64::from(have == 0));
+                inc(&agent.metrics.server_conn_failures, "kind", "standby");
+                STANDBY_RETRY.mul_f64(0.5 + fastrand::f64())
+            }
             Err(e) => {
+                agent.metrics.standby.set(0);
                 inc(&agent.metrics.server_conn_failures, "kind", "control");
                 warn!(error = %e, server = %server, "cannot reach the server");
                 let planned = held
@@ -185,6 +197,9 @@ async fn open(
             return Err(ConnectError::Rejected(reason));
         }
         Message::Reject { reason } if reason == protocol::ALREADY_HELD => return Ok(None),
+        Message::Reject { reason } if reason == protocol::IDENTITY_HELD => {
+            return Err(ConnectError::IdentityHeld);
+        }
         Message::Reject { reason } => return Err(ConnectError::Rejected(reason)),
         other => return Err(ConnectError::Unexpected(other.kind())),
     };
@@ -250,6 +265,10 @@ const RESTART_WINDOW: Duration = Duration::from_secs(30);
 /// During that window, and after landing on a replica already held, the longest pause before the next
 /// attempt (each drawn uniformly below it).
 const RETRY_SOON: Duration = Duration::from_millis(200);
+
+/// While another live agent holds the identity, the mean pause between tries (drawn from half to one
+/// and a half of it): the longest a rollout's new pod leaves the node unserved after the old one drains.
+const STANDBY_RETRY: Duration = Duration::from_secs(1);
 
 /// Capped exponential backoff with full jitter.
 #[derive(Debug)]

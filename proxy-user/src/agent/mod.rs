@@ -64,6 +64,9 @@ pub enum ConnectError {
     /// The server refused us.
     #[error("server refused: {0}")]
     Rejected(String),
+    /// Another live session holds this agent's identity at the server (see [`crate::protocol::IDENTITY_HELD`]).
+    #[error("server refused: {}", crate::protocol::IDENTITY_HELD)]
+    IdentityHeld,
     /// The server answered with something else than expected.
     #[error("unexpected {0} frame from server")]
     Unexpected(u8),
@@ -222,7 +225,11 @@ pub async fn run_agent(
     if let Some(listener) = admin {
         let a = agent.clone();
         let ready: crate::admin::Readiness = Arc::new(move || {
-            if a.metrics.control_connected.get() == 0 {
+            if a.metrics.standby.get() == 1 {
+                // Another agent of this node holds the sessions (a rollout's old pod): this one is
+                // ready to take over as soon as it drains.
+                Ok(())
+            } else if a.metrics.control_connected.get() == 0 {
                 Err("no control channel to a server")
             } else if a.metrics.pool_idle.get() == 0 {
                 Err("no data connection parked at the server")

@@ -77,6 +77,12 @@ pub struct AgentHandle {
     idle_added: Notify,
     idle_gauge: Gauge,
     max_idle: usize,
+    /// Frames heard on the control channel, counted: a probe waits for it to move.
+    heard: tokio::sync::watch::Sender<u64>,
+    /// Asks the session loop to send a `Ping` now (a newer claimant of the identity arrived).
+    probe: Notify,
+    /// When a claimant refused in this session's favour was last logged at warn level.
+    refusal_logged: Mutex<Option<Instant>>,
 }
 
 /// Why a data connection was not parked.
@@ -112,7 +118,49 @@ impl AgentHandle {
             idle_gauge,
             max_idle,
             ends,
+            heard: tokio::sync::watch::Sender::new(0),
+            probe: Notify::new(),
+            refusal_logged: Mutex::new(None),
         }
+    }
+
+    /// Counts a frame heard on the control channel.
+    pub fn heard(&self) {
+        self.heard.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Resolves when the session loop is asked to probe the agent with a `Ping`.
+    pub async fn probe_requested(&self) {
+        self.probe.notified().await;
+    }
+
+    /// Whether this session still holds its identity against a newer claimant: it is neither gone nor
+    /// draining, and its agent answers a `Ping` within `within` (a channel broken on the agent's side
+    /// only, or a node gone without a FIN, answers nothing).
+    pub async fn holds_identity(&self, within: std::time::Duration) -> bool {
+        if !self.usable() {
+            return false;
+        }
+        let mut heard = self.heard.subscribe();
+        heard.mark_unchanged();
+        self.probe.notify_one();
+        tokio::select! {
+            changed = heard.changed() => changed.is_ok() && self.usable(),
+            () = self.gone.cancelled() => false,
+            () = tokio::time::sleep(within) => false,
+        }
+    }
+
+    /// Whether a refusal in this session's favour should be logged at warn level: at most once per
+    /// `every`, so that a claimant retrying through a rollout does not flood the log.
+    pub fn log_refusal(&self, every: std::time::Duration) -> bool {
+        let mut last = self.refusal_logged.lock().expect("refusal lock poisoned");
+        let now = Instant::now();
+        if last.is_some_and(|t| now < t + every) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 
     /// Streams open through this agent (the load used to spread requests).
@@ -296,18 +344,34 @@ impl AgentRegistry {
         self.len() == 0
     }
 
-    /// Registers `agent` with its `routes`; an earlier session of the same agent id is replaced and
-    /// returned.
-    pub fn register(&self, agent: &Arc<AgentHandle>, routes: Routes) -> Option<Arc<AgentHandle>> {
+    /// The registered session of `agent_id`.
+    pub fn get(&self, agent_id: &str) -> Option<Arc<AgentHandle>> {
+        self.index.read().expect("registry lock poisoned").by_id.get(agent_id).map(|(a, _)| a.clone())
+    }
+
+    /// Registers `agent` with its `routes` if the session registered under its id is still `expected`
+    /// (`None`: none is) or none is, replacing and returning that one; `Err` with the session registered
+    /// meanwhile otherwise (two claimants raced: the first keeps the identity).
+    pub fn register(
+        &self,
+        agent: &Arc<AgentHandle>,
+        routes: Routes,
+        expected: Option<SessionId>,
+    ) -> Result<Option<Arc<AgentHandle>>, Arc<AgentHandle>> {
         let mut index = self.index.write().expect("registry lock poisoned");
         let old = index.by_id.get(&agent.identity.agent_id).map(|(a, _)| a.clone());
+        if let Some(current) = &old
+            && Some(current.session_id) != expected
+        {
+            return Err(current.clone());
+        }
         if let Some(old) = &old {
             index.remove(old);
         }
         index.insert(agent, routes);
         drop(index);
         self.registrations.send_modify(|n| *n += 1);
-        old
+        Ok(old)
     }
 
     /// Gives `agent`, if it is still registered, new `routes` (its Node changed).
@@ -385,6 +449,7 @@ impl AgentRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn agent(
         id: &str,
@@ -412,7 +477,8 @@ mod tests {
     }
 
     fn reg(r: &AgentRegistry, a: &Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
-        r.register(a, Routes::of(&a.identity, None))
+        let expected = r.get(&a.identity.agent_id).map(|old| old.session_id);
+        r.register(a, Routes::of(&a.identity, None), expected).expect("nothing raced")
     }
 
     fn routed(r: &AgentRegistry, host: &str) -> Option<String> {
@@ -462,6 +528,54 @@ mod tests {
     }
 
     #[test]
+    fn a_claimant_that_lost_a_race_does_not_replace_the_winner() {
+        let r = AgentRegistry::new(vec![Strategy::DestHost], vec![], 16);
+        let old = agent("node-a", &[], &["10.0.0.1"], &[], false);
+        reg(&r, &old);
+        // Two claimants each saw `old` and found it gone; the first registers, the second must not.
+        let (first, second) = (
+            agent("node-a", &[], &["10.0.0.1"], &[], false),
+            agent("node-a", &[], &["10.0.0.1"], &[], false),
+        );
+        let seen = Some(old.session_id);
+        assert!(Arc::ptr_eq(
+            &r.register(&first, Routes::of(&first.identity, None), seen).unwrap().unwrap(),
+            &old
+        ));
+        let winner =
+            r.register(&second, Routes::of(&second.identity, None), seen).expect_err("lost the race");
+        assert!(Arc::ptr_eq(&winner, &first));
+        assert!(r.session(second.session_id).is_none());
+        // A claimant that saw nobody registers if the id is still free, not over a session.
+        let third = agent("node-a", &[], &["10.0.0.1"], &[], false);
+        assert!(r.register(&third, Routes::of(&third.identity, None), None).is_err());
+        r.unregister(&first);
+        assert!(r.register(&third, Routes::of(&third.identity, None), seen).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_session_holds_its_identity_while_its_agent_answers() {
+        let a = agent("node-a", &[], &[], &[], false);
+        // The session loop's part: answer each probe by hearing a frame.
+        let answering = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                loop {
+                    a.probe_requested().await;
+                    a.heard();
+                }
+            })
+        };
+        assert!(a.holds_identity(Duration::from_millis(200)).await);
+        answering.abort();
+        assert!(!a.holds_identity(Duration::from_millis(200)).await, "a silent agent loses it");
+        a.draining.store(true, Ordering::Relaxed);
+        assert!(!a.holds_identity(Duration::from_millis(200)).await, "a draining one too");
+        assert!(a.log_refusal(Duration::from_mins(1)));
+        assert!(!a.log_refusal(Duration::from_mins(1)), "logged once a minute");
+    }
+
+    #[test]
     fn equal_candidates_share_the_load() {
         let r = AgentRegistry::new(vec![Strategy::Cidr], vec![], 16);
         let a = agent("a", &[], &[], &["10.96.0.0/12"], false);
@@ -486,8 +600,8 @@ mod tests {
             pod_cidrs: vec![pods.parse().unwrap()],
             ..NodeFacts::default()
         };
-        r.register(&a, Routes::of(&a.identity, Some(&facts("10.0.0.1", "10.244.1.0/24"))));
-        r.register(&b, Routes::of(&b.identity, Some(&facts("10.0.0.2", "10.244.2.0/24"))));
+        r.register(&a, Routes::of(&a.identity, Some(&facts("10.0.0.1", "10.244.1.0/24"))), None).unwrap();
+        r.register(&b, Routes::of(&b.identity, Some(&facts("10.0.0.2", "10.244.2.0/24"))), None).unwrap();
         // A pod on node b (a webhook), node a's address (its kubelet), a service (either agent).
         assert_eq!(routed(&r, "10.244.2.9").as_deref(), Some("node-b"));
         assert_eq!(routed(&r, "10.0.0.1").as_deref(), Some("node-a"));

@@ -26,6 +26,10 @@ use crate::transport::{self, AcceptedLink, Link};
 const CONTROL_QUEUE: usize = 16;
 /// Heartbeat intervals without any frame after which an agent is considered gone.
 const MISSED_HEARTBEATS: u32 = 3;
+/// How long a session whose identity a newer claimant asks for has to answer a `Ping` to keep it.
+const IDENTITY_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often refusals of claimants of one held identity are logged at warn level (each is counted).
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_mins(1);
 
 /// Serves one connection on the agent listener. Its budget permit is held only through the set-up.
 pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: Accepted<TcpStream>) {
@@ -239,11 +243,40 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         server.metrics.data_conns_idle.clone(),
         ends,
     ));
-    // Registered before the ack, so that data connections quoting the session find it.
-    if let Some(old) = server.agents.register(&agent, routes) {
-        info!(agent = %agent.identity.agent_id, "agent reconnected: replacing its earlier session");
-        old.gone.cancel();
-        old.drop_idle();
+    // Fencing: a live session keeps its identity; a newer claimant takes over only from one that is
+    // gone, draining or silent. Registered before the ack, so that data connections find the session.
+    let holder = server.agents.get(&agent.identity.agent_id);
+    let live = match &holder {
+        Some(old) => {
+            old.holds_identity(IDENTITY_PROBE.min(limits.heartbeat_interval)).await.then_some(old.clone())
+        }
+        None => None,
+    };
+    let registered = match live {
+        Some(old) => Err(old),
+        None => server.agents.register(&agent, routes, holder.map(|h| h.session_id)),
+    };
+    match registered {
+        Ok(Some(old)) => {
+            info!(agent = %agent.identity.agent_id, "agent reconnected: replacing its earlier session, which was gone, draining or silent");
+            old.gone.cancel();
+            old.drop_idle();
+        }
+        Ok(None) => {}
+        Err(holder) => {
+            if holder.log_refusal(REFUSAL_LOG_EVERY) {
+                warn!(
+                    agent = %agent.identity.agent_id,
+                    "a second live claimant of this agent's identity refused: the session it holds answers \
+                     (two agents with one node's identity, or a rollout's new pod before the old one drains); \
+                     counted in agent_conn_failures_total{{reason=\"identity_in_use\"}}, logged once a minute"
+                );
+            } else {
+                debug!(agent = %agent.identity.agent_id, "second live claimant of the identity refused");
+            }
+            inc(&server.metrics.agent_conn_failures, "reason", "identity_in_use");
+            return reject(&mut conn, protocol::IDENTITY_HELD).await;
+        }
     }
     if let Err(error) = codec::write_message(&mut conn, &ack).await {
         warn!(%error, "agent left during hello");
@@ -301,6 +334,13 @@ async fn session(
                 break Ok("server shutting down");
             }
             () = agent.gone.cancelled() => break Ok("replaced by a newer session"),
+            () = agent.probe_requested() => {
+                let nonce = fastrand::u64(..);
+                if let Err(e) = codec::write_message(&mut wr, &Message::Ping { nonce }).await {
+                    break Err(e);
+                }
+                continue;
+            }
             () = tokio::time::sleep_until(end) => {
                 let reason = "session at its age limit or its certificate's end: reconnect with a new handshake";
                 let _ = codec::write_message(&mut wr, &Message::GoAway { reason: reason.into() }).await;
@@ -320,6 +360,7 @@ async fn session(
                 Ok(Some(Ok(m))) => m,
             },
         };
+        agent.heard();
         match msg {
             Message::Ping { nonce } => {
                 if let Err(e) = codec::write_message(&mut wr, &Message::Pong { nonce }).await {
