@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 
 use apiserver::{FakeApiserver, FakeToken, node};
-use common::{agent, certs, echo, eventually, metric, round_trip, server};
+use common::{agent, certs, connect_status, echo, eventually, metric, round_trip, server};
 
 fn failures(reason: &str) -> String {
     format!("spoke_server_agent_conn_failures_total{{reason=\"{reason}\"}}")
@@ -157,6 +157,41 @@ async fn a_token_proves_the_node_its_pod_runs_on() {
     let _node_a = agent(&srv).id("node-a").token(&good).identifiers("ipv4=127.0.0.1").run().await;
     round_trip(&srv, echo).await;
     assert_eq!(api.reviews(), reviews_after_forgers, "the good token's review was cached");
+}
+
+/// A token whose pod is deleted stops working at once: the open session is ended, the cached review
+/// is forgotten, and a new connection with the token is reviewed afresh and refused (the apiserver
+/// invalidates a bound token with its pod). Before, the token kept working for the cache's 60 s and the
+/// session for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_whose_pod_is_deleted_ends_its_session_and_is_refused() {
+    let certs = certs();
+    let api = apiserver(&certs).await;
+    let srv = server(&certs)
+        .flag("--agent-auth", "token")
+        .flag("--agent-claims", "node-objects")
+        .flag("--token-review-cache-ttl", "10m")
+        .flag("--kubeconfig", &api.kubeconfig.display().to_string())
+        .run()
+        .await;
+    let echo = echo().await;
+    api.put_pod("spoke-agent-a", "node-a");
+    api.put_token("good-a", FakeToken::agent("spoke-agent-a", None));
+    let good = token_file(&certs, "good-a", "good-a");
+    let agent_a = agent(&srv).id("node-a").token(&good).identifiers("ipv4=127.0.0.1").run().await;
+    round_trip(&srv, echo).await;
+    let before = metric(srv.admin_addr, &failures("token_revoked")).await;
+    api.delete_pod("spoke-agent-a");
+    counted_past(&srv, &failures("token_revoked"), before).await;
+    // The agent comes back with the same token (its file is unchanged) and is refused, not served
+    // from the cache.
+    let refused = metric(srv.admin_addr, &failures("token_refused")).await;
+    counted_past(&srv, &failures("token_refused"), refused).await;
+    assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 0);
+    assert_eq!(connect_status(&srv, &echo.to_string()).await.0, 503);
+    let log = srv.proc.log();
+    assert!(log.contains("the pod the agent's token is bound to is gone"), "{log}");
+    drop(agent_a);
 }
 
 /// A kubelet may write its own Node's status (`NodeRestriction` allows it): node b lists node a's

@@ -1,11 +1,13 @@
 //! The server's access to the Kubernetes apiserver: one client (from a kubeconfig file or the pod's
 //! in-cluster credentials), the Node facts agents' claims are checked against ([`nodes`], with who owns
 //! an item two Nodes list in [`claims`]), token
-//! reviews ([`tokens`]) and the replica count from Leases ([`leases`]). Nothing here knows about agents or streams.
+//! reviews ([`tokens`]) and the pods their tokens are bound to ([`pods`]), and the replica count from
+//! Leases ([`leases`]). Nothing here knows about agents or streams.
 
 pub mod claims;
 pub mod leases;
 pub mod nodes;
+pub mod pods;
 pub mod tokens;
 
 use std::path::PathBuf;

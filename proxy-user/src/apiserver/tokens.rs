@@ -55,6 +55,8 @@ pub struct Reviewed {
     pub node: String,
     /// Its pod.
     pub pod: String,
+    /// That pod's uid, where the token names it.
+    pub pod_uid: Option<String>,
 }
 
 /// Why a token was not accepted.
@@ -131,6 +133,18 @@ impl Reviewer {
         result
     }
 
+    /// Forgets every accepted review of a token bound to pod `name`, so that the next connection with
+    /// such a token is reviewed afresh (the pod was deleted or replaced: the apiserver refuses it now).
+    pub fn forget_pod(&self, name: &str) {
+        lock(&self.cache).retain(|_, (result, _)| !matches!(result, Ok(r) if r.pod == name));
+    }
+
+    /// The namespace and service account of the agents' tokens.
+    #[must_use]
+    pub fn service_account(&self) -> (&str, &str) {
+        (&self.policy.namespace, &self.policy.service_account)
+    }
+
     fn cached(&self, key: &[u8; 32]) -> Option<Result<Reviewed, ReviewError>> {
         let cache = lock(&self.cache);
         cache.get(key).filter(|(_, until)| *until > Instant::now()).map(|(result, _)| result.clone())
@@ -164,7 +178,7 @@ impl Reviewer {
         let answer = api.create(&PostParams::default(), &review).await.map_err(unavailable)?;
         let pod = self.check(&answer.status.unwrap_or_default())?;
         if let Some(node) = pod.node {
-            return Ok(Reviewed { node, pod: pod.name });
+            return Ok(Reviewed { node, pod: pod.name, pod_uid: pod.uid });
         }
         // Before Kubernetes 1.30 the review does not name the node: the pod does.
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.policy.namespace);
@@ -175,7 +189,7 @@ impl Reviewer {
             return Err(ReviewError::Refused(format!("the token's pod {} was replaced", pod.name)));
         }
         match found.spec.and_then(|s| s.node_name) {
-            Some(node) => Ok(Reviewed { node, pod: pod.name }),
+            Some(node) => Ok(Reviewed { node, pod: pod.name, pod_uid: pod.uid }),
             None => Err(ReviewError::Refused(format!("the token's pod {} is not on a node", pod.name))),
         }
     }
@@ -214,15 +228,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The time until `token`'s `exp` claim, if it is a JWT with one. Read only to bound caching: the
-/// apiserver, not this, decides whether a token is valid.
+/// The time until `token`'s `exp` claim, if it is a JWT with one. Read only to bound caching and
+/// sessions: the apiserver, not this, decides whether a token is valid.
 fn remaining_life(token: &str) -> Option<Duration> {
+    expiry(token)?.duration_since(SystemTime::now()).ok().or(Some(Duration::ZERO))
+}
+
+/// When `token` expires: its `exp` claim, if it is a JWT with one (the claim is read, not verified:
+/// only a review says the token is good, and this only ever shortens what the review allowed).
+#[must_use]
+pub fn expiry(token: &str) -> Option<SystemTime> {
     let payload = token.split('.').nth(1)?;
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
     let exp = claims.get("exp")?.as_u64()?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
-    Some(Duration::from_secs(exp.saturating_sub(now)))
+    Some(UNIX_EPOCH + Duration::from_secs(exp))
 }
 
 /// A token bucket: `qps` per second on average, bursts of up to one second's worth.

@@ -212,7 +212,8 @@ pub struct ServerArgs {
     #[arg(long, env = "SPOKE_SERVER_MAX_TOKEN_REVIEWS_IN_FLIGHT", default_value_t = 16)]
     pub max_token_reviews_in_flight: usize,
     /// With `--agent-auth token`: how long an accepted token's review is reused (never past the token's
-    /// expiry); a refused one is remembered for 10 s.
+    /// expiry, and forgotten at once when the pod it is bound to is deleted); a refused one is
+    /// remembered for 10 s.
     #[arg(long, env = "SPOKE_SERVER_TOKEN_REVIEW_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
     pub token_review_cache_ttl: Duration,
     /// Agents (by id: with `--agent-auth node-cert`, node names) that may announce themselves as a

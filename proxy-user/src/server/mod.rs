@@ -239,10 +239,16 @@ async fn drain(server: &Server, grace: Duration, uds_file: Option<&SocketFile>) 
     }
     server.stop.cancel();
 }
-/// Starts what follows the apiserver: agents' claims re-checked as Nodes change, and the replica count
-/// from Leases.
+/// Starts what follows the apiserver: agents' claims re-checked as Nodes change, token sessions ended
+/// as their pods go, and the replica count from Leases.
 fn spawn_watchers(server: &Arc<Server>, client: Option<kube::Client>) {
     tokio::spawn(trust::recheck_on_node_changes(server.clone()));
+    if let (Some(client), Some(reviewer)) = (&client, &server.reviewer) {
+        let (namespace, service_account) = reviewer.service_account();
+        let pods =
+            crate::apiserver::pods::watch(client.clone(), namespace, service_account, server.stop.clone());
+        tokio::spawn(trust::revoke_on_pod_changes(server.clone(), pods));
+    }
     if let (Some(client), Some(leases)) = (client, server.config.leases.clone()) {
         // Stopped at SIGTERM: the Lease goes, so the other replicas count this one out at once.
         let (id, replicas, draining) =

@@ -56,6 +56,16 @@ impl FromStr for Strategy {
     }
 }
 
+/// What a session's agent proved itself with, where that can be taken back or run out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Credential {
+    /// The pod its token is bound to, with that pod's uid where the token names it (`--agent-auth
+    /// token`): the session ends when the pod goes.
+    pub pod: Option<(String, Option<String>)>,
+    /// When its token expires: the session ends then.
+    pub expires: Option<std::time::SystemTime>,
+}
+
 /// One connected agent: its identity, its pool of data connections and its stream slots.
 #[derive(Debug)]
 pub struct AgentHandle {
@@ -73,6 +83,10 @@ pub struct AgentHandle {
     pub data_key: DataKey,
     /// The session's counted stream ends (TLS data connections carry one stream after another).
     pub ends: Arc<Ends>,
+    /// What the agent proved itself with.
+    pub credential: Credential,
+    /// Why [`Self::end`] ended the session.
+    end_reason: std::sync::OnceLock<&'static str>,
     idle: Mutex<VecDeque<Parked>>,
     idle_added: Notify,
     idle_gauge: Gauge,
@@ -118,10 +132,31 @@ impl AgentHandle {
             idle_gauge,
             max_idle,
             ends,
+            credential: Credential::default(),
+            end_reason: std::sync::OnceLock::new(),
             heard: tokio::sync::watch::Sender::new(0),
             probe: Notify::new(),
             refusal_logged: Mutex::new(None),
         }
+    }
+
+    /// The handle with what its agent proved itself with.
+    #[must_use]
+    pub fn with_credential(mut self, credential: Credential) -> Self {
+        self.credential = credential;
+        self
+    }
+
+    /// Ends the session for `reason` (its claims or credential no longer hold, or a newer session took
+    /// over): pending takes give up, and the session loop closes the channel.
+    pub fn end(&self, reason: &'static str) {
+        let _ = self.end_reason.set(reason);
+        self.gone.cancel();
+    }
+
+    /// Why the session was ended by [`Self::end`] (or cancelled).
+    pub fn end_reason(&self) -> &'static str {
+        self.end_reason.get().copied().unwrap_or("ended by the server")
     }
 
     /// Counts a frame heard on the control channel.

@@ -10,7 +10,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::config::AgentAuth;
-use super::registry::{AgentHandle, ParkError, Parked, Routes};
+use super::registry::{AgentHandle, Credential, ParkError, Parked, Routes};
 use super::{Server, trust};
 use crate::codec::{self, CodecError};
 use crate::metrics::inc;
@@ -63,9 +63,9 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
         }
         Message::Hello { identity, token, .. } => {
             match trust::admit(&server, &conn, &identity, &token, deadline).await {
-                Ok(facts) => {
-                    let routes = Routes::of(&identity, facts.as_deref());
-                    control(server, conn, identity, routes).await;
+                Ok(admitted) => {
+                    let routes = Routes::of(&identity, admitted.facts.as_deref());
+                    control(server, conn, identity, routes, admitted.credential).await;
                 }
                 Err(refusal) => {
                     warn!(agent = %identity.agent_id, node = %identity.node_name, reason = %refusal.message, "agent refused");
@@ -206,7 +206,13 @@ pub(super) async fn park(server: &Server, mut conn: AcceptedLink, session_id: Se
     }
 }
 
-async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity, routes: Routes) {
+async fn control(
+    server: Arc<Server>,
+    mut conn: AcceptedLink,
+    identity: Identity,
+    routes: Routes,
+    credential: Credential,
+) {
     let limits = &server.config.limits;
     if identity.agent_id.is_empty() {
         inc(&server.metrics.agent_conn_failures, "reason", "protocol");
@@ -234,15 +240,18 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
         data_key: key,
     };
     let (ends, end_frames) = Ends::new();
-    let agent = Arc::new(AgentHandle::new(
-        identity,
-        session_id,
-        data_key,
-        limits.max_streams_per_agent,
-        limits.max_idle_per_agent,
-        server.metrics.data_conns_idle.clone(),
-        ends,
-    ));
+    let agent = Arc::new(
+        AgentHandle::new(
+            identity,
+            session_id,
+            data_key,
+            limits.max_streams_per_agent,
+            limits.max_idle_per_agent,
+            server.metrics.data_conns_idle.clone(),
+            ends,
+        )
+        .with_credential(credential),
+    );
     // Fencing: a live session keeps its identity; a newer claimant takes over only from one that is
     // gone, draining or silent. Registered before the ack, so that data connections find the session.
     let holder = server.agents.get(&agent.identity.agent_id);
@@ -259,7 +268,7 @@ async fn control(server: Arc<Server>, mut conn: AcceptedLink, identity: Identity
     match registered {
         Ok(Some(old)) => {
             info!(agent = %agent.identity.agent_id, "agent reconnected: replacing its earlier session, which was gone, draining or silent");
-            old.gone.cancel();
+            old.end("replaced by a newer session");
             old.drop_idle();
         }
         Ok(None) => {}
@@ -309,12 +318,11 @@ async fn session(
     agent: &AgentHandle,
     mut end_frames: tokio::sync::mpsc::Receiver<Message>,
 ) -> Result<&'static str, CodecError> {
-    // The session ends at its age limit, or when the certificate it was opened with expires.
+    // The session ends at its age limit, or when the certificate or token it was opened with expires.
     let mut end = Instant::now() + server.config.limits.max_session_age;
-    if let Some(left) =
-        conn.peer_not_after().map(|t| t.duration_since(std::time::SystemTime::now()).unwrap_or_default())
-    {
-        end = end.min(Instant::now() + left);
+    for expiry in [conn.peer_not_after(), agent.credential.expires].into_iter().flatten() {
+        end =
+            end.min(Instant::now() + expiry.duration_since(std::time::SystemTime::now()).unwrap_or_default());
     }
     let (rd, mut wr) = tokio::io::split(conn);
     let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
@@ -333,7 +341,7 @@ async fn session(
                 let _ = codec::write_message(&mut wr, &Message::GoAway { reason: "server shutting down".into() }).await;
                 break Ok("server shutting down");
             }
-            () = agent.gone.cancelled() => break Ok("replaced by a newer session"),
+            () = agent.gone.cancelled() => break Ok(agent.end_reason()),
             () = agent.probe_requested() => {
                 let nonce = fastrand::u64(..);
                 if let Err(e) = codec::write_message(&mut wr, &Message::Ping { nonce }).await {
@@ -342,7 +350,7 @@ async fn session(
                 continue;
             }
             () = tokio::time::sleep_until(end) => {
-                let reason = "session at its age limit or its certificate's end: reconnect with a new handshake";
+                let reason = "session at its age limit or its certificate's or token's end: reconnect with a new handshake";
                 let _ = codec::write_message(&mut wr, &Message::GoAway { reason: reason.into() }).await;
                 break Ok("session age limit");
             }

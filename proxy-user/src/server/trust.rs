@@ -11,9 +11,10 @@ use tracing::{info, warn};
 
 use super::Server;
 use super::config::{AgentAuth, AgentClaims};
-use super::registry::Routes;
+use super::registry::{Credential, Routes};
 use crate::apiserver::nodes::{Change, NodeFacts, Unknown};
-use crate::apiserver::tokens::ReviewError;
+use crate::apiserver::pods::PodEvent;
+use crate::apiserver::tokens::{self, ReviewError};
 use crate::metrics::inc;
 use crate::protocol::{Identity, Secret};
 use crate::transport::{AcceptedLink, Link};
@@ -33,16 +34,22 @@ impl Refusal {
     }
 }
 
-/// Admits the agent of a new control channel, by `deadline`, or says why not. Returns its Node's facts
-/// where the server reads them.
+/// An admitted agent: its Node's facts where the server reads them, and what it proved itself with.
+#[derive(Debug)]
+pub(super) struct Admitted {
+    pub facts: Option<Arc<NodeFacts>>,
+    pub credential: Credential,
+}
+
+/// Admits the agent of a new control channel, by `deadline`, or says why not.
 pub(super) async fn admit(
     server: &Server,
     conn: &AcceptedLink,
     identity: &Identity,
     token: &Secret,
     deadline: Instant,
-) -> Result<Option<Arc<NodeFacts>>, Refusal> {
-    let node = authenticate(server, conn, token, deadline).await?;
+) -> Result<Admitted, Refusal> {
+    let (node, credential) = authenticate(server, conn, token, deadline).await?;
     if let Some(node) = node
         && (identity.node_name != node || identity.agent_id != node)
     {
@@ -65,22 +72,24 @@ pub(super) async fn admit(
         })?;
         check_claims(identity, &facts, &server.config.service_cidrs)
             .map_err(|message| Refusal::new("claim_refused", message))?;
-        return Ok(Some(facts));
+        return Ok(Admitted { facts: Some(facts), credential });
     }
-    Ok(None)
+    Ok(Admitted { facts: None, credential })
 }
 
-/// The node the agent proved to be: `None` with `--agent-auth shared-cert`, where it proves none.
+/// The node the agent proved to be (`None` with `--agent-auth shared-cert`, where it proves none), and
+/// the token's pod and expiry where it proved it with a token.
 async fn authenticate(
     server: &Server,
     conn: &AcceptedLink,
     token: &Secret,
     deadline: Instant,
-) -> Result<Option<String>, Refusal> {
+) -> Result<(Option<String>, Credential), Refusal> {
+    let no_token = Credential::default();
     match server.config.agent_auth {
-        AgentAuth::SharedCert => Ok(None),
+        AgentAuth::SharedCert => Ok((None, no_token)),
         AgentAuth::NodeCert => match conn {
-            Link::Tls(tls) => tls.peer_node().map(|n| Some(n.to_owned())).ok_or_else(|| {
+            Link::Tls(tls) => tls.peer_node().map(|n| (Some(n.to_owned()), no_token)).ok_or_else(|| {
                 Refusal::new(
                     "identity_mismatch",
                     "the certificate names no node (CN=system:node:<name>, O=system:nodes)",
@@ -97,7 +106,13 @@ async fn authenticate(
                 ));
             }
             match reviewer.review(token.expose(), deadline).await {
-                Ok(owner) => Ok(Some(owner.node)),
+                Ok(owner) => Ok((
+                    Some(owner.node),
+                    Credential {
+                        pod: Some((owner.pod, owner.pod_uid)),
+                        expires: tokens::expiry(token.expose()),
+                    },
+                )),
                 Err(ReviewError::Refused(why)) => Err(Refusal::new("token_refused", why)),
                 Err(unavailable @ ReviewError::Unavailable(_)) => {
                     Err(Refusal::new("token_review_unavailable", unavailable.to_string()))
@@ -226,9 +241,37 @@ pub(super) async fn recheck_on_node_changes(server: Arc<Server>) {
                 Err(reason) => {
                     warn!(agent = %agent.identity.agent_id, %reason, "agent's claims no longer hold: ending its session");
                     inc(&server.metrics.agent_conn_failures, "reason", "claim_revoked");
-                    agent.gone.cancel();
+                    agent.end("its claims no longer hold");
                 }
             }
+        }
+    }
+}
+
+/// With `--agent-auth token`: ends the sessions whose token's pod was deleted or replaced (the
+/// apiserver refuses such a token from then on), and forgets the cached reviews of those tokens, so
+/// that a new connection with one is reviewed afresh and refused.
+pub(super) async fn revoke_on_pod_changes(
+    server: Arc<Server>,
+    mut events: tokio::sync::mpsc::Receiver<PodEvent>,
+) {
+    let reviewer = server.reviewer.as_ref().expect("pods are watched with token authentication");
+    while let Some(event) = events.recv().await {
+        match &event {
+            PodEvent::Gone { name, .. } | PodEvent::Present { name, .. } => reviewer.forget_pod(name),
+            PodEvent::Listed(_) => {}
+        }
+        for agent in server.agents.all() {
+            let Some((pod, uid)) = &agent.credential.pod else { continue };
+            if !event.ends(pod, uid.as_deref()) {
+                continue;
+            }
+            if matches!(event, PodEvent::Listed(_)) {
+                reviewer.forget_pod(pod);
+            }
+            warn!(agent = %agent.identity.agent_id, %pod, "the pod the agent's token is bound to is gone: ending its session");
+            inc(&server.metrics.agent_conn_failures, "reason", "token_revoked");
+            agent.end("its token's pod is gone");
         }
     }
 }

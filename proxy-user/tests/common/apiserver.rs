@@ -1,6 +1,7 @@
 //! A stand-in for kube-apiserver on 127.0.0.1 over HTTPS, answering what spoke-server asks, with the
-//! JSON shapes of the real API (Kubernetes v1.33): Node list and watch (`/api/v1/nodes`), Pod get
-//! (`/api/v1/namespaces/{ns}/pods/{name}`), `TokenReview` create
+//! JSON shapes of the real API (Kubernetes v1.33): Node list and watch (`/api/v1/nodes`), Pod get, list
+//! and watch in `kube-system` (`/api/v1/namespaces/kube-system/pods`, the list and watch filtered by a
+//! `spec.serviceAccountName=` field selector), `TokenReview` create
 //! (`/apis/authentication.k8s.io/v1/tokenreviews`) and Leases (`/apis/coordination.k8s.io/v1`: create,
 //! merge-patch, list by label, delete). Requests need the bearer token of the kubeconfig it
 //! writes (401 otherwise, as the real one answers). Each connection serves one request.
@@ -53,9 +54,11 @@ impl FakeToken {
 struct State {
     resource_version: u64,
     nodes: BTreeMap<String, Value>,
-    /// Watch events (resourceVersion, event) in order.
-    events: Vec<(u64, Value)>,
+    /// Watch events (resourceVersion, kind, event) in order.
+    events: Vec<(u64, &'static str, Value)>,
     pods: BTreeMap<String, Value>,
+    /// Pods deleted: tokens bound to them are refused.
+    deleted_pods: std::collections::BTreeSet<String>,
     tokens: BTreeMap<String, FakeToken>,
     reviews: u64,
     /// Leases by (namespace, name).
@@ -142,7 +145,7 @@ impl FakeApiserver {
         let mut node = node;
         node["metadata"]["resourceVersion"] = json!(rv.to_string());
         let kind = if s.nodes.contains_key(&name) { "MODIFIED" } else { "ADDED" };
-        s.events.push((rv, json!({"type": kind, "object": node.clone()})));
+        s.events.push((rv, "Node", json!({"type": kind, "object": node.clone()})));
         s.nodes.insert(name, node);
         drop(s);
         self.changed.send_replace(rv);
@@ -155,20 +158,42 @@ impl FakeApiserver {
         s.resource_version += 1;
         let rv = s.resource_version;
         node["metadata"]["resourceVersion"] = json!(rv.to_string());
-        s.events.push((rv, json!({"type": "DELETED", "object": node})));
+        s.events.push((rv, "Node", json!({"type": "DELETED", "object": node})));
         drop(s);
         self.changed.send_replace(rv);
     }
 
-    /// Adds a pod in `kube-system` scheduled on `node`.
+    /// Adds a pod of service account `spoke-agent` in `kube-system` scheduled on `node` (an ADDED or
+    /// MODIFIED watch event).
     pub fn put_pod(&self, name: &str, node: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.resource_version += 1;
+        let rv = s.resource_version;
         let pod = json!({
             "kind": "Pod",
             "apiVersion": "v1",
-            "metadata": {"name": name, "namespace": "kube-system", "uid": format!("uid-{name}")},
+            "metadata": {"name": name, "namespace": "kube-system", "uid": format!("uid-{name}"), "resourceVersion": rv.to_string()},
             "spec": {"nodeName": node, "serviceAccountName": "spoke-agent", "containers": [{"name": "agent"}]},
         });
-        self.state.lock().unwrap().pods.insert(name.to_owned(), pod);
+        let kind = if s.pods.contains_key(name) { "MODIFIED" } else { "ADDED" };
+        s.events.push((rv, "Pod", json!({"type": kind, "object": pod.clone()})));
+        s.pods.insert(name.to_owned(), pod);
+        drop(s);
+        self.changed.send_replace(rv);
+    }
+
+    /// Deletes a pod (a DELETED watch event); tokens bound to it are refused from then on, as the
+    /// real apiserver refuses a bound token whose pod is gone.
+    pub fn delete_pod(&self, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        let Some(mut pod) = s.pods.remove(name) else { return };
+        s.resource_version += 1;
+        let rv = s.resource_version;
+        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.events.push((rv, "Pod", json!({"type": "DELETED", "object": pod})));
+        s.deleted_pods.insert(name.to_owned());
+        drop(s);
+        self.changed.send_replace(rv);
     }
 
     /// Makes `token` known.
@@ -240,7 +265,7 @@ async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
     match (method.as_str(), segments.as_slice()) {
         ("GET", ["api", "v1", "nodes"]) if param("watch").as_deref() == Some("true") => {
             let since = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-            watch_nodes(conn, state, changed, since).await;
+            watch(conn, state, changed, "Node", since).await;
         }
         ("GET", ["api", "v1", "nodes"]) => {
             let list = {
@@ -252,6 +277,17 @@ async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
                     "items": s.nodes.values().collect::<Vec<_>>(),
                 })
             };
+            respond(&mut conn, 200, &list).await;
+        }
+        ("GET", ["api", "v1", "namespaces", "kube-system", "pods"])
+            if param("watch").as_deref() == Some("true") =>
+        {
+            // Every pod here is the agents' service account's: the field selector keeps them all.
+            let since = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+            watch(conn, state, changed, "Pod", since).await;
+        }
+        ("GET", ["api", "v1", "namespaces", "kube-system", "pods"]) => {
+            let list = list_pods(&state, &param("fieldSelector").unwrap_or_default());
             respond(&mut conn, 200, &list).await;
         }
         ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
@@ -278,6 +314,23 @@ async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
             .await;
         }
     }
+}
+
+/// The pods in `kube-system`, filtered by a `spec.serviceAccountName=` field selector (URL-encoded).
+fn list_pods(state: &Mutex<State>, selector: &str) -> Value {
+    let selector = selector.replace("%3D", "=");
+    let s = state.lock().unwrap();
+    let wanted = |pod: &&Value| {
+        selector
+            .strip_prefix("spec.serviceAccountName=")
+            .is_none_or(|sa| pod["spec"]["serviceAccountName"] == sa)
+    };
+    json!({
+        "kind": "PodList",
+        "apiVersion": "v1",
+        "metadata": {"resourceVersion": s.resource_version.to_string()},
+        "items": s.pods.values().filter(wanted).collect::<Vec<_>>(),
+    })
 }
 
 /// A Lease request as the real API answers it: create (201, 409 if it exists), merge-patch (200, 404 if
@@ -381,6 +434,10 @@ fn token_review(state: &Mutex<State>, review: &Value) -> Value {
     let mut s = state.lock().unwrap();
     s.reviews += 1;
     let fake = s.tokens.get(token).cloned();
+    let pod_deleted = fake
+        .as_ref()
+        .and_then(|f| f.pod.as_ref())
+        .is_some_and(|(pod, _)| s.deleted_pods.contains(pod) && !s.pods.contains_key(pod));
     drop(s);
     let mut answer = json!({
         "kind": "TokenReview",
@@ -392,6 +449,11 @@ fn token_review(state: &Mutex<State>, review: &Value) -> Value {
         answer["status"] = json!({"user": {}, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"});
         return answer;
     };
+    if pod_deleted {
+        // The real apiserver checks a bound token's pod at every review.
+        answer["status"] = json!({"user": {}, "error": "[invalid bearer token, Token has been invalidated]"});
+        return answer;
+    }
     if fake.expired {
         answer["status"] =
             json!({"user": {}, "error": "[invalid bearer token, service account token has expired]"});
@@ -443,10 +505,12 @@ async fn respond<S: AsyncWrite + Unpin>(conn: &mut S, code: u16, body: &Value) {
 }
 
 /// A watch: every event after `since`, then new ones as they come, one JSON object per chunk.
-async fn watch_nodes<S: AsyncWrite + Unpin>(
+/// Streams the watch events of `kind` after `since`, as the real API's chunked watch response does.
+async fn watch<S: AsyncWrite + Unpin>(
     mut conn: S,
     state: Arc<Mutex<State>>,
     changed: watch::Sender<u64>,
+    kind: &'static str,
     mut since: u64,
 ) {
     let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -455,8 +519,14 @@ async fn watch_nodes<S: AsyncWrite + Unpin>(
     }
     let mut rx = changed.subscribe();
     loop {
-        let pending: Vec<(u64, Value)> =
-            state.lock().unwrap().events.iter().filter(|(rv, _)| *rv > since).cloned().collect();
+        let pending: Vec<(u64, Value)> = state
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .filter(|(rv, k, _)| *rv > since && *k == kind)
+            .map(|(rv, _, e)| (*rv, e.clone()))
+            .collect();
         for (rv, event) in pending {
             let line = format!("{event}\n");
             let chunk = format!("{:x}\r\n{line}\r\n", line.len());
