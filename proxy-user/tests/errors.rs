@@ -221,3 +221,37 @@ async fn flag_values_clap_rejects_exit_64_in_the_log_format_asked_for() {
     let out = run(&["--help"]).await;
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Started with its defaults (Node objects read from the apiserver) and no Kubernetes credentials, the
+/// server says what it needs and which flags supply it, once, and never that it started.
+#[tokio::test]
+async fn without_apiserver_credentials_the_server_says_what_it_needs_before_starting() {
+    let certs = certs();
+    let f = &certs.files;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_spoke-server"))
+        .arg("--cluster-ca-cert")
+        .arg(&f.cluster_ca)
+        .arg("--cluster-cert")
+        .arg(&f.cluster_cert)
+        .arg("--cluster-key")
+        .arg(&f.cluster_key)
+        .args(["--agent-bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--uds-name"])
+        .arg(certs.dir.path().join("no-credentials.sock"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("SPOKE_SERVER_KUBECONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("started"), "{stdout}");
+    for needed in ["Node objects", "--kubeconfig", "service account", "--agent-claims trusted"] {
+        assert!(stderr.contains(needed), "{needed:?} missing from: {stderr}");
+    }
+    assert_eq!(
+        stderr.matches("environment variable not found").count(),
+        2,
+        "once in the log, once on exit: {stderr}"
+    );
+}

@@ -223,3 +223,64 @@ async fn plaintext_data_connections_that_reach_another_replica_are_replaced() {
         exchange(&mut s, u8::try_from(i).unwrap()).await;
     }
 }
+
+/// The replica count follows the Leases as they change, not at the next renewal: with a renewal
+/// interval of an hour, a replica that starts is counted by the other (and its agent told) at once,
+/// and one that stops is counted out at once (it deletes its Lease). A replica killed without
+/// deleting its Lease is counted out when the Lease expires, and the survivors delete that Lease a
+/// lease duration later rather than leave it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_count_follows_the_leases_as_they_change_and_dead_ones_are_deleted() {
+    let certs = certs();
+    let f = &certs.files;
+    let api =
+        apiserver::FakeApiserver::start(certs.dir.path(), &f.cluster_ca, &f.cluster_cert, &f.cluster_key)
+            .await;
+    let slow = |id: usize| {
+        leased(&certs, &api, id).flag("--lease-renewal-interval", "1h").flag("--lease-duration", "2h")
+    };
+    let first = slow(0).run().await;
+    let node = agent(&first).run().await;
+    let counted = |want: u64| {
+        let addr = node.admin_addr;
+        async move {
+            eventually(&format!("the agent told of {want} replicas"), || async {
+                metric(addr, "spoke_agent_server_count").await == want
+            })
+            .await;
+        }
+    };
+    counted(1).await;
+    let second = slow(1).run().await;
+    counted(2).await;
+    second.proc.terminate();
+    counted(1).await;
+    assert_eq!(api.leases("kube-system"), ["spoke-server-0"]);
+
+    // Short leases: a killed replica's Lease expires (counted out), then is deleted by the survivor.
+    drop(node);
+    let mut first = first;
+    first.proc.terminate();
+    first.proc.exited().await;
+    assert!(api.leases("kube-system").is_empty(), "a replica that stops deletes its Lease");
+    let quick = |id: usize| {
+        leased(&certs, &api, id).flag("--lease-renewal-interval", "200ms").flag("--lease-duration", "1s")
+    };
+    let survivor = quick(2).run().await;
+    let node = agent(&survivor).run().await;
+    let mut killed = quick(3).run().await;
+    eventually("both replicas counted", || async {
+        metric(node.admin_addr, "spoke_agent_server_count").await == 2
+    })
+    .await;
+    killed.proc.kill().await;
+    eventually("the killed replica counted out", || async {
+        metric(node.admin_addr, "spoke_agent_server_count").await == 1
+    })
+    .await;
+    eventually("the killed replica's Lease deleted", || async {
+        !api.leases("kube-system").contains(&"spoke-server-3".to_owned())
+    })
+    .await;
+    assert!(survivor.proc.log().contains("deleted the Lease of a replica gone without deleting it"));
+}

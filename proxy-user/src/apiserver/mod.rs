@@ -46,6 +46,34 @@ pub enum AccessError {
     Client(#[from] kube::Error),
 }
 
+impl Access {
+    /// Whether the credentials are there to be used (read now, before the server says it started):
+    /// the kubeconfig file parses, or the pod's in-cluster environment and token exist. `needed_for`
+    /// says what the server uses the apiserver for, in the error.
+    ///
+    /// # Errors
+    /// One line: what is missing, and the flags that supply it.
+    pub fn check(&self, needed_for: &str) -> Result<(), String> {
+        match self {
+            Self::Kubeconfig(path) => Kubeconfig::read_from(path).map(drop).map_err(|e| {
+                format!(
+                    "the apiserver is needed for {needed_for}, but --kubeconfig {} is not usable: {e}",
+                    path.display()
+                )
+            }),
+            Self::InCluster => kube::Config::incluster().map(drop).map_err(|e| {
+                format!(
+                    "the apiserver is needed for {needed_for}, and there are no credentials for it: no \
+                     --kubeconfig was given and this is not a pod with a service account ({e}). Give \
+                     --kubeconfig FILE (on a kubeadm control plane: `kubeadm kubeconfig user \
+                     --client-name=spoke-server`), run it in a pod with a service account, or, for \
+                     development only, --agent-claims trusted (agents' claims taken on their word)"
+                )
+            }),
+        }
+    }
+}
+
 /// A client for the apiserver that `access` names.
 pub async fn client(access: &Access) -> Result<kube::Client, AccessError> {
     let mut config = match access {

@@ -94,6 +94,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    if let Some(access) = &config.apiserver {
+        access.check(&config.apiserver_uses()).map_err(anyhow::Error::msg)?;
+    }
     let listeners = bind(&config)?;
     let addr = |l: &Option<TcpListener>| {
         l.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string())

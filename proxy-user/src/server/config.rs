@@ -85,7 +85,7 @@ pub struct ServerArgs {
     /// Count the server replicas from Leases instead of --server-count: each replica renews a Lease of
     /// its own (named after --server-id) in --lease-namespace with --lease-label, and counts the
     /// labelled Leases not expired; agents are told when the count changes. Needs apiserver access
-    /// (--kubeconfig) with get, create, update, patch, list and delete on leases there.
+    /// (--kubeconfig) with get, list, watch, create, patch and delete on leases there.
     #[arg(long, env = "SPOKE_SERVER_ENABLE_LEASE_CONTROLLER")]
     pub enable_lease_controller: bool,
     /// Namespace of the replicas' Leases.
@@ -449,6 +449,25 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 drain_idle_timeout: nonzero_duration("--drain-idle-timeout", a.drain_idle_timeout)?,
             },
         })
+    }
+}
+
+impl ServerConfig {
+    /// What the server reads from the apiserver, for messages: "Node objects (--agent-claims
+    /// node-objects), token reviews (--agent-auth token)".
+    #[must_use]
+    pub fn apiserver_uses(&self) -> String {
+        let mut uses = Vec::new();
+        if self.agent_claims == AgentClaims::NodeObjects {
+            uses.push("Node objects (--agent-claims node-objects, the default)");
+        }
+        if self.tokens.is_some() {
+            uses.push("token reviews (--agent-auth token)");
+        }
+        if self.leases.is_some() {
+            uses.push("Leases (--enable-lease-controller)");
+        }
+        uses.join(", ")
     }
 }
 

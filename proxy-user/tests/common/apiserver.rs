@@ -3,7 +3,7 @@
 //! and watch in `kube-system` (`/api/v1/namespaces/kube-system/pods`, the list and watch filtered by a
 //! `spec.serviceAccountName=` field selector), `TokenReview` create
 //! (`/apis/authentication.k8s.io/v1/tokenreviews`) and Leases (`/apis/coordination.k8s.io/v1`: create,
-//! merge-patch, list by label, delete). Requests need the bearer token of the kubeconfig it
+//! merge-patch, list by label, watch, delete with a resourceVersion precondition). Requests need the bearer token of the kubeconfig it
 //! writes (401 otherwise, as the real one answers). Each connection serves one request.
 #![allow(dead_code, reason = "each test uses a different subset")]
 
@@ -201,6 +201,18 @@ impl FakeApiserver {
         self.state.lock().unwrap().tokens.insert(token.to_owned(), fake);
     }
 
+    /// The names of the Leases in `namespace`.
+    pub fn leases(&self, namespace: &str) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .leases
+            .keys()
+            .filter(|(ns, _)| ns == namespace)
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
     /// Token reviews answered so far.
     pub fn reviews(&self) -> u64 {
         self.state.lock().unwrap().reviews
@@ -258,8 +270,15 @@ async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     if let ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", rest @ ..] = segments.as_slice()
     {
+        if method == "GET" && rest.is_empty() && param("watch").as_deref() == Some("true") {
+            // Every Lease here carries the replicas' label: the selector keeps them all.
+            let since = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+            return watch(conn, state, changed, "Lease", since).await;
+        }
         let (code, answer) =
             lease_request(&state, &method, ns, rest.first().copied(), param("labelSelector"), &body);
+        let rv = state.lock().unwrap().resource_version;
+        changed.send_replace(rv);
         return respond(&mut conn, code, &answer).await;
     }
     match (method.as_str(), segments.as_slice()) {
@@ -267,18 +286,7 @@ async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
             let since = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
             watch(conn, state, changed, "Node", since).await;
         }
-        ("GET", ["api", "v1", "nodes"]) => {
-            let list = {
-                let s = state.lock().unwrap();
-                json!({
-                    "kind": "NodeList",
-                    "apiVersion": "v1",
-                    "metadata": {"resourceVersion": s.resource_version.to_string()},
-                    "items": s.nodes.values().collect::<Vec<_>>(),
-                })
-            };
-            respond(&mut conn, 200, &list).await;
-        }
+        ("GET", ["api", "v1", "nodes"]) => respond(&mut conn, 200, &list_nodes(&state)).await,
         ("GET", ["api", "v1", "namespaces", "kube-system", "pods"])
             if param("watch").as_deref() == Some("true") =>
         {
@@ -314,6 +322,16 @@ async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
             .await;
         }
     }
+}
+
+fn list_nodes(state: &Mutex<State>) -> Value {
+    let s = state.lock().unwrap();
+    json!({
+        "kind": "NodeList",
+        "apiVersion": "v1",
+        "metadata": {"resourceVersion": s.resource_version.to_string()},
+        "items": s.nodes.values().collect::<Vec<_>>(),
+    })
 }
 
 /// The pods in `kube-system`, filtered by a `spec.serviceAccountName=` field selector (URL-encoded).
@@ -362,6 +380,8 @@ fn lease_request(
             lease["metadata"]["resourceVersion"] = json!(rv);
             lease["metadata"]["uid"] = json!(format!("uid-lease-{name}"));
             s.leases.insert(key, lease.clone());
+            let at = s.resource_version;
+            s.events.push((at, "Lease", json!({"type": "ADDED", "object": lease.clone()})));
             (201, lease)
         }
         ("PATCH", Some(name)) => {
@@ -371,14 +391,32 @@ fn lease_request(
             let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
             merge_patch(lease, &patch);
             lease["metadata"]["resourceVersion"] = json!(rv);
-            (200, lease.clone())
+            let lease = lease.clone();
+            let at = s.resource_version;
+            s.events.push((at, "Lease", json!({"type": "MODIFIED", "object": lease.clone()})));
+            (200, lease)
         }
-        ("DELETE", Some(name)) => match s.leases.remove(&(ns.to_owned(), name.to_owned())) {
-            Some(_) => {
-                (200, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}))
+        ("DELETE", Some(name)) => {
+            let key = (ns.to_owned(), name.to_owned());
+            let Some(current) = s.leases.get(&key) else { return (404, not_found(name)) };
+            let options: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let wanted = &options["preconditions"]["resourceVersion"];
+            let have = &current["metadata"]["resourceVersion"];
+            if !wanted.is_null() && wanted != have {
+                let msg = format!(
+                    "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": Precondition failed: \
+                     ResourceVersion in precondition: {}, ResourceVersion in object meta: {}",
+                    wanted.as_str().unwrap_or(""),
+                    have.as_str().unwrap_or("")
+                );
+                return (409, status_json(409, "Conflict", &msg));
             }
-            None => (404, not_found(name)),
-        },
+            let mut lease = s.leases.remove(&key).expect("looked up above");
+            lease["metadata"]["resourceVersion"] = json!(rv);
+            let at = s.resource_version;
+            s.events.push((at, "Lease", json!({"type": "DELETED", "object": lease})));
+            (200, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}))
+        }
         ("GET", None) => {
             let selector = selector.map(|v| v.replace("%3D", "=").replace("%2F", "/")).unwrap_or_default();
             let wanted = selector.split_once('=');
