@@ -103,3 +103,7 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
+
+pub mod kube;
+pub mod kubelet;
+pub mod spoke;

@@ -8,6 +8,7 @@ mod bench;
 mod bootstrap;
 mod demo;
 mod image;
+mod kube;
 mod manifests;
 mod peers;
 mod vm;
@@ -42,6 +43,9 @@ enum Cmd {
     /// Build the container image from source as an OCI archive (target/image/spoke-oci.tar), checked
     /// with skopeo; push it with `skopeo copy oci-archive:target/image/spoke-oci.tar docker://REGISTRY/spoke:TAG`.
     Image,
+    /// The end-to-end suite against a real kube-apiserver and etcd on loopback (part of `test`); the
+    /// first run builds kube-apiserver from Debian's source package (about 11 minutes, cached).
+    E2e,
     /// Check deploy/ against the binaries and the Kubernetes API: render it, validate every object,
     /// and pass every container's flags through --check-config (part of `test`).
     Manifests,
@@ -147,7 +151,11 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     bootstrap::for_tests()?;
     if filter.is_none() {
         run(cmd("cargo", &["fmt", "--all", "--", "--check"]))?;
-        run(cmd("cargo", &["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        // With the real-apiserver suite, which plain builds leave out.
+        run(cmd(
+            "cargo",
+            &["clippy", "--all-targets", "--features", "spoke-tests/kube-e2e", "--", "-D", "warnings"],
+        ))?;
         // The kernel programs build only for BPF, so the line above never sees them.
         let ebpf_target = target_dir().join("ebpf-clippy");
         let mut c = cmd(
@@ -184,11 +192,47 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if filter.is_none_or(|f| "ktls".contains(f) || f.contains("ktls")) {
         vm_tests(&bins)?;
     }
+    e2e(filter)?;
     if filter.is_none() {
         manifests::check(&bins)?;
         fuzz()?;
     }
     Ok(())
+}
+
+/// The suite against a real kube-apiserver (`tests/tests/kube_e2e.rs`): builds or finds the control
+/// plane's binaries ([`kube::ensure`]) and Spoke's, then runs it one cluster at a time.
+fn e2e(filter: Option<&str>) -> anyhow::Result<()> {
+    let plane = kube::ensure()?;
+    let bins = build_binaries()?;
+    let mut t = cmd(
+        "cargo",
+        &[
+            "test",
+            "--package",
+            "spoke-tests",
+            "--features",
+            "kube-e2e",
+            "--test",
+            "kube_e2e",
+            "--",
+            "--test-threads",
+            "1",
+        ],
+    );
+    t.args(filter);
+    t.env("SPOKE_KUBE_APISERVER", &plane.kube_apiserver)
+        .env("SPOKE_ETCD", &plane.etcd)
+        .env("SPOKE_KUBECTL", &plane.kubectl)
+        .env("SPOKE_SERVER_BIN", bins.join("spoke-server"))
+        .env("SPOKE_AGENT_BIN", bins.join("spoke-agent"));
+    eprintln!(
+        "[e2e] kube-apiserver {} ({}), etcd, kubectl {}",
+        plane.version,
+        plane.kube_apiserver.display(),
+        plane.kubectl.display()
+    );
+    run(t)
 }
 
 /// The path of the test executable `cargo test --no-run` builds for `selection`.
@@ -288,6 +332,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { filter } => test(filter.as_deref()),
         Cmd::Manifests => manifests::check(&build_binaries()?),
+        Cmd::E2e => e2e(None),
         Cmd::Image => image::build().map(drop),
         Cmd::Bench(opts) => bench::run(&opts),
         Cmd::Vm(opts) => vm::main(&opts),
