@@ -84,11 +84,16 @@ impl std::fmt::Debug for KeyBytes {
 /// Wiped when dropped: the key leaves no copy behind in freed memory.
 impl Drop for KeyBytes {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.0);
+        self.wipe();
     }
 }
 
 impl KeyBytes {
+    /// Overwrites the key with zeros (what dropping does).
+    fn wipe(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+
     /// A fresh key from the operating system's secure random source.
     #[must_use]
     pub fn random() -> Self {
@@ -486,6 +491,15 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session's data key is wiped when dropped (the copy `HelloAck` carried, on both sides).
+    #[test]
+    fn a_data_key_is_wiped() {
+        let mut key = KeyBytes::random();
+        assert_ne!(key.0, [0; DATA_KEY_LEN]);
+        key.wipe();
+        assert_eq!(key.0, [0; DATA_KEY_LEN]);
+    }
 
     /// An on-path host that recorded a data connection's `Challenge`, `Dial` and MAC replays them on a
     /// new connection: the agent answers the old challenge with a fresh nonce of its own, so neither

@@ -157,6 +157,13 @@ struct Wiped(sockopt::TlsCryptoInfo);
 
 impl Drop for Wiped {
     fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
+impl Wiped {
+    /// Overwrites key, IV and salt with zeros (what dropping does).
+    fn wipe(&mut self) {
         use zeroize::Zeroize as _;
         match &mut self.0 {
             sockopt::TlsCryptoInfo::Chacha20Poly1305(info) => {

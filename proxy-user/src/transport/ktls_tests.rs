@@ -278,3 +278,23 @@ async fn splice_fails_a_kernel_tls_stream_cut_without_close_notify() {
         "the target sees a reset: {cut:?}"
     );
 }
+
+/// The key handed to the kernel is wiped from user memory when dropped: key and IV zeroed (the record
+/// sequence number, not a secret, stays).
+#[test]
+fn the_key_for_the_kernel_is_wiped() {
+    use rustls::crypto::cipher::{AeadKey, Iv};
+    let secrets = (
+        7,
+        ConnectionTrafficSecrets::Chacha20Poly1305 {
+            key: AeadKey::from([0xAB; 32]),
+            iv: Iv::new([0xCD; 12]),
+        },
+    );
+    let mut key = kernel_key(&secrets).expect("a ChaCha20-Poly1305 key");
+    let sockopt::TlsCryptoInfo::Chacha20Poly1305(info) = &key.0 else { panic!("ChaCha20-Poly1305") };
+    assert_eq!((info.key, info.iv), ([0xAB; 32], [0xCD; 12]));
+    key.wipe();
+    let sockopt::TlsCryptoInfo::Chacha20Poly1305(info) = &key.0 else { panic!("ChaCha20-Poly1305") };
+    assert_eq!((info.key, info.iv), ([0; 32], [0; 12]));
+}
