@@ -50,6 +50,8 @@ pub struct Netns {
     pub host_addr: std::net::Ipv4Addr,
     /// Address of the veth end inside the namespace.
     pub ns_addr: std::net::Ipv4Addr,
+    /// The veth end inside the namespace.
+    ns_if: String,
 }
 
 impl Netns {
@@ -64,7 +66,7 @@ impl Netns {
         let ns_addr = std::net::Ipv4Addr::new(198, 18, third, fourth + 2);
         let (host_if, ns_if) = (format!("spk{n}h"), format!("spk{n}n"));
         ip(&["netns", "add", &name]);
-        let ns = Self { name, host_addr, ns_addr };
+        let ns = Self { name, host_addr, ns_addr, ns_if: ns_if.clone() };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
         ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &ns.name]);
         ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_if]);
@@ -88,6 +90,37 @@ impl Netns {
             .join()
             .expect("bind thread")
         })
+    }
+}
+
+impl Netns {
+    /// Makes the link silent: every packet in or out of the namespace's veth end is dropped, with no
+    /// RST or ICMP, as a cut cable or a black-holing middlebox does (nftables, since this kernel has
+    /// no netem).
+    pub fn silence(&self) {
+        let rules = format!(
+            "table inet spoke_silence {{\n chain in {{ type filter hook input priority 0; iifname \"{0}\" drop; }}\n \
+             chain out {{ type filter hook output priority 0; oifname \"{0}\" drop; }}\n}}\n",
+            self.ns_if
+        );
+        let path = std::env::temp_dir().join(format!("{}-silence.nft", self.name));
+        std::fs::write(&path, rules).expect("write the nftables rules");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f"])
+            .arg(&path)
+            .output()
+            .expect("run nft (package nftables)");
+        let _ = std::fs::remove_file(&path);
+        assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Lets packets through the link again.
+    pub fn restore(&self) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "delete", "table", "inet", "spoke_silence"])
+            .output()
+            .expect("run nft (package nftables)");
+        assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 

@@ -77,10 +77,22 @@ impl Cluster {
         // docs/operations.md's commands: the RBAC alone, then the runbook's whole kustomization (the
         // agents' ServiceAccount and DaemonSet too: accepted by the apiserver, though no controller
         // runs it here) and the servers' CA for agents.
-        plane.kubectl_ok(&["apply", "-f", &repo().join("deploy/base/server-rbac.yaml").display().to_string()]);
+        plane.kubectl_ok(&[
+            "apply",
+            "-f",
+            &repo().join("deploy/base/server-rbac.yaml").display().to_string(),
+        ]);
         plane.kubectl_ok(&["apply", "-k", &repo().join("deploy").display().to_string()]);
         let ca = format!("ca.pem={}", plane.pki.ca_file.display());
-        plane.kubectl_ok(&["-n", "kube-system", "create", "configmap", "spoke-server-ca", "--from-file", &ca]);
+        plane.kubectl_ok(&[
+            "-n",
+            "kube-system",
+            "create",
+            "configmap",
+            "spoke-server-ca",
+            "--from-file",
+            &ca,
+        ]);
         // docs/operations.md's check of the RBAC.
         let can = plane.kubectl(&["auth", "can-i", "watch", "nodes", "--as", "spoke-server"]);
         assert_eq!(String::from_utf8_lossy(&can.stdout).trim(), "yes", "{can:?}");

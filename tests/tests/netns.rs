@@ -202,3 +202,127 @@ async fn a_host_on_the_path_can_neither_forge_dials_nor_join_sessions() {
     })
     .await;
 }
+
+/// An echo "kubelet" inside `ns`, on its address.
+fn echo_kubelet(ns: &Netns) -> SocketAddr {
+    let kubelet = ns.bind(SocketAddr::new(ns.ns_addr.into(), 0));
+    let addr = kubelet.local_addr().unwrap();
+    kubelet.set_nonblocking(true).unwrap();
+    let kubelet = tokio::net::TcpListener::from_std(kubelet).unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = kubelet.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The node's link goes silent (every packet dropped, no RST) with a stream moving data both ways.
+/// Keepalive never probes a connection with unacknowledged data, and TCP would retransmit into the
+/// void for about 15 minutes; `--tcp-user-timeout` (3 s here, on both sides) ends the stream within
+/// its bound instead, though heartbeats here would notice nothing for 3 minutes. Once the link is
+/// back, the agent returns and streams work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_gone_silent_with_data_in_flight_fails_within_the_user_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if !privileged("network namespace test") {
+        return;
+    }
+    let ns = Netns::new();
+    let certs = certs();
+    let srv = server(&certs)
+        .flag("--agent-bind", &format!("{}:0", ns.host_addr))
+        .flag("--heartbeat-interval", "60s")
+        .flag("--tcp-user-timeout", "3s")
+        .run()
+        .await;
+    let kubelet = echo_kubelet(&ns);
+    let _agent = agent(&srv)
+        .netns(&ns.name)
+        .id("node-1")
+        .identifiers(&format!("ipv4={}", ns.ns_addr))
+        .flag("--kubelet-port", &kubelet.port().to_string())
+        .flag("--tls-server-name", "localhost")
+        .flag("--tcp-user-timeout", "3s")
+        .spawn()
+        .await;
+    srv.wait_for_agent().await;
+    let s = common::tunnel(&srv, kubelet).await;
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        while w.write_all(&chunk).await.is_ok() {}
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut echoed = 0usize;
+    while echoed < 4 << 20 {
+        echoed += r.read(&mut buf).await.expect("echo before the link goes silent");
+    }
+    ns.silence();
+    let silenced = std::time::Instant::now();
+    let ended = tokio::time::timeout(common::WAIT, async {
+        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream over a silent link was still open after {:?}", common::WAIT);
+    eprintln!("a stream over a silent link ended {:?} after the silence began", silenced.elapsed());
+    writer.abort();
+    ns.restore();
+    // The agent's control channel died with the link (its pings went unacknowledged); it returns.
+    eventually("a stream through the returned agent", || async {
+        let Ok(mut s) = tokio::net::UnixStream::connect(&srv.uds).await else { return false };
+        if common::connect_on(&mut s, &kubelet.to_string()).await.0 != 200 {
+            return false;
+        }
+        s.write_all(b"back").await.is_ok() && {
+            let mut got = [0u8; 4];
+            s.read_exact(&mut got).await.is_ok() && &got == b"back"
+        }
+    })
+    .await;
+}
+
+/// The node's link goes silent with the control channel idle: the server finds the agent gone by its
+/// heartbeats, and new requests for the node are answered 503 at once rather than left hanging; when
+/// the link returns, so does the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_idle_link_is_found_by_heartbeats_and_requests_meanwhile_get_503() {
+    if !privileged("network namespace test") {
+        return;
+    }
+    let ns = Netns::new();
+    let certs = certs();
+    // The fixture's heartbeat is 500 ms: an agent silent for 1.5 s is dropped.
+    let srv = server(&certs).flag("--agent-bind", &format!("{}:0", ns.host_addr)).run().await;
+    let kubelet = echo_kubelet(&ns);
+    let _agent = agent(&srv)
+        .netns(&ns.name)
+        .id("node-1")
+        .identifiers(&format!("ipv4={}", ns.ns_addr))
+        .flag("--kubelet-port", &kubelet.port().to_string())
+        .flag("--tls-server-name", "localhost")
+        .spawn()
+        .await;
+    srv.wait_for_agent().await;
+    ns.silence();
+    eventually("the silent agent dropped", || async {
+        metric(srv.admin_addr, "spoke_server_agents_connected").await == 0
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    let (status, text) = tokio::time::timeout(common::WAIT, connect_status(&srv, &kubelet.to_string()))
+        .await
+        .expect("a request for a node whose agent is gone is answered, not left hanging");
+    assert_eq!(status, 503, "{text}");
+    eprintln!("a request for the silent node was answered 503 in {:?}", asked.elapsed());
+    ns.restore();
+    srv.wait_for_agent().await;
+    let mut s = common::tunnel(&srv, kubelet).await;
+    let (mut r, mut w) = tokio::io::split(&mut s);
+    let (got, ()) = tokio::join!(check_pattern(&mut r, 5), send_pattern(&mut w, 5, 1 << 20));
+    assert_eq!(got, 1 << 20);
+}

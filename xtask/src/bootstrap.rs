@@ -14,8 +14,9 @@ use crate::{cmd, run};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-fuzz release the fuzz targets are run with.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
-/// Debian packages the tests and `run` need: `ip` (network namespaces) and `curl` (the demo command).
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("curl", "curl")];
+/// Debian packages the tests and `run` need: `ip` (network namespaces), `nft` (links made silent in the
+/// fault tests) and `curl` (the demo command).
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("nftables", "nft"), ("curl", "curl")];
 
 fn say(msg: &str) {
     eprintln!("[bootstrap] {msg}");

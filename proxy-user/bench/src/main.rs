@@ -319,6 +319,7 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
             pool_size: 1,
             dial_timeout: std::time::Duration::from_secs(5),
             connect_timeout: std::time::Duration::from_secs(30),
+            tcp_user_timeout: std::time::Duration::from_secs(30),
             reconnect: (std::time::Duration::from_millis(200), std::time::Duration::from_secs(5)),
             grace_period: std::time::Duration::from_secs(1),
             admin_bind: None,

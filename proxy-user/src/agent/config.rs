@@ -99,6 +99,11 @@ pub struct AgentArgs {
     /// Time a connection to the server (TCP, TLS and first frame) may take.
     #[arg(long, env = "SPOKE_AGENT_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// How long data sent to the server may go unacknowledged before the connection (control channel,
+    /// parked data connection or open stream) is given up (`TCP_USER_TIMEOUT`): the bound on finding a
+    /// link that went silent with data in flight. 0 leaves the kernel's default (about 15 minutes).
+    #[arg(long, env = "SPOKE_AGENT_TCP_USER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub tcp_user_timeout: Duration,
     /// First reconnect delay; doubles up to --reconnect-max, with jitter.
     #[arg(long, env = "SPOKE_AGENT_RECONNECT_MIN", default_value = "200ms", value_parser = parse_duration)]
     pub reconnect_min: Duration,
@@ -163,6 +168,8 @@ pub struct AgentConfig {
     pub dial_timeout: Duration,
     /// Longest server connection set-up.
     pub connect_timeout: Duration,
+    /// `TCP_USER_TIMEOUT` of connections to the server (zero: the kernel's).
+    pub tcp_user_timeout: Duration,
     /// Reconnect backoff bounds.
     pub reconnect: (Duration, Duration),
     /// Drain time after SIGTERM.
@@ -306,6 +313,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             pool_size: a.pool_size,
             dial_timeout: nonzero_duration("--dial-timeout", a.dial_timeout)?,
             connect_timeout: nonzero_duration("--connect-timeout", a.connect_timeout)?,
+            tcp_user_timeout: a.tcp_user_timeout,
             reconnect: (a.reconnect_min, a.reconnect_max),
             grace_period: a.graceful_shutdown_timeout,
             admin_bind: parse_admin_bind(&a.admin_bind)?,

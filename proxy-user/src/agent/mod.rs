@@ -136,7 +136,7 @@ impl Agent {
             let tcp = TcpStream::connect((server.host.as_str(), server.port))
                 .await
                 .map_err(|source| ConnectError::Connect { addr: addr.clone(), source })?;
-            if let Err(error) = transport::tune_link(&tcp) {
+            if let Err(error) = transport::tune_link(&tcp, self.config.tcp_user_timeout) {
                 tracing::debug!(%error, "tune server socket");
             }
             let mut conn = if tls {

@@ -142,6 +142,11 @@ pub struct ServerArgs {
     /// How often agents send heartbeats; an agent silent for three intervals is dropped.
     #[arg(long, env = "SPOKE_SERVER_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// How long data sent to an agent may go unacknowledged before its connection (control channel,
+    /// parked data connection or open stream) is given up (`TCP_USER_TIMEOUT`): the bound on finding a
+    /// link that went silent with data in flight. 0 leaves the kernel's default (about 15 minutes).
+    #[arg(long, env = "SPOKE_SERVER_TCP_USER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub tcp_user_timeout: Duration,
     /// Longest an agent's control session lives before the server ends it (`GoAway`) and the agent
     /// reconnects with a fresh handshake; a session also ends when its client certificate expires.
     /// Below the kubelet's certificate rotation (months, by default), so that a rotated or revoked
@@ -294,6 +299,8 @@ pub struct ServerLimits {
     pub handshake_timeout: Duration,
     /// See [`ServerArgs::heartbeat_interval`].
     pub heartbeat_interval: Duration,
+    /// See [`ServerArgs::tcp_user_timeout`].
+    pub tcp_user_timeout: Duration,
     /// See [`ServerArgs::max_session_age`].
     pub max_session_age: Duration,
     /// See [`ServerArgs::graceful_shutdown_timeout`].
@@ -443,6 +450,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 dial_timeout: nonzero_duration("--backend-dial-timeout", a.backend_dial_timeout)?,
                 handshake_timeout: nonzero_duration("--handshake-timeout", a.handshake_timeout)?,
                 heartbeat_interval: nonzero_duration("--heartbeat-interval", a.heartbeat_interval)?,
+                tcp_user_timeout: a.tcp_user_timeout,
                 max_session_age: nonzero_duration("--max-session-age", a.max_session_age)?,
                 grace_period: a.graceful_shutdown_timeout,
                 readiness_grace: a.readiness_grace,

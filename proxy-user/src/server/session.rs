@@ -88,7 +88,7 @@ async fn establish(
     deadline: Instant,
 ) -> Result<(AcceptedLink, Message), &'static str> {
     let setup = async move {
-        if let Err(error) = transport::tune_link(&stream) {
+        if let Err(error) = transport::tune_link(&stream, server.config.limits.tcp_user_timeout) {
             debug!(%error, "tune agent socket");
         }
         let mut first_byte = [0u8; 1];

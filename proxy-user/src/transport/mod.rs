@@ -106,15 +106,23 @@ impl<S: Stream> Stream for tokio_rustls::server::TlsStream<S> {
     }
 }
 
-/// Socket options of a link: no Nagle delay (frames are small and latency-sensitive) and keepalive, so
-/// that a vanished peer is noticed.
-pub fn tune_link(stream: &TcpStream) -> io::Result<()> {
+/// Socket options of a link between agent and server: no Nagle delay (frames are small and
+/// latency-sensitive); keepalive, so that a vanished peer of an idle link is noticed; and
+/// `TCP_USER_TIMEOUT` (`user_timeout`, none if zero), so that a link gone silent with data in flight,
+/// which keepalive never probes and TCP would retransmit into for about 15 minutes, fails within it
+/// (tcp(7): it also bounds the keepalive probes).
+pub fn tune_link(stream: &TcpStream, user_timeout: Duration) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(&keepalive)?;
+    if !user_timeout.is_zero() {
+        socket.set_tcp_user_timeout(Some(user_timeout))?;
+    }
+    Ok(())
 }
 
 /// A link: TLS, or plain TCP where the operator opted out of encrypting data connections (an underlay
