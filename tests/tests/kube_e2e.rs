@@ -189,6 +189,35 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Node-proxy requests to node a's `/whoami`, one every 10 ms on a kept-alive connection
+    /// (reconnecting after a failure), until `stop`: (sent, failed).
+    fn whoami_until(
+        &self,
+        stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<(u64, u64)> {
+        let (stop, url, ca) = (stop.clone(), self.plane.url.clone(), self.plane.pki.ca_file.clone());
+        let admin = Pair { cert: self.dir().join("admin.pem"), key: self.dir().join("admin-key.pem") };
+        std::thread::spawn(move || {
+            let (mut sent, mut failed) = (0u64, 0u64);
+            let mut conn = ApiConn::connect(&url, &ca, &admin);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                match conn.get("/api/v1/nodes/node-a/proxy/whoami") {
+                    Ok((200, body)) if body == "node-a" => {}
+                    Ok(_) => failed += 1,
+                    Err(_) => {
+                        failed += 1;
+                        conn = ApiConn::connect(&url, &ca, &admin);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (sent, failed)
+        })
+    }
+}
+
 /// Node proxy, `kubectl logs`, `kubectl exec` (a WebSocket upgrade, as kubectl asks from v1.30) and a
 /// SPDY upgrade carry their bytes through Spoke's Unix socket, in the default node-cert and
 /// node-objects modes; 200 node-proxy requests in a row all succeed.
@@ -494,27 +523,7 @@ fn replicas_counted_by_real_leases_come_and_go_while_requests_flow() {
     eventually("the agent holds 3 replicas", READY, || holds(&agent, 3));
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let (stop, url, ca) = (stop.clone(), cluster.plane.url.clone(), cluster.plane.pki.ca_file.clone());
-        let admin = Pair { cert: cluster.dir().join("admin.pem"), key: cluster.dir().join("admin-key.pem") };
-        std::thread::spawn(move || {
-            let (mut sent, mut failed) = (0u64, 0u64);
-            let mut conn = ApiConn::connect(&url, &ca, &admin);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                sent += 1;
-                match conn.get("/api/v1/nodes/node-a/proxy/whoami") {
-                    Ok((200, body)) if body == "node-a" => {}
-                    Ok(_) => failed += 1,
-                    Err(_) => {
-                        failed += 1;
-                        conn = ApiConn::connect(&url, &ca, &admin);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            (sent, failed)
-        })
-    };
+    let traffic = cluster.whoami_until(&stop);
     // Killed without deleting its Lease: counted out when it expires, then the Lease is deleted.
     let killed = replicas.pop().expect("three replicas");
     let address = killed.get("agent");
@@ -557,27 +566,7 @@ fn a_server_restart_under_requests_reports_the_failures() {
     agent.wait_ready(READY);
     let agent_port = server.get("agent").rsplit(':').next().expect("port").to_owned();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let (stop, url, ca) = (stop.clone(), cluster.plane.url.clone(), cluster.plane.pki.ca_file.clone());
-        let admin = Pair { cert: cluster.dir().join("admin.pem"), key: cluster.dir().join("admin-key.pem") };
-        std::thread::spawn(move || {
-            let (mut sent, mut failed) = (0u64, 0u64);
-            let mut conn = ApiConn::connect(&url, &ca, &admin);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                sent += 1;
-                match conn.get("/api/v1/nodes/node-a/proxy/whoami") {
-                    Ok((200, body)) if body == "node-a" => {}
-                    Ok(_) => failed += 1,
-                    Err(_) => {
-                        failed += 1;
-                        conn = ApiConn::connect(&url, &ca, &admin);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            (sent, failed)
-        })
-    };
+    let traffic = cluster.whoami_until(&stop);
     std::thread::sleep(Duration::from_secs(1));
     let _ = server.proc.terminate(Duration::ZERO);
     let next = cluster.server("spoke-server-2", &["--agent-bind", &format!("127.0.0.1:{agent_port}")]);

@@ -22,19 +22,7 @@ async fn agent_in_a_namespace_reaches_its_kubelet_with_the_default_policy() {
     let certs = certs();
     let srv = server(&certs).flag("--agent-bind", &format!("{}:0", ns.host_addr)).run().await;
     // A "kubelet" inside the node's namespace, on the node's address.
-    let kubelet = ns.bind(SocketAddr::new(ns.ns_addr.into(), 0));
-    let kubelet_addr = kubelet.local_addr().unwrap();
-    kubelet.set_nonblocking(true).unwrap();
-    let kubelet = tokio::net::TcpListener::from_std(kubelet).unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = kubelet.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
-            });
-        }
-    });
+    let kubelet_addr = echo_kubelet(&ns);
     let _agent = agent(&srv)
         .netns(&ns.name)
         .id("node-1")
