@@ -14,6 +14,8 @@ use crate::datapath::Outcome;
 pub type Label = [(&'static str, &'static str); 1];
 /// Counters split by one label.
 pub type Counters = Family<Label, Counter>;
+/// Counters split by two labels.
+pub type Counters2 = Family<[(&'static str, &'static str); 2], Counter>;
 
 /// Buckets of dial-latency histograms: 100 µs to about 13 s.
 fn dial_buckets() -> Histogram {
@@ -193,6 +195,15 @@ pub struct ServerMetrics {
     pub node_claim_conflicts: Gauge,
     /// Such conflicts that arose since the server started.
     pub node_claim_conflicts_total: Counter,
+    /// Requests (CONNECT streams, gRPC dials) by `frontend_protocol` and `result` (`streams` counts the
+    /// same results without the protocol).
+    pub frontend_requests: Counters2,
+    /// Frontend connections by the `frontend_protocol` their first bytes showed.
+    pub frontend_conns: Counters,
+    /// gRPC tunnel input refused (bad packets, oversized messages, calls without a dial), by `reason`.
+    pub grpc_refused: Counters,
+    /// gRPC `Proxy` calls open now.
+    pub grpc_calls_open: Gauge,
 }
 
 impl ServerMetrics {
@@ -209,7 +220,23 @@ impl ServerMetrics {
             drain_closed_idle: Counter::default(),
             node_claim_conflicts: Gauge::default(),
             node_claim_conflicts_total: Counter::default(),
+            frontend_requests: Counters2::default(),
+            frontend_conns: Counters::default(),
+            grpc_refused: Counters::default(),
+            grpc_calls_open: Gauge::default(),
         };
+        r.register(
+            "frontend_requests",
+            "Requests by frontend protocol (http-connect, grpc) and result",
+            m.frontend_requests.clone(),
+        );
+        r.register(
+            "frontend_conns",
+            "Frontend connections by the protocol their first bytes showed",
+            m.frontend_conns.clone(),
+        );
+        r.register("grpc_refused", "gRPC tunnel input refused, by reason", m.grpc_refused.clone());
+        r.register("grpc_calls_open", "gRPC Proxy calls open now", m.grpc_calls_open.clone());
         r.register(
             "node_claim_conflicts",
             "Addresses, host names and pod CIDRs a Node lists that another Node listed first (left out of its routes)",
@@ -239,6 +266,16 @@ impl ServerMetrics {
             m.agent_conn_failures.clone(),
         );
         m
+    }
+}
+
+impl ServerMetrics {
+    /// Counts a request's `result`, in `streams` and by `frontend_protocol`.
+    pub fn request(&self, frontend_protocol: &'static str, result: &'static str) {
+        inc(&self.stream.results, "result", result);
+        self.frontend_requests
+            .get_or_create(&[("frontend_protocol", frontend_protocol), ("result", result)])
+            .inc();
     }
 }
 

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::{agent, certs, closed_port, connect_status, echo, metric, server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -34,7 +32,7 @@ async fn node_side_failures_map_to_their_statuses() {
     assert!(text.contains("denied"), "{text}");
 
     // A listener whose accept queue is full drops further SYNs: the dial hangs until the timeout.
-    let (full, _fillers) = full_backlog();
+    let (full, _fillers) = common::full_backlog();
     let (status, text) = connect_status(&srv, &full.to_string()).await;
     assert_eq!(status, 504, "{text}");
 
@@ -42,25 +40,6 @@ async fn node_side_failures_map_to_their_statuses() {
         let line = format!("spoke_server_streams_total{{result=\"{result}\"}}");
         assert_eq!(metric(srv.admin_addr, &line).await, want, "{line}");
     }
-}
-
-/// A listener with backlog 0 whose queue is already filled by connections nobody accepts.
-fn full_backlog() -> (SocketAddr, Vec<std::net::TcpStream>) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-    socket.listen(0).unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    // The first connections complete into the queue; stop once one no longer completes quickly.
-    for _ in 0..8 {
-        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)) {
-            Ok(s) => fillers.push(s),
-            Err(_) => break,
-        }
-    }
-    // Keep the listening socket open for the test's life by leaking it into the fillers' lifetime.
-    std::mem::forget(socket);
-    (addr, fillers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -296,7 +296,7 @@ fn vm_tests(bins: &std::path::Path) -> anyhow::Result<()> {
 
 /// The fuzz targets (`proxy-user/fuzz`): what Spoke parses from the network.
 const FUZZ_TARGETS: &[&str] =
-    &["codec_decode", "connect_head", "tls_records", "ktls_control", "counted_reuse"];
+    &["codec_decode", "connect_head", "grpc_frontend", "tls_records", "ktls_control", "counted_reuse"];
 /// How long `cargo xtask test` fuzzes each target.
 const FUZZ_SECONDS: u32 = 30;
 

@@ -1,4 +1,6 @@
-//! The HTTP CONNECT frontend spoken by kube-apiserver's egress selector (`proxyProtocol: HTTPConnect`).
+//! The frontends spoken by kube-apiserver's egress selector: HTTP CONNECT (`proxyProtocol: HTTPConnect`,
+//! here) and Konnectivity's gRPC tunnel (`proxyProtocol: GRPC`, [`konnectivity`]), told apart on one
+//! socket by their first bytes ([`sniff`]).
 //!
 //! The apiserver sends exactly `CONNECT host:port HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, needs a `200`
 //! back, and fails if any byte follows the response head; so the success reply is the bare status line
@@ -9,6 +11,10 @@ use std::fmt;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub mod grpc_client;
+pub mod konnectivity;
+pub mod sniff;
 
 /// Largest request head accepted (request line and headers); beyond it the answer is 431.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -86,9 +92,17 @@ impl RequestError {
     }
 }
 
-/// Reads one request head from `stream` and parses it as CONNECT. The caller bounds the time it takes.
-pub async fn read_connect<S: AsyncRead + Unpin>(stream: &mut S) -> Result<ConnectRequest, RequestError> {
-    let mut buf = BytesMut::with_capacity(1024);
+/// Reads one request head from `stream`, after the bytes already read into `buf`, and parses it as
+/// CONNECT. The caller bounds the time it takes.
+pub async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut buf: BytesMut,
+) -> Result<ConnectRequest, RequestError> {
+    if !buf.is_empty()
+        && let Some(req) = parse_connect(&mut buf)?
+    {
+        return Ok(req);
+    }
     loop {
         if buf.len() >= MAX_HEAD_BYTES {
             return Err(RequestError::TooLarge);
@@ -130,8 +144,9 @@ pub fn parse_connect(buf: &mut BytesMut) -> Result<Option<ConnectRequest>, Reque
     Ok(Some(ConnectRequest { host, port, early_data }))
 }
 
-/// Splits a CONNECT target (`host:port`, `[v6]:port`) and checks both parts.
-fn parse_authority(target: &str) -> Result<(String, u16), RequestError> {
+/// Splits a CONNECT target (`host:port`, `[v6]:port`) and checks both parts; the host comes back in
+/// lower case.
+pub fn parse_authority(target: &str) -> Result<(String, u16), RequestError> {
     let bad = |why: &str| RequestError::Malformed(format!("CONNECT target {target:?}: {why}"));
     let (host, port) = if let Some(rest) = target.strip_prefix('[') {
         let (v6, port) = rest.split_once("]:").ok_or_else(|| bad("expected [address]:port"))?;
@@ -250,13 +265,20 @@ mod tests {
     async fn oversized_and_truncated_heads() {
         let mut huge = b"CONNECT 10.0.0.1:80 HTTP/1.1\r\nX-Big: ".to_vec();
         huge.resize(MAX_HEAD_BYTES + 100, b'a');
-        assert_eq!(read_connect(&mut &huge[..]).await, Err(RequestError::TooLarge));
+        assert_eq!(read_connect(&mut &huge[..], BytesMut::new()).await, Err(RequestError::TooLarge));
         assert_eq!(
-            read_connect(&mut &b"CONNECT 10.0.0.1:80 HTTP/1.1\r\n"[..]).await,
+            read_connect(&mut &b"CONNECT 10.0.0.1:80 HTTP/1.1\r\n"[..], BytesMut::new()).await,
             Err(RequestError::Closed)
         );
-        let ok = read_connect(&mut &b"CONNECT 10.0.0.1:80 HTTP/1.1\r\n\r\nxyz"[..]).await.unwrap();
+        let ok = read_connect(&mut &b"CONNECT 10.0.0.1:80 HTTP/1.1\r\n\r\nxyz"[..], BytesMut::new())
+            .await
+            .unwrap();
         assert_eq!(&ok.early_data[..], b"xyz");
+        // The bytes the protocol sniffer read count, whether they hold the whole head or part of it.
+        let whole = BytesMut::from(&b"CONNECT 10.0.0.1:80 HTTP/1.1\r\n\r\n"[..]);
+        assert_eq!(read_connect(&mut &b""[..], whole).await.unwrap().port, 80);
+        let part = BytesMut::from(&b"CONN"[..]);
+        assert_eq!(read_connect(&mut &b"ECT 10.0.0.1:81 HTTP/1.1\r\n\r\n"[..], part).await.unwrap().port, 81);
     }
 
     #[tokio::test]

@@ -38,6 +38,10 @@ pub struct ServerArgs {
     /// TCP address for CONNECT requests over mutual TLS (needs --server-cert, --server-key, --server-ca-cert).
     #[arg(long, env = "SPOKE_SERVER_FRONTEND_BIND")]
     pub frontend_bind: Option<SocketAddr>,
+    /// Protocols the frontends take: `both` (HTTP CONNECT and Konnectivity's gRPC tunnel, told apart by
+    /// their first bytes), or only `grpc` or `http-connect`, as Konnectivity's `--mode`.
+    #[arg(long, env = "SPOKE_SERVER_MODE", value_enum, default_value_t = FrontendMode::Both)]
+    pub mode: FrontendMode,
     /// CA bundle that CONNECT clients' certificates must chain to.
     #[arg(long, env = "SPOKE_SERVER_SERVER_CA_CERT")]
     pub server_ca_cert: Option<PathBuf>,
@@ -254,6 +258,31 @@ pub enum AgentAuth {
     Token,
 }
 
+/// The frontend protocols served: `--mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FrontendMode {
+    /// HTTP CONNECT and the gRPC tunnel, on the same sockets.
+    Both,
+    /// Only the gRPC tunnel (`proxyProtocol: GRPC`).
+    Grpc,
+    /// Only HTTP CONNECT (`proxyProtocol: HTTPConnect`).
+    HttpConnect,
+}
+
+impl FrontendMode {
+    /// Whether the gRPC tunnel is served.
+    #[must_use]
+    pub fn grpc(self) -> bool {
+        self != Self::HttpConnect
+    }
+
+    /// Whether HTTP CONNECT is served.
+    #[must_use]
+    pub fn http_connect(self) -> bool {
+        self != Self::Grpc
+    }
+}
+
 /// What agents may announce: `--agent-claims`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AgentClaims {
@@ -318,6 +347,8 @@ pub struct ServerConfig {
     pub uds_name: Option<PathBuf>,
     /// The mutual-TLS CONNECT frontend on TCP.
     pub frontend: Option<TcpFrontend>,
+    /// The protocols the frontends take.
+    pub mode: FrontendMode,
     /// Agent listener address.
     pub agent_bind: SocketAddr,
     /// TLS files of the agent listener.
@@ -417,6 +448,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
         Ok(Self {
             uds_name: a.uds_name,
             frontend,
+            mode: a.mode,
             agent_bind: a.agent_bind,
             agent_tls: TlsFiles { ca: a.cluster_ca_cert, cert: a.cluster_cert, key: a.cluster_key },
             admin_bind: parse_admin_bind(&a.admin_bind)?,

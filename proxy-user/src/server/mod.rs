@@ -1,13 +1,16 @@
-//! `spoke-server`: wiring of the CONNECT frontends, the agent listener and the admin endpoint. Its own
-//! concerns live in [`registry`] (agents and routing), `session` (an agent's control channel and parked
-//! data connections), `trust` (who an agent is and what it may claim) and `stream` (one CONNECT
-//! stream: read, route, dial, relay, record).
+//! `spoke-server`: wiring of the frontends, the agent listener and the admin endpoint. Its own concerns
+//! live in [`registry`] (agents and routing), `session` (an agent's control channel and parked data
+//! connections), `trust` (who an agent is and what it may claim), `stream` (a frontend connection's
+//! protocol, and one CONNECT stream: read, route, dial, relay, record) and `grpc` with `tunnel`
+//! (Konnectivity's gRPC tunnel: calls, dials and their tunnels, over the same routing and relay).
 
 pub mod config;
+mod grpc;
 pub mod registry;
 mod session;
 mod stream;
 mod trust;
+mod tunnel;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -296,7 +299,17 @@ fn acceptors(config: &ServerConfig) -> Result<(TlsAcceptor, Option<TlsAcceptor>)
     let agent = tls::server_config(&config.agent_tls, Versions::Tls13, config.agent_client_certs())?;
     let frontend = match &config.frontend {
         Some(f) => {
-            Some(TlsAcceptor::from(tls::server_config(&f.tls, Versions::Tls12And13, ClientCerts::Required)?))
+            let tls = tls::server_config(&f.tls, Versions::Tls12And13, ClientCerts::Required)?;
+            // ALPN as the protocols served (gRPC clients insist on `h2`); a client that offers none is
+            // told apart by its first bytes all the same.
+            let mut tls = Arc::unwrap_or_clone(tls);
+            if config.mode.grpc() {
+                tls.alpn_protocols.push(b"h2".to_vec());
+            }
+            if config.mode.http_connect() {
+                tls.alpn_protocols.push(b"http/1.1".to_vec());
+            }
+            Some(TlsAcceptor::from(Arc::new(tls)))
         }
         None => None,
     };

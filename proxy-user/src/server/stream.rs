@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::BytesMut;
+
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
@@ -16,13 +18,19 @@ use super::registry::{AgentHandle, DataConn};
 use super::{Server, session};
 use crate::codec::{self, CodecError};
 use crate::datapath::Activity;
-use crate::frontend::{self, ConnectRequest, ESTABLISHED};
+use crate::frontend::sniff::{self, Protocol, Rewind};
+use crate::frontend::{self, ConnectRequest, ESTABLISHED, RequestError};
 use crate::metrics::inc;
 use crate::protocol::{self, DialStatus, Message, Nonces};
 use crate::transport::Stream;
 use crate::transport::accept::Accepted;
 use crate::transport::counted::{Counted, REUSE_TIMEOUT, Side};
 use crate::transport::tls::{self, HandshakeError};
+
+/// `frontend_protocol` of CONNECT requests.
+pub(super) const HTTP_CONNECT: &str = "http-connect";
+/// `frontend_protocol` of the gRPC tunnel's dials.
+pub(super) const GRPC: &str = "grpc";
 
 /// The relay's ends, as its log names them.
 const ENDS: [&str; 2] = ["downstream (client)", "upstream (agent)"];
@@ -45,7 +53,7 @@ pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// While draining, how often each stream looks whether it sits idle.
 const IDLE_CHECK: Duration = Duration::from_millis(250);
 /// Time an idle stream's orderly close may take before it is reset.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Writes an error reply, closes our side, and drains what the client still sends for a moment
 /// ("lingering close"): closing a socket with unread input resets it, which can destroy the reply
@@ -61,7 +69,7 @@ async fn refuse<S: Stream>(client: &mut S, status: u16, reason: &str) {
 
 /// Why a request got no stream; each maps to an HTTP status and a metric label.
 #[derive(Debug, thiserror::Error)]
-enum DialError {
+pub(super) enum DialError {
     #[error("no agent serves {0}")]
     NoAgent(String),
     #[error("too many dials pending; try again")]
@@ -79,7 +87,7 @@ enum DialError {
 }
 
 impl DialError {
-    fn status(&self) -> u16 {
+    pub(super) fn status(&self) -> u16 {
         match self {
             Self::NoAgent(_) | Self::Overloaded | Self::AgentBusy(_) => 503,
             Self::NoDataConn(_) | Self::ReplyTimeout { .. } => 504,
@@ -93,7 +101,7 @@ impl DialError {
         }
     }
 
-    fn reason(&self) -> &'static str {
+    pub(super) fn reason(&self) -> &'static str {
         match self {
             Self::NoAgent(_) => "no_agent",
             Self::Overloaded => "overloaded",
@@ -125,6 +133,7 @@ pub(super) async fn serve_tls(server: Arc<Server>, acceptor: TlsAcceptor, accept
                 serve(&server, client).await;
             } else {
                 warn!(?names, "frontend client certificate carries no allowed name: refused");
+                // Before the first byte: no frontend protocol yet.
                 inc(&server.metrics.stream.results, "result", "client_not_allowed");
                 let reason = "client certificate not allowed (see --frontend-allowed-names)";
                 Box::pin(refuse(&mut client, 403, reason)).await;
@@ -142,38 +151,73 @@ pub(super) async fn serve_tls(server: Arc<Server>, acceptor: TlsAcceptor, accept
     drop(accepted.permit);
 }
 
-/// Serves one frontend connection to its end.
+/// Serves one frontend connection to its end: its first bytes tell the protocol, then CONNECT or the
+/// gRPC tunnel (as `--mode` allows) takes it. One deadline covers sniffing and the request head.
 async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
-    let limits = &server.config.limits;
+    let deadline = Instant::now() + server.config.limits.header_timeout;
+    let mut first = BytesMut::new();
+    let sniffed = Box::pin(tokio::time::timeout_at(deadline, sniff::sniff(&mut client, &mut first))).await;
+    let protocol = match sniffed {
+        Ok(Ok(protocol)) => protocol,
+        Ok(Err(e)) => return refuse_head(server, &mut client, HTTP_CONNECT, &e).await,
+        Err(_) => return head_timeout(server, &mut client).await,
+    };
+    inc(&server.metrics.frontend_conns, "frontend_protocol", protocol.label());
+    let mode = server.config.mode;
+    match protocol {
+        Protocol::Http2 if mode.grpc() => {
+            super::grpc::serve(server, Rewind::new(first.freeze(), client)).await;
+        }
+        Protocol::Http1 if mode.http_connect() => connect(server, client, first, deadline).await,
+        Protocol::Http2 => {
+            // An HTTP/2 client cannot read an HTTP/1.1 reply: the connection just closes.
+            log_refusal(server, "protocol_not_served", &"gRPC tunnel refused: --mode http-connect");
+            server.metrics.request(GRPC, "protocol_not_served");
+        }
+        Protocol::Http1 => {
+            log_refusal(server, "protocol_not_served", &"CONNECT refused: --mode grpc");
+            server.metrics.request(HTTP_CONNECT, "protocol_not_served");
+            let reason = "this server takes only Konnectivity's gRPC tunnel (--mode grpc), not HTTP CONNECT";
+            Box::pin(refuse(&mut client, 400, reason)).await;
+        }
+    }
+}
+
+/// A request head that could not be read: counted, logged, and answered where the client is still there.
+async fn refuse_head<S: Stream>(server: &Server, client: &mut S, protocol: &'static str, e: &RequestError) {
+    log_refusal(server, e.reason(), e);
+    server.metrics.request(protocol, e.reason());
+    if let Some(status) = e.status() {
+        Box::pin(refuse(client, status, &e.to_string())).await;
+    }
+}
+
+/// A request head that did not arrive within the header timeout.
+async fn head_timeout<S: Stream>(server: &Server, client: &mut S) {
+    log_refusal(server, "header_timeout", &"the request head did not arrive in time");
+    server.metrics.request(HTTP_CONNECT, "header_timeout");
+    Box::pin(refuse(client, 408, "request head not received in time")).await;
+}
+
+/// One CONNECT stream, after the bytes already read into `first`.
+async fn connect<S: Stream>(server: &Arc<Server>, mut client: S, first: BytesMut, deadline: Instant) {
     // The phases before the relay run boxed: a task's state is as large as its largest phase and is held
     // for the stream's whole life, which is mostly the relay (thousands of idle streams are held at once).
-    let head = Box::pin(tokio::time::timeout(limits.header_timeout, frontend::read_connect(&mut client)));
+    let head = Box::pin(tokio::time::timeout_at(deadline, frontend::read_connect(&mut client, first)));
     let req = match head.await {
         Ok(Ok(req)) => req,
-        Ok(Err(e)) => {
-            log_refusal(server, e.reason(), &e);
-            inc(&server.metrics.stream.results, "result", e.reason());
-            if let Some(status) = e.status() {
-                Box::pin(refuse(&mut client, status, &e.to_string())).await;
-            }
-            return;
-        }
-        Err(_) => {
-            log_refusal(server, "header_timeout", &"the request head did not arrive in time");
-            inc(&server.metrics.stream.results, "result", "header_timeout");
-            Box::pin(refuse(&mut client, 408, "request head not received in time")).await;
-            return;
-        }
+        Ok(Err(e)) => return refuse_head(server, &mut client, HTTP_CONNECT, &e).await,
+        Err(_) => return head_timeout(server, &mut client).await,
     };
     let stream_id = server.next_stream_id.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("stream", id = stream_id, dest = %req);
     async move {
         let started = Instant::now();
-        let (mut data, agent, slot) = match Box::pin(open(server, &req, stream_id)).await {
+        let (data, agent, slot) = match Box::pin(open(server, &req, stream_id)).await {
             Ok(opened) => opened,
             Err(e) => {
                 log_refusal(server, e.reason(), &e);
-                inc(&server.metrics.stream.results, "result", e.reason());
+                server.metrics.request(HTTP_CONNECT, e.reason());
                 Box::pin(refuse(&mut client, e.status(), &e.to_string())).await;
                 return;
             }
@@ -181,21 +225,14 @@ async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
         server.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
         if let Err(error) = client.write_all(ESTABLISHED).await.and(client.flush().await) {
             debug!(%error, "client left before the stream opened");
-            inc(&server.metrics.stream.results, "result", "client_closed");
+            server.metrics.request(HTTP_CONNECT, "client_closed");
+            let mut data = data;
             data.get_mut().abort();
             return;
         }
-        inc(&server.metrics.stream.results, "result", "ok");
+        server.metrics.request(HTTP_CONNECT, "ok");
         debug!(agent = %agent.identity.agent_id, "stream open");
-        let reusable = match data {
-            Opened::Counted(mut data) => {
-                carry(server, &mut client, &mut data, &req.early_data).await.then(|| data.into_inner())
-            }
-            Opened::Plain(mut data) => {
-                carry(server, &mut client, &mut data, &req.early_data).await;
-                None
-            }
-        };
+        let reusable = relay_opened(server, &mut client, data, &req.early_data).await;
         drop((client, slot));
         if let Some(conn) = reusable {
             tokio::spawn(reuse(server.clone(), agent, conn));
@@ -203,6 +240,23 @@ async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
     }
     .instrument(span)
     .await;
+}
+
+/// Relays a stream over its opened data connection ([`carry`]); the connection back when it can carry
+/// another stream.
+pub(super) async fn relay_opened<S: Stream>(
+    server: &Server,
+    client: &mut S,
+    data: Opened,
+    early: &[u8],
+) -> Option<DataConn> {
+    match data {
+        Opened::Counted(mut data) => carry(server, client, &mut data, early).await.then(|| data.into_inner()),
+        Opened::Plain(mut data) => {
+            carry(server, client, &mut data, early).await;
+            None
+        }
+    }
 }
 
 /// Relays a stream until it ends, or until it sits idle while the server drains (then it is closed in
@@ -269,13 +323,13 @@ impl DataSide for Counted<DataConn> {
 }
 
 /// A data connection ready for a stream: TLS ones end their stream by count and may carry the next.
-enum Opened {
+pub(super) enum Opened {
     Counted(Counted<DataConn>),
     Plain(DataConn),
 }
 
 impl Opened {
-    fn get_mut(&mut self) -> &mut DataConn {
+    pub(super) fn get_mut(&mut self) -> &mut DataConn {
         match self {
             Self::Counted(c) => c.get_mut(),
             Self::Plain(c) => c,
@@ -286,7 +340,7 @@ impl Opened {
 /// A data connection that carried a stream to its end by count both ways, or a dial that failed: once
 /// the agent sends `DataHello` on it (after a stream, when it has heard that the server read all it
 /// wrote; after a failed dial, at once), it is parked again. A draining server lets it go.
-async fn reuse(server: Arc<Server>, agent: Arc<AgentHandle>, mut conn: DataConn) {
+pub(super) async fn reuse(server: Arc<Server>, agent: Arc<AgentHandle>, mut conn: DataConn) {
     if server.draining.is_cancelled() {
         return;
     }
@@ -310,7 +364,7 @@ async fn reuse(server: Arc<Server>, agent: Arc<AgentHandle>, mut conn: DataConn)
 /// Logs a refused or failed request at the default level (the apiserver shows its user only the status),
 /// at most once per [`REFUSAL_LOG_INTERVAL`]; `count` says how many there were since the last line,
 /// and `streams_total{result}` counts every one.
-fn log_refusal(server: &Server, reason: &'static str, error: &dyn std::fmt::Display) {
+pub(super) fn log_refusal(server: &Server, reason: &'static str, error: &dyn std::fmt::Display) {
     if let Some(count) = server.refusal_log.note() {
         warn!(reason, %error, count, "request refused");
     }
@@ -360,7 +414,7 @@ async fn idle_while_draining(server: &Server, activity: &Activity) {
 
 /// Ends an idle stream in order, both ways (FIN or TLS `close_notify`), as a server closing a kept-alive
 /// connection does: the client sees an end between requests, not a reset.
-async fn close_orderly<S: Stream>(client: &mut S, data: &mut DataConn) {
+pub(super) async fn close_orderly<S: Stream>(client: &mut S, data: &mut DataConn) {
     client.reset_on_close(false);
     data.reset_on_close(false);
     let both = async { tokio::join!(client.shutdown(), data.shutdown()) };
@@ -372,16 +426,31 @@ async fn close_orderly<S: Stream>(client: &mut S, data: &mut DataConn) {
 
 /// Routes `req`, has an agent dial it, and returns the data connection ready for raw bytes, with the
 /// agent and the stream slot held for the stream's life.
-async fn open(
+pub(super) async fn open(
     server: &Arc<Server>,
     req: &ConnectRequest,
     stream_id: u64,
 ) -> Result<(Opened, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
     let _pending = server.pending_dials.try_acquire().map_err(|_| DialError::Overloaded)?;
-    server.metrics.pending_dials.inc();
-    let result = dial(server, req, stream_id).await;
-    server.metrics.pending_dials.dec();
-    result
+    // A guard, not a decrement after the dial: a gRPC client may abandon the dial (DIAL_CLS).
+    let _counted = Pending::count(&server.metrics.pending_dials);
+    dial(server, req, stream_id).await
+}
+
+/// Counts a dial as pending until dropped.
+struct Pending<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Pending<'a> {
+    fn count(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 async fn dial(

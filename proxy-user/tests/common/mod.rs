@@ -51,6 +51,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the process runs")
+    }
+
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
@@ -737,4 +742,23 @@ pub async fn backend_reset_reaches_the_client_as_an_abort(srv: &Server) {
     .expect("the reset must end the client's stream");
     assert!(end.is_err(), "an aborted stream must not end cleanly");
     assert!(b"partial".starts_with(&got), "only bytes sent before the reset: {got:?}");
+}
+
+/// A listener with backlog 0 whose queue is already filled by connections nobody accepts.
+pub fn full_backlog() -> (SocketAddr, Vec<std::net::TcpStream>) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    // The first connections complete into the queue; stop once one no longer completes quickly.
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)) {
+            Ok(s) => fillers.push(s),
+            Err(_) => break,
+        }
+    }
+    // Keep the listening socket open for the test's life by leaking it into the fillers' lifetime.
+    std::mem::forget(socket);
+    (addr, fillers)
 }
