@@ -190,6 +190,8 @@ pub fn tail(text: &str) -> String {
 pub enum Egress {
     /// spoke-server's Unix socket (`transport.uds`).
     Uds(PathBuf),
+    /// spoke-server's Unix socket with `proxyProtocol: GRPC`, as Konnectivity's setup guide configures.
+    GrpcUds(PathBuf),
     /// spoke-server's TCP frontend with mTLS (`transport.tcp` with `tlsConfig`).
     Mtls {
         /// `https://127.0.0.1:PORT`.
@@ -450,6 +452,17 @@ pub fn egress_configuration(egress: &Egress) -> String {
     assert!(deployed.contains(uds), "deploy's egress configuration changed shape:\n{deployed}");
     let transport = match egress {
         Egress::Uds(path) => format!("        uds:\n          udsName: {}\n", path.display()),
+        Egress::GrpcUds(path) => {
+            let http_connect = "      proxyProtocol: HTTPConnect\n";
+            assert!(
+                deployed.contains(http_connect),
+                "deploy's egress configuration changed shape:\n{deployed}"
+            );
+            let uds = format!("        uds:\n          udsName: {}\n", path.display());
+            return deployed
+                .replace(http_connect, "      proxyProtocol: GRPC\n")
+                .replace("        uds:\n          udsName: /etc/kubernetes/spoke/socket/spoke.sock\n", &uds);
+        }
         Egress::Mtls { url, ca, client } => format!(
             "        tcp:\n          url: {url}\n          tlsConfig:\n            caBundle: {}\n            \
              clientKey: {}\n            clientCert: {}\n",

@@ -29,7 +29,7 @@ impl Running {
         let file = std::fs::File::create(&log).expect("create log");
         let mut child = Command::new(binary(bin_var))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("SPOKE_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(file)

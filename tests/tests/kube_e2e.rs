@@ -234,6 +234,33 @@ fn node_proxy_logs_exec_and_upgrades_go_through_the_unix_socket() {
     assert!(server.metric_sum("spoke_server_streams_total") > 0, "the streams went through Spoke");
 }
 
+/// The same through the same socket, with the apiserver configured as Konnectivity's setup guide does
+/// (`proxyProtocol: GRPC` over `uds`): one gRPC tunnel per dial, pooled node-proxy tunnels, failed
+/// dials answered with their reason.
+#[test]
+#[ignore = "kube-apiserver's gRPC client sends the socket path as :authority, which the h2 crate refuses \
+            (RST_STREAM PROTOCOL_ERROR); see docs/operations.md, Konnectivity's gRPC tunnel"]
+fn node_proxy_logs_exec_and_upgrades_go_through_the_grpc_tunnel() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let uds = socket_path(dir.path(), "spoke.sock");
+    let cluster = Cluster::start_with(dir, uds.clone(), &Egress::GrpcUds(uds));
+    let server = cluster.server("spoke-server", &[]);
+    let node = cluster.node("node-a", 0);
+    let mut agent = cluster.agent(&server, &node, "agent-a", &[]);
+    agent.wait_ready(READY);
+    check_kubelet_paths(&cluster, &node);
+    let (wrong, failed) = cluster.whoami("node-a", REQUESTS, Duration::ZERO);
+    assert_eq!((wrong, failed), (0, 0), "node-proxy requests that failed or reached another kubelet");
+    let grpc_ok = "spoke_server_frontend_requests_total{frontend_protocol=\"grpc\",result=\"ok\"}";
+    assert!(server.metric_sum(grpc_ok) > 0, "the streams went through the gRPC tunnel");
+    // A node no agent serves: the apiserver shows the DIAL_RSP error to its user, word for word.
+    let _unserved = cluster.node("node-b", 1);
+    let out = cluster.plane.kubectl(&["get", "--raw", "/api/v1/nodes/node-b/proxy/healthz"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "node-b answered without an agent");
+    assert!(text.contains("no agent serves"), "{text}");
+}
+
 /// What a kubelet serves to the apiserver, through Spoke: node proxy, logs, exec over a WebSocket, and
 /// a SPDY upgrade whose bytes cross both ways.
 fn check_kubelet_paths(cluster: &Cluster, node: &Node) {
