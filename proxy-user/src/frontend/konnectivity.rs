@@ -3,7 +3,7 @@
 //!
 //! A client calls `Proxy` and sends `DIAL_REQ{random}`; the server answers `DIAL_RSP{random, connectID}`
 //! (or an error), then bytes flow as `DATA{connectID}` both ways until `CLOSE_REQ` / `CLOSE_RSP`.
-//! `DIAL_CLS{random}` abandons a pending dial. docs/protocol.md describes how Spoke serves it.
+//! `DIAL_CLS{random}` abandons a pending dial. docs/operations.md describes how Spoke serves it.
 
 use bytes::Bytes;
 
