@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf as _, Bytes};
+use bytes::Bytes;
 use futures_util::Stream as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,7 +21,7 @@ use tokio_util::sync::PollSender;
 use tonic::Streaming;
 use tonic::codegen::http;
 
-use super::konnectivity::{self, MAX_DATA_BYTES, Packet, Payload, ProxyServiceClient};
+use super::konnectivity::{self, Packet, Payload, ProxyServiceClient};
 
 /// Packets a client queues ahead of its connection.
 const QUEUE: usize = 4;
@@ -160,10 +160,6 @@ impl ClientTunnel {
     pub fn connect_id(&self) -> i64 {
         self.connect_id
     }
-
-    fn gone() -> io::Error {
-        io::Error::new(io::ErrorKind::BrokenPipe, "the gRPC call ended")
-    }
 }
 
 impl AsyncRead for ClientTunnel {
@@ -188,9 +184,7 @@ impl AsyncRead for ClientTunnel {
                 None => return Poll::Ready(Ok(())),
             }
         }
-        let n = buf.remaining().min(self.partial.len());
-        buf.put_slice(&self.partial[..n]);
-        self.partial.advance(n);
+        konnectivity::read_partial(&mut self.partial, buf);
         Poll::Ready(Ok(()))
     }
 }
@@ -200,11 +194,8 @@ impl AsyncWrite for ClientTunnel {
         if self.close_sent {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "CLOSE_REQ sent")));
         }
-        ready!(self.send.poll_reserve(cx)).map_err(|_| Self::gone())?;
-        let n = buf.len().min(MAX_DATA_BYTES);
-        let packet = konnectivity::data(self.connect_id, Bytes::copy_from_slice(&buf[..n]));
-        self.send.send_item(packet).map_err(|_| Self::gone())?;
-        Poll::Ready(Ok(n))
+        let id = self.connect_id;
+        konnectivity::poll_queue_data(&mut self.send, cx, id, buf, std::convert::identity)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -213,9 +204,13 @@ impl AsyncWrite for ClientTunnel {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.close_sent {
-            ready!(self.send.poll_reserve(cx)).map_err(|_| Self::gone())?;
-            let packet = konnectivity::close_request(self.connect_id);
-            self.send.send_item(packet).map_err(|_| Self::gone())?;
+            let id = self.connect_id;
+            ready!(konnectivity::poll_queue(
+                &mut self.send,
+                cx,
+                || konnectivity::close_request(id),
+                std::convert::identity
+            ))?;
             self.close_sent = true;
         }
         Poll::Ready(Ok(()))

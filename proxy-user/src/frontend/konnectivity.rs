@@ -5,7 +5,12 @@
 //! (or an error), then bytes flow as `DATA{connectID}` both ways until `CLOSE_REQ` / `CLOSE_RSP`.
 //! `DIAL_CLS{random}` abandons a pending dial. docs/operations.md describes how Spoke serves it.
 
-use bytes::Bytes;
+use std::io;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf as _, Bytes};
+use tokio::io::ReadBuf;
+use tokio_util::sync::PollSender;
 
 use super::{ConnectRequest, RequestError, parse_authority};
 
@@ -114,6 +119,41 @@ fn read_dial(dial: &DialRequest) -> Request {
         }
         Err(error) => Request::BadDial { random, error },
     }
+}
+
+/// Copies what fits of a received payload's rest into `buf` (both ends of a tunnel read this way).
+pub fn read_partial(partial: &mut Bytes, buf: &mut ReadBuf<'_>) {
+    let n = buf.remaining().min(partial.len());
+    buf.put_slice(&partial[..n]);
+    partial.advance(n);
+}
+
+/// Queues the packet `make` builds, as `wrap` makes it an item of `out`, once `out` has room (both ends
+/// of a tunnel send this way); a closed `out` is a broken pipe.
+pub fn poll_queue<T: Send + 'static>(
+    out: &mut PollSender<T>,
+    cx: &mut Context<'_>,
+    make: impl FnOnce() -> Packet,
+    wrap: fn(Packet) -> T,
+) -> Poll<io::Result<()>> {
+    let gone = |_| io::Error::new(io::ErrorKind::BrokenPipe, "the other end of the gRPC call went away");
+    ready!(out.poll_reserve(cx)).map_err(gone)?;
+    out.send_item(wrap(make())).map_err(gone)?;
+    Poll::Ready(Ok(()))
+}
+
+/// Queues a `DATA` packet of tunnel `connect_id` with the first bytes of `buf` (at most
+/// [`MAX_DATA_BYTES`]); how many it took.
+pub fn poll_queue_data<T: Send + 'static>(
+    out: &mut PollSender<T>,
+    cx: &mut Context<'_>,
+    connect_id: i64,
+    buf: &[u8],
+    wrap: fn(Packet) -> T,
+) -> Poll<io::Result<usize>> {
+    let n = buf.len().min(MAX_DATA_BYTES);
+    ready!(poll_queue(out, cx, || data(connect_id, Bytes::copy_from_slice(&buf[..n])), wrap))?;
+    Poll::Ready(Ok(n))
 }
 
 /// Decodes one `Packet` from its protobuf bytes (the gRPC length prefix removed).

@@ -10,13 +10,13 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf as _, Bytes};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, PollSender};
 use tonic::Status;
 
-use crate::frontend::konnectivity::{self, MAX_DATA_BYTES, Packet};
+use crate::frontend::konnectivity::{self, Packet};
 use crate::transport::{Plain, Stream};
 
 /// Client `DATA` packets queued for one tunnel ahead of its relay.
@@ -78,10 +78,6 @@ impl Tunnel {
             let _ = out.send(Ok(konnectivity::close_response(self.connect_id, error))).await;
         }
     }
-
-    fn client_gone() -> io::Error {
-        io::Error::new(io::ErrorKind::BrokenPipe, "the gRPC client went away")
-    }
 }
 
 impl AsyncRead for Tunnel {
@@ -104,9 +100,7 @@ impl AsyncRead for Tunnel {
                 None => return Poll::Ready(Ok(())),
             }
         }
-        let n = buf.remaining().min(self.partial.len());
-        buf.put_slice(&self.partial[..n]);
-        self.partial.advance(n);
+        konnectivity::read_partial(&mut self.partial, buf);
         Poll::Ready(Ok(()))
     }
 }
@@ -116,11 +110,8 @@ impl AsyncWrite for Tunnel {
         if self.closed {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel closed")));
         }
-        ready!(self.out.poll_reserve(cx)).map_err(|_| Self::client_gone())?;
-        let n = buf.len().min(MAX_DATA_BYTES);
-        let packet = konnectivity::data(self.connect_id, Bytes::copy_from_slice(&buf[..n]));
-        self.out.send_item(Ok(packet)).map_err(|_| Self::client_gone())?;
-        Poll::Ready(Ok(n))
+        let id = self.connect_id;
+        konnectivity::poll_queue_data(&mut self.out, cx, id, buf, Ok)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -130,9 +121,13 @@ impl AsyncWrite for Tunnel {
     /// The node side ended: `CLOSE_RSP` (the protocol has no half-close; the client ends the tunnel).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.closed {
-            ready!(self.out.poll_reserve(cx)).map_err(|_| Self::client_gone())?;
-            let packet = konnectivity::close_response(self.connect_id, String::new());
-            self.out.send_item(Ok(packet)).map_err(|_| Self::client_gone())?;
+            let id = self.connect_id;
+            ready!(konnectivity::poll_queue(
+                &mut self.out,
+                cx,
+                || konnectivity::close_response(id, String::new()),
+                Ok
+            ))?;
             self.closed = true;
             self.answered = self.close_requested.is_cancelled();
         }
@@ -153,7 +148,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::frontend::konnectivity::Payload;
+    use crate::frontend::konnectivity::{MAX_DATA_BYTES, Payload};
 
     #[tokio::test]
     async fn bytes_cross_as_data_packets_and_shutdown_closes() {
