@@ -73,8 +73,7 @@ pub(super) async fn serve<S: Stream>(server: &Arc<Server>, io: Rewind<S>) {
         .keep_alive_timeout(KEEPALIVE.1);
     let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     let mut conn = std::pin::pin!(conn);
-    let idle = std::pin::pin!(idle(calls.subscribe(), server.config.limits.header_timeout));
-    let mut idle = idle;
+    let mut idle = std::pin::pin!(idle(calls.subscribe(), server.config.limits.header_timeout));
     let mut closing = false;
     // An idle connection's graceful close waits for the client's PING answer; one that never answers is
     // dropped after CLOSE_TIMEOUT.
