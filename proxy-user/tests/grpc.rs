@@ -412,6 +412,15 @@ async fn bad_input_is_refused_counted_and_leaves_nothing_behind() {
     let closed = tokio::time::timeout(common::WAIT, silent.read_to_end(&mut sink)).await;
     assert!(closed.is_ok(), "a connection without calls stays open");
 
+    // A CONTINUATION frame with no header block before it ends the connection at once.
+    let mut stray = UnixStream::connect(&srv.uds).await.unwrap();
+    stray.write_all(spoke::frontend::sniff::H2_PREFACE).await.unwrap();
+    stray.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    stray.write_all(&[0, 0, 1, 9, 4, 0, 0, 0, 1, 0x82]).await.unwrap(); // CONTINUATION, stream 1
+    let closed = tokio::time::timeout(common::WAIT, stray.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "a connection with a broken header block stays open");
+    assert_eq!(metric(srv.admin_addr, &refused("bad_headers")).await, 1);
+
     // Clients gone mid-dial, mid-stream and right after a dial: nothing stays behind.
     for _ in 0..20 {
         let c = call(&srv).await;

@@ -238,8 +238,6 @@ fn node_proxy_logs_exec_and_upgrades_go_through_the_unix_socket() {
 /// (`proxyProtocol: GRPC` over `uds`): one gRPC tunnel per dial, pooled node-proxy tunnels, failed
 /// dials answered with their reason.
 #[test]
-#[ignore = "kube-apiserver's gRPC client sends the socket path as :authority, which the h2 crate refuses \
-            (RST_STREAM PROTOCOL_ERROR); see docs/operations.md, Konnectivity's gRPC tunnel"]
 fn node_proxy_logs_exec_and_upgrades_go_through_the_grpc_tunnel() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let uds = socket_path(dir.path(), "spoke.sock");

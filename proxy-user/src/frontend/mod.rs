@@ -12,6 +12,7 @@ use std::fmt;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+pub mod authority;
 pub mod grpc_client;
 pub mod konnectivity;
 pub mod sniff;

@@ -2,12 +2,8 @@
 //! both: an HTTP/2 client (the gRPC tunnel) opens with the fixed connection preface of RFC 9113 §3.4;
 //! anything else is read as an HTTP/1.1 request head (CONNECT).
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::{Buf as _, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 
 use super::RequestError;
 
@@ -51,7 +47,8 @@ pub fn classify(first: &[u8]) -> Option<Protocol> {
 }
 
 /// Reads from `stream` into `buf` until the protocol is known. Everything read stays in `buf`, for the
-/// protocol's own parser ([`Rewind`] for HTTP/2, `read_connect` for CONNECT). The caller bounds the
+/// protocol's own reader ([`FixAuthority`](super::authority::FixAuthority) for HTTP/2, `read_connect`
+/// for CONNECT). The caller bounds the
 /// time it takes.
 pub async fn sniff<S: AsyncRead + Unpin>(
     stream: &mut S,
@@ -72,69 +69,12 @@ pub async fn sniff<S: AsyncRead + Unpin>(
     }
 }
 
-/// A connection whose first bytes were already read: they are read again first.
-#[derive(Debug)]
-pub struct Rewind<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S> Rewind<S> {
-    /// `inner`, whose next bytes are to be `prefix`.
-    pub fn new(prefix: Bytes, inner: S) -> Self {
-        Self { prefix, inner }
-    }
-
-    /// The connection.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.prefix.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let n = buf.remaining().min(self.prefix.len());
-        buf.put_slice(&self.prefix[..n]);
-        self.prefix.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::io;
+
+    use bytes::Bytes;
+
     use super::*;
 
     #[test]
@@ -151,16 +91,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sniffed_bytes_are_read_again() {
+    async fn sniffed_bytes_are_kept() {
         let wire = [H2_PREFACE, b"frames"].concat();
         let mut buf = BytesMut::new();
-        // One byte a read: the sniffer waits for the whole preface.
+        // One byte a read: the sniffer waits for the whole preface, and reads no further.
         let mut slow = tokio_test_reader(&wire);
         assert_eq!(sniff(&mut slow, &mut buf).await.unwrap(), Protocol::Http2);
-        let mut rewound = Rewind::new(buf.freeze(), slow);
-        let mut all = Vec::new();
-        rewound.read_to_end(&mut all).await.unwrap();
-        assert_eq!(all, wire);
+        assert_eq!(&buf[..], H2_PREFACE);
+        let mut rest = Vec::new();
+        slow.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"frames");
 
         let mut buf = BytesMut::new();
         assert_eq!(sniff(&mut &b""[..], &mut buf).await, Err(RequestError::Closed));

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::{mpsc, watch};
@@ -27,10 +27,10 @@ use super::Server;
 use super::stream::{self, CLOSE_TIMEOUT, GRPC};
 use super::tunnel::{Outbound, TUNNEL_QUEUE, Tunnel};
 use crate::frontend::ConnectRequest;
+use crate::frontend::authority::FixAuthority;
 use crate::frontend::konnectivity::{
     self, MAX_MESSAGE_BYTES, Packet, PacketError, ProxyService, ProxyServiceServer, Request as Asked,
 };
-use crate::frontend::sniff::Rewind;
 use crate::metrics::inc;
 use crate::transport::Stream;
 
@@ -55,9 +55,12 @@ const RECENTLY_CLOSED: usize = 64;
 /// Protobuf bytes around a `DATA` payload: the `Packet` and `Data` framing.
 const PACKET_OVERHEAD: usize = 64;
 
-/// Serves one HTTP/2 connection until it closes. It closes when the client closes it, after
-/// `--header-timeout` without any call open, or (GOAWAY, calls finish) when the server drains.
-pub(super) async fn serve<S: Stream>(server: &Arc<Server>, io: Rewind<S>) {
+/// Serves one HTTP/2 connection, whose first bytes `first` were read already, until it closes. It closes
+/// when the client closes it, after `--header-timeout` without any call open, or (GOAWAY, calls finish)
+/// when the server drains.
+pub(super) async fn serve<S: Stream>(server: &Arc<Server>, first: BytesMut, client: S) {
+    let io = FixAuthority::new(first, client, MAX_HEADER_LIST as usize);
+    let bad_headers = io.failure();
     let calls = Arc::new(watch::Sender::new(0usize));
     let service = ProxyServiceServer::new(Frontend { server: server.clone(), calls: calls.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES + PACKET_OVERHEAD)
@@ -92,7 +95,11 @@ pub(super) async fn serve<S: Stream>(server: &Arc<Server>, io: Rewind<S>) {
             }
             result = conn.as_mut() => {
                 if let Err(error) = result {
-                    debug!(%error, "gRPC connection ended");
+                    if let Some(bad) = bad_headers.get() {
+                        refused(server, "bad_headers", bad);
+                    } else {
+                        debug!(%error, "gRPC connection ended");
+                    }
                 }
                 return;
             }

@@ -18,7 +18,7 @@ use super::registry::{AgentHandle, DataConn};
 use super::{Server, session};
 use crate::codec::{self, CodecError};
 use crate::datapath::Activity;
-use crate::frontend::sniff::{self, Protocol, Rewind};
+use crate::frontend::sniff::{self, Protocol};
 use crate::frontend::{self, ConnectRequest, ESTABLISHED, RequestError};
 use crate::metrics::inc;
 use crate::protocol::{self, DialStatus, Message, Nonces};
@@ -166,7 +166,7 @@ async fn serve<S: Stream>(server: &Arc<Server>, mut client: S) {
     let mode = server.config.mode;
     match protocol {
         Protocol::Http2 if mode.grpc() => {
-            super::grpc::serve(server, Rewind::new(first.freeze(), client)).await;
+            super::grpc::serve(server, first, client).await;
         }
         Protocol::Http1 if mode.http_connect() => connect(server, client, first, deadline).await,
         Protocol::Http2 => {
