@@ -186,6 +186,21 @@ async fn either_side_may_close_first() {
     tokio::time::timeout(common::WAIT, t.read_to_end(&mut rest)).await.expect("CLOSE_RSP in time").unwrap();
     let seen = tokio::time::timeout(common::WAIT, seen).await.expect("the node side ended").unwrap();
     assert_eq!(seen, b"last words");
+
+    // A dropped tunnel is closed as kube-apiserver closes one (CLOSE_REQ, then CLOSE_RSP), so the node
+    // side ends in order and its data connection carries the next stream.
+    let echo = echo().await;
+    let reused = "spoke_server_data_conns_reused_total";
+    let before = metric(srv.admin_addr, reused).await;
+    for _ in 0..3 {
+        let mut t = tunnel(&srv, echo).await;
+        echo_round(&mut t, b"x").await;
+        drop(t);
+    }
+    eventually("dropped tunnels' data connections reused", || async {
+        metric(srv.admin_addr, reused).await >= before + 2
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,10 +443,11 @@ async fn bad_input_is_refused_counted_and_leaves_nothing_behind() {
         drop(c);
         let mut t = tunnel(&srv, echo).await;
         echo_round(&mut t, b"x").await;
-        drop(t);
-        drop(dial(&srv, &echo.to_string()).await.unwrap());
+        t.abandon();
+        dial(&srv, &echo.to_string()).await.unwrap().abandon();
     }
-    drop((t, silent));
+    t.abandon();
+    drop(silent);
     eventually("every call, stream, dial and fd released", || async {
         metric(srv.admin_addr, "spoke_server_grpc_calls_open").await == 0
             && metric(srv.admin_addr, "spoke_server_streams_open").await == 0

@@ -86,6 +86,7 @@ fn system_prefixes(value: &str) -> Vec<&str> {
 const SYSTEMS: &[(&str, Start)] = &[
     ("direct", peers::direct),
     ("spoke (TLS tunnel, copy)", peers::spoke),
+    ("spoke (gRPC frontend)", peers::spoke_grpc),
     ("spoke (TLS tunnel, kTLS)", peers::spoke_ktls),
     ("spoke (plaintext tunnel, splice)", peers::spoke_plain_splice),
     ("spoke (plaintext tunnel, copy)", peers::spoke_plain_copy),

@@ -255,6 +255,14 @@ pub fn spoke(env: &Env) -> anyhow::Result<System> {
     spoke_with(env, "spoke (TLS tunnel, copy)", true, "copy")
 }
 
+/// The TLS copy system reached as kube-apiserver reaches it with `proxyProtocol: GRPC`: Konnectivity's
+/// gRPC tunnel on the same socket, one HTTP/2 connection and call per tunnel.
+pub fn spoke_grpc(env: &Env) -> anyhow::Result<System> {
+    let mut system = spoke_with(env, "spoke (gRPC frontend)", true, "copy")?;
+    system.via = format!("grpc+{}", system.via);
+    Ok(system)
+}
+
 /// Why the kernel TLS system did not start: this kernel has none (expected on most hosts).
 pub const NO_KERNEL_TLS: &str = "no kernel TLS here";
 

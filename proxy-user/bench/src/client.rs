@@ -1,8 +1,11 @@
-//! Opening tunnels the way kube-apiserver does: the exact CONNECT over a Unix socket or TCP (with an
-//! optional TLS client certificate); or, for port forwarders, a plain connection to the forward port.
+//! Opening tunnels the way kube-apiserver does, over a Unix socket or TCP (with an optional TLS client
+//! certificate): the exact CONNECT (`proxyProtocol: HTTPConnect`), or Konnectivity's gRPC tunnel with
+//! one connection and call per tunnel (`proxyProtocol: GRPC`); or, for port forwarders, a plain
+//! connection to the forward port.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use rustls_pki_types::ServerName;
@@ -10,7 +13,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
-use spoke::frontend::ESTABLISHED;
+use spoke::frontend::{ESTABLISHED, grpc_client};
+
+/// How long a gRPC dial may wait for its `DIAL_RSP`: kube-apiserver's own limit.
+const GRPC_DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A bidirectional byte stream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -24,9 +30,9 @@ pub type ProxiedStream = Box<dyn Io>;
 pub enum Via {
     /// Connect straight to this address (direct TCP, or a port forwarder leading to the backend).
     Forward(SocketAddr),
-    /// HTTP CONNECT over this Unix socket.
+    /// A tunnel protocol over this Unix socket.
     Uds(PathBuf),
-    /// HTTP CONNECT over TCP, optionally with TLS.
+    /// A tunnel protocol over TCP, optionally with TLS.
     Tcp {
         /// Proxy address.
         addr: SocketAddr,
@@ -35,12 +41,23 @@ pub enum Via {
     },
 }
 
+/// The tunnel protocol spoken to the proxy (unused for [`Via::Forward`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tunnel {
+    /// HTTP CONNECT.
+    Connect,
+    /// Konnectivity's gRPC tunnel, as kube-apiserver's single-use tunnel.
+    Grpc,
+}
+
 /// Opens tunnels to one destination.
 #[derive(Clone)]
 pub struct Opener {
     /// How.
     pub via: Via,
-    /// `host:port` requested with CONNECT.
+    /// Which protocol.
+    pub tunnel: Tunnel,
+    /// `host:port` requested.
     pub target: String,
 }
 
@@ -73,28 +90,40 @@ impl Opener {
             Via::Uds(path) => {
                 let s =
                     UnixStream::connect(path).await.with_context(|| format!("connect {}", path.display()))?;
-                Box::new(connect_handshake(s, &self.target).await?)
+                self.handshake(s).await?
             }
             Via::Tcp { addr, tls } => {
                 let s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
                 s.set_nodelay(true)?;
                 match tls {
-                    None => Box::new(connect_handshake(s, &self.target).await?),
+                    None => self.handshake(s).await?,
                     Some((connector, name)) => {
                         let s = connector
                             .connect(name.clone(), s)
                             .await
                             .context("TLS handshake with the proxy")?;
-                        Box::new(connect_handshake(s, &self.target).await?)
+                        self.handshake(s).await?
                     }
                 }
             }
         })
     }
 
+    /// Asks the proxy on `s` for the tunnel.
+    async fn handshake<S: Io + 'static>(&self, s: S) -> anyhow::Result<ProxiedStream> {
+        Ok(match self.tunnel {
+            Tunnel::Connect => Box::new(connect_handshake(s, &self.target).await?),
+            Tunnel::Grpc => Box::new(
+                Box::pin(grpc_client::dial(s, &self.target, GRPC_DIAL_TIMEOUT))
+                    .await
+                    .with_context(|| format!("gRPC dial {}", self.target))?,
+            ),
+        })
+    }
+
     /// The same opener for another destination (scale scenario).
     #[must_use]
     pub fn to(&self, target: String) -> Self {
-        Self { via: self.via.clone(), target }
+        Self { via: self.via.clone(), tunnel: self.tunnel, target }
     }
 }

@@ -25,7 +25,7 @@ use rustls_pki_types::ServerName;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use client::{Opener, Via};
+use client::{Opener, Tunnel, Via};
 use scenarios::{Ctx, Sample, Sizes};
 use spoke::agent::config::{AgentConfig, Credential, ServerAddr, TunnelTls};
 use spoke::agent::policy::{AllowRule, Policy};
@@ -77,7 +77,8 @@ struct RunArgs {
     #[arg(long)]
     target: String,
     /// How tunnels are opened: `direct` (to --target), `forward:ADDR` (a port forwarder),
-    /// `uds:PATH` or `tcp:ADDR` (HTTP CONNECT).
+    /// `uds:PATH` or `tcp:ADDR` (HTTP CONNECT), `grpc+uds:PATH` or `grpc+tcp:ADDR` (Konnectivity's gRPC
+    /// tunnel, one connection per tunnel as kube-apiserver opens them).
     #[arg(long, default_value = "direct")]
     via: String,
     /// CA that the TCP proxy's certificate must chain to (enables TLS to the proxy).
@@ -196,11 +197,17 @@ fn summarize(system: &str, scenario: &str, runs: Vec<Vec<Sample>>) -> Vec<Row> {
 }
 
 fn opener(a: &RunArgs) -> anyhow::Result<Opener> {
-    let via = match a.via.split_once(':') {
-        None if a.via == "direct" => {
+    let (tunnel, via) = match a.via.strip_prefix("grpc+") {
+        Some(via) => (Tunnel::Grpc, via),
+        None => (Tunnel::Connect, a.via.as_str()),
+    };
+    let via = match via.split_once(':') {
+        None if via == "direct" && tunnel == Tunnel::Connect => {
             Via::Forward(a.target.parse().context("--target must be ADDRESS:PORT for direct")?)
         }
-        Some(("forward", addr)) => Via::Forward(addr.parse().context("forward:ADDR")?),
+        Some(("forward", addr)) if tunnel == Tunnel::Connect => {
+            Via::Forward(addr.parse().context("forward:ADDR")?)
+        }
         Some(("uds", path)) => Via::Uds(path.into()),
         Some(("tcp", addr)) => {
             let tls = match (&a.tls_ca, &a.tls_cert, &a.tls_key) {
@@ -215,9 +222,9 @@ fn opener(a: &RunArgs) -> anyhow::Result<Opener> {
             };
             Via::Tcp { addr: addr.parse().context("tcp:ADDR")?, tls }
         }
-        _ => bail!("--via must be direct, forward:ADDR, uds:PATH or tcp:ADDR"),
+        _ => bail!("--via must be direct, forward:ADDR, uds:PATH, tcp:ADDR, grpc+uds:PATH or grpc+tcp:ADDR"),
     };
-    Ok(Opener { via, target: a.target.clone() })
+    Ok(Opener { via, tunnel, target: a.target.clone() })
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {

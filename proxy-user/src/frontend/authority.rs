@@ -6,7 +6,11 @@
 //! header blocks (a HEADERS frame and its CONTINUATIONs): those are decoded with the connection's HPACK
 //! context (RFC 7541), an `:authority` that is not a URI authority becomes [`PLACEHOLDER_AUTHORITY`],
 //! and the fields are encoded again, with an encoder whose dynamic table mirrors hyper's decoder. Bytes
-//! from the server to the client pass untouched. The HPACK codec is the `loona-hpack` crate's.
+//! from the server to the client pass untouched. The HPACK codec is the `loona-hpack` crate's (h2's
+//! own is private). Its cost is measured: it builds a Huffman table for every Huffman-coded string, about
+//! a quarter of the server's CPU per gRPC tunnel (docs/benchmarks.md); `httlib-hpack`, table-driven and
+//! faster, was tried and dropped because the `grpc_frontend` fuzz target made its integer decoder
+//! panic on overflow within seconds (seed `authority-hpack-integer-overflow`).
 
 use std::borrow::Cow;
 use std::io;

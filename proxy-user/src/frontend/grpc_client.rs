@@ -4,7 +4,7 @@
 //! the call. For the load generator and the tests; the server never dials out this way.
 //!
 //! One difference: the apiserver puts the socket path in `:authority`, which an HTTP URI cannot carry;
-//! this client sends `localhost` (the server reads no header).
+//! this client sends `localhost`, which is what the server reads a path as (`authority`).
 
 use std::io;
 use std::pin::Pin;
@@ -25,6 +25,9 @@ use super::konnectivity::{self, Packet, Payload, ProxyServiceClient};
 
 /// Packets a client queues ahead of its connection.
 const QUEUE: usize = 4;
+/// How long a dropped tunnel waits for the server's `CLOSE_RSP` before it closes its connection
+/// (konnectivity-client's `CloseTimeout`).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -129,15 +132,19 @@ where
     Ok(ClientTunnel::new(call, connect_id))
 }
 
-/// An open tunnel as a byte stream: reads end at `CLOSE_RSP`; shutdown sends `CLOSE_REQ`; dropping it
-/// closes the connection.
+/// An open tunnel as a byte stream: reads end at `CLOSE_RSP`; shutdown sends `CLOSE_REQ`. Dropping it
+/// closes it as kube-apiserver closes a tunnel: `CLOSE_REQ` (unless sent already), then, in the
+/// background, a wait of up to [`CLOSE_TIMEOUT`] for the `CLOSE_RSP` before the connection closes.
 pub struct ClientTunnel {
     connect_id: i64,
     send: PollSender<Packet>,
-    recv: Streaming<Packet>,
+    /// `None` once dropped.
+    recv: Option<Streaming<Packet>>,
     partial: Bytes,
     close_sent: bool,
-    _conn: AbortOnDrop,
+    /// The server answered `CLOSE_RSP` or ended the call.
+    ended: bool,
+    conn: Option<AbortOnDrop>,
 }
 
 impl ClientTunnel {
@@ -148,10 +155,11 @@ impl ClientTunnel {
         Self {
             connect_id,
             send: PollSender::new(send),
-            recv,
+            recv: Some(recv),
             partial: Bytes::new(),
             close_sent: false,
-            _conn: conn,
+            ended: false,
+            conn: Some(conn),
         }
     }
 
@@ -159,6 +167,11 @@ impl ClientTunnel {
     #[must_use]
     pub fn connect_id(&self) -> i64 {
         self.connect_id
+    }
+
+    /// Closes the connection at once, without `CLOSE_REQ`: a client that vanished.
+    pub fn abandon(mut self) {
+        self.ended = true;
     }
 }
 
@@ -169,19 +182,31 @@ impl AsyncRead for ClientTunnel {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         while self.partial.is_empty() {
-            match ready!(Pin::new(&mut self.recv).poll_next(cx)) {
-                Some(Ok(packet)) => match packet.payload {
-                    Some(Payload::Data(d)) if d.connect_id == self.connect_id => self.partial = d.data,
-                    Some(Payload::CloseResponse(c)) if c.connect_id == self.connect_id => {
-                        if c.error.is_empty() {
-                            return Poll::Ready(Ok(()));
-                        }
-                        return Poll::Ready(Err(io::Error::other(format!("tunnel closed: {}", c.error))));
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            let id = self.connect_id;
+            let recv = self.recv.as_mut().expect("only a dropped tunnel has no receiver");
+            match ready!(Pin::new(recv).poll_next(cx)) {
+                Some(Ok(Packet { payload: Some(Payload::Data(d)), .. })) if d.connect_id == id => {
+                    self.partial = d.data;
+                }
+                Some(Ok(Packet { payload: Some(Payload::CloseResponse(c)), .. })) if c.connect_id == id => {
+                    self.ended = true;
+                    if c.error.is_empty() {
+                        return Poll::Ready(Ok(()));
                     }
-                    _ => {}
-                },
-                Some(Err(status)) => return Poll::Ready(Err(io::Error::other(status))),
-                None => return Poll::Ready(Ok(())),
+                    return Poll::Ready(Err(io::Error::other(format!("tunnel closed: {}", c.error))));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(status)) => {
+                    self.ended = true;
+                    return Poll::Ready(Err(io::Error::other(status)));
+                }
+                None => {
+                    self.ended = true;
+                    return Poll::Ready(Ok(()));
+                }
             }
         }
         konnectivity::read_partial(&mut self.partial, buf);
@@ -214,6 +239,32 @@ impl AsyncWrite for ClientTunnel {
             self.close_sent = true;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for ClientTunnel {
+    fn drop(&mut self) {
+        let (Some(mut recv), Some(conn)) = (self.recv.take(), self.conn.take()) else { return };
+        let Some(send) = self.send.get_ref().cloned() else { return };
+        if self.ended {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (id, close_sent) = (self.connect_id, self.close_sent);
+        runtime.spawn(async move {
+            let _conn = conn;
+            let closed = async {
+                if !close_sent && send.send(konnectivity::close_request(id)).await.is_err() {
+                    return;
+                }
+                while let Ok(Some(packet)) = recv.message().await {
+                    if matches!(packet.payload, Some(Payload::CloseResponse(c)) if c.connect_id == id) {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, closed).await;
+        });
     }
 }
 
