@@ -315,6 +315,7 @@ pub async fn hold(ctx: &Ctx, count: usize) -> anyhow::Result<Vec<Sample>> {
     /// Tunnels being opened at once.
     const OPENING: usize = 64;
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    let fds_before: Vec<u64> = ctx.procs.iter().map(|(_, pid)| procstat::open_fds(*pid)).collect();
     let mut held: Vec<ProxiedStream> = Vec::with_capacity(count);
     let opening = Arc::new(tokio::sync::Semaphore::new(OPENING));
     let mut tasks = tokio::task::JoinSet::new();
@@ -347,8 +348,25 @@ pub async fn hold(ctx: &Ctx, count: usize) -> anyhow::Result<Vec<Sample>> {
         out.push(sample("kib_per_tunnel", grown as f64 / 1024.0 / count as f64, "KiB"));
     }
     drop(held);
+    // The next repetition starts once the proxies have let go of these tunnels (a gRPC tunnel closes
+    // with a CLOSE_REQ/CLOSE_RSP exchange, after the drop); a proxy that keeps them is a leak.
+    let settled = async {
+        loop {
+            let now = ctx.procs.iter().map(|(_, pid)| procstat::open_fds(*pid));
+            if now.zip(&fds_before).all(|(now, before)| now <= before + HOLD_FD_SLACK) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(STEP_TIMEOUT, settled)
+        .await
+        .map_err(|_| anyhow::anyhow!("the proxies kept descriptors of {count} closed tunnels"))?;
     Ok(out)
 }
+
+/// Descriptors a proxy may hold beyond its count before a hold (pooled connections refilled meanwhile).
+const HOLD_FD_SLACK: u64 = 64;
 
 /// Head-of-line: round trips on one stream before and while another stream's reader is stalled with
 /// `hol_push` bytes pushed at it.
