@@ -123,11 +123,6 @@ impl<S> FixAuthority<S> {
         }
     }
 
-    /// The connection.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Where the header block error that ends the connection, if one does, is left.
     pub fn failure(&self) -> Arc<OnceLock<HeaderBlockError>> {
         self.failure.clone()
@@ -139,7 +134,7 @@ impl<S> FixAuthority<S> {
         let Some(head) = self.pending.get(..FRAME_HEADER) else {
             return Ok(false);
         };
-        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let len = payload_len(head);
         let (kind, flags) = (head[3], head[4]);
         let stream: [u8; 4] = head[5..9].try_into().expect("four bytes");
         let in_block = self.block.as_ref().map(|b| b.stream);
@@ -240,10 +235,15 @@ impl<S> FixAuthority<S> {
     }
 }
 
+/// The payload length a frame header announces (24 bits, network order).
+fn payload_len(head: &[u8]) -> usize {
+    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2])
+}
+
 /// `fields` (an encoded header block) as a HEADERS frame, and CONTINUATIONs where it does not fit one.
 fn frames(block: &Block, fields: &[u8]) -> Bytes {
     let priority = block.priority.as_ref().map_or(&[][..], |p| &p[..]);
-    let frames = 1 + (fields.len() + priority.len()).div_ceil(MAX_FRAME_PAYLOAD);
+    let frames = (fields.len() + priority.len()).div_ceil(MAX_FRAME_PAYLOAD).max(1);
     let mut out = BytesMut::with_capacity(fields.len() + priority.len() + frames * FRAME_HEADER);
     let first = fields.len().min(MAX_FRAME_PAYLOAD - priority.len());
     let (mut chunk, mut rest) = fields.split_at(first);
@@ -458,7 +458,7 @@ mod tests {
             loop {
                 let mut head = [0; FRAME_HEADER];
                 self.io.read_exact(&mut head).await.unwrap();
-                let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let len = payload_len(&head);
                 let mut payload = vec![0; len];
                 self.io.read_exact(&mut payload).await.unwrap();
                 let on = u32::from_be_bytes(head[5..9].try_into().unwrap());
@@ -594,7 +594,7 @@ mod tests {
         assert_eq!(preface, H2_PREFACE);
         assert_eq!(rest[3], HEADERS);
         assert_eq!(rest[4], END_STREAM | END_HEADERS, "one frame, END_STREAM kept");
-        let len = usize::from(rest[2]) | usize::from(rest[1]) << 8;
+        let len = payload_len(rest);
         let fields = Decoder::new().decode(&rest[FRAME_HEADER..FRAME_HEADER + len]).unwrap();
         let expected: Vec<_> = request_fields(PLACEHOLDER_AUTHORITY)
             .into_iter()
@@ -613,7 +613,7 @@ mod tests {
         let wire = [H2_PREFACE, &headers(1, &block, Shape::Continued)].concat();
         let out = through_with_limit(&wire, 2 * MAX_FRAME_PAYLOAD).await.unwrap();
         let rest = &out[H2_PREFACE.len()..];
-        let first = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let first = payload_len(rest);
         assert_eq!((first, rest[3], rest[4]), (MAX_FRAME_PAYLOAD, HEADERS, END_STREAM));
         let second = &rest[FRAME_HEADER + first..];
         assert_eq!((second[3], second[4]), (CONTINUATION, END_HEADERS));

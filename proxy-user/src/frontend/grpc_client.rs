@@ -244,11 +244,11 @@ impl AsyncWrite for ClientTunnel {
 
 impl Drop for ClientTunnel {
     fn drop(&mut self) {
-        let (Some(mut recv), Some(conn)) = (self.recv.take(), self.conn.take()) else { return };
-        let Some(send) = self.send.get_ref().cloned() else { return };
         if self.ended {
             return;
         }
+        let (Some(mut recv), Some(conn)) = (self.recv.take(), self.conn.take()) else { return };
+        let Some(send) = self.send.get_ref().cloned() else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (id, close_sent) = (self.connect_id, self.close_sent);
         runtime.spawn(async move {
