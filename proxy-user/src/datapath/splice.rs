@@ -43,8 +43,10 @@ pub trait Spliceable: AsFd + Sync + Sized {
     }
     /// The source gave all it may ([`Spliceable::limit`] reached 0): its direction ended.
     fn counted_end(&self) {}
-    /// Waits until the source has something: bytes, an end, or (counted ends) its count.
-    fn source_ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+    /// Waits until the source has something after `taken` bytes: bytes, an end, or (counted ends) its
+    /// count, also one that arrived earlier and `taken` has reached.
+    fn source_ready(&self, taken: u64) -> impl Future<Output = io::Result<()>> + Send {
+        let _ = taken;
         self.ready_for(Interest::READABLE)
     }
     /// A splice from this socket failed with `e`. Where a record that is not application data stopped
@@ -118,9 +120,9 @@ impl Spliceable for Plain<'_> {
             c.counted_end();
         }
     }
-    async fn source_ready(&self) -> io::Result<()> {
+    async fn source_ready(&self, taken: u64) -> io::Result<()> {
         match self {
-            Plain::Counted(c) => c.source_ready().await,
+            Plain::Counted(c) => c.source_ready(taken).await,
             _ => self.ready_for(Interest::READABLE).await,
         }
     }
@@ -217,7 +219,7 @@ async fn pump<S: Spliceable, D: Spliceable>(
     loop {
         if pipe.is_none() {
             // Idle: hold no pipe until the source has something (bytes, an end or its count).
-            src.source_ready().await.map_err(|e| (End::A, e))?;
+            src.source_ready(taken).await.map_err(|e| (End::A, e))?;
             pipe = Some(Pipe::take().map_err(|e| (End::A, e))?);
         }
         let p = pipe.as_ref().expect("a pipe is held from here on");
@@ -297,7 +299,7 @@ async fn pump<S: Spliceable, D: Spliceable>(
         if in_pipe > 0 {
             dst.ready_for(Interest::WRITABLE).await.map_err(|e| (End::B, e))?;
         } else {
-            src.source_ready().await.map_err(|e| (End::A, e))?;
+            src.source_ready(taken).await.map_err(|e| (End::A, e))?;
         }
     }
 }

@@ -278,11 +278,16 @@ impl<'a> CountedSocket<'a> {
         }
     }
 
-    /// Waits until the socket is readable, or, while it is not known yet, the peer's count arrives.
-    pub async fn source_ready(&self) -> io::Result<()> {
+    /// Waits until the source has something after `taken` bytes: the socket is readable, the peer's
+    /// count arrives, or it already arrived and `taken` reached it (the direction ended: the peer sends
+    /// nothing more, so the socket may never be readable again).
+    pub async fn source_ready(&self, taken: u64) -> io::Result<()> {
         let (ends, id) = (&self.reg.ends, self.reg.stream_id);
-        let known = ends.streams().get(&id).is_some_and(|h| h.count.is_some());
-        if known {
+        let count = ends.streams().get(&id).and_then(|h| h.count);
+        if let Some(n) = count {
+            if n <= self.before.0 + taken {
+                return Ok(());
+            }
             return self.socket.ready(tokio::io::Interest::READABLE).await.map(drop);
         }
         let count = std::future::poll_fn(|cx| ends.poll_count(id, cx));
@@ -592,6 +597,32 @@ mod tests {
         let (got, end) = reader.await.unwrap().unwrap();
         assert_eq!(got, b"abc");
         assert_eq!(end, ReadEnd::Counted);
+    }
+
+    /// The splice tier asks for the count, finds none, drains the socket and only then waits: a count
+    /// that arrived in between, and which the bytes already taken reached, must end that wait at once.
+    /// The peer sends nothing more, so the socket would never become readable (the hang a hundred
+    /// parallel kernel TLS streams met now and then on 6.12).
+    #[tokio::test]
+    async fn a_count_reached_before_the_wait_ends_it_without_a_readable_socket() {
+        let (socket, _peer) = crate::transport::tcp_pair().await;
+        let (ends, _rx) = Ends::new();
+        let reg = ends.register(1, Side::Agent).unwrap();
+        let state = SplicedEnds::default();
+        // Two bytes went through the Counted before the splice took over.
+        let spliced = CountedSocket { socket: &socket, reg: &reg, state: &state, before: (2, 0) };
+        let mut cx = Context::from_waker(Waker::noop());
+
+        let mut unknown = std::pin::pin!(spliced.source_ready(3));
+        assert!(unknown.as_mut().poll(&mut cx).is_pending(), "no count, nothing to read: wait");
+        ends.told_end(1, 5);
+        assert!(matches!(unknown.as_mut().poll(&mut cx), Poll::Ready(Ok(()))), "the count arrived");
+
+        let reached = std::pin::pin!(spliced.source_ready(3)).as_mut().poll(&mut cx);
+        assert!(matches!(reached, Poll::Ready(Ok(()))), "2 + 3 bytes taken of 5: the direction ended");
+        let short = std::pin::pin!(spliced.source_ready(2)).as_mut().poll(&mut cx);
+        assert!(short.is_pending(), "a byte still to come: wait for the socket");
+        assert_eq!(spliced.limit(2).unwrap(), Some(1));
     }
 
     #[tokio::test]
