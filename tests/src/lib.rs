@@ -37,6 +37,9 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
+/// The nftables table of a namespace's link faults ([`Netns::silence`], [`Netns::lossy`]).
+const FAULTS: &str = "spoke_faults";
+
 /// Distinguishes namespaces, links and subnets of tests running at once.
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -52,6 +55,8 @@ pub struct Netns {
     pub ns_addr: std::net::Ipv4Addr,
     /// The veth end inside the namespace.
     ns_if: String,
+    /// The veth end in the caller's namespace.
+    host_if: String,
 }
 
 impl Netns {
@@ -66,7 +71,7 @@ impl Netns {
         let ns_addr = std::net::Ipv4Addr::new(198, 18, third, fourth + 2);
         let (host_if, ns_if) = (format!("spk{n}h"), format!("spk{n}n"));
         ip(&["netns", "add", &name]);
-        let ns = Self { name, host_addr, ns_addr, ns_if: ns_if.clone() };
+        let ns = Self { name, host_addr, ns_addr, ns_if: ns_if.clone(), host_if: host_if.clone() };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
         ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &ns.name]);
         ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_if]);
@@ -96,14 +101,35 @@ impl Netns {
 impl Netns {
     /// Makes the link silent: every packet in or out of the namespace's veth end is dropped, with no
     /// RST or ICMP, as a cut cable or a black-holing middlebox does (nftables, since this kernel has
-    /// no netem).
+    /// no netem). [`Netns::restore`] ends it.
     pub fn silence(&self) {
+        self.drop_packets("drop");
+    }
+
+    /// Makes the link lossy: each packet in or out of the namespace's veth end is dropped with
+    /// probability `percent`/100, independently (nftables' `numgen random`; this kernel has no netem, so
+    /// neither delay nor reordering). [`Netns::restore`] ends it.
+    pub fn lossy(&self, percent: u8) {
+        assert!(percent < 100, "a loss rate below 100 %");
+        self.drop_packets(&format!("numgen random mod 100 < {percent} drop"));
+    }
+
+    /// Puts one TCP segment in each packet on the link (`gso_max_segs 1` on both ends) as a physical
+    /// link carries them, so that a dropped packet costs one segment, not a 64 KiB offload burst. Takes
+    /// effect for connections made afterwards.
+    pub fn wire_sized_packets(&self) {
+        ip(&["link", "set", "dev", &self.host_if, "gso_max_segs", "1"]);
+        ip(&["-n", &self.name, "link", "set", "dev", &self.ns_if, "gso_max_segs", "1"]);
+    }
+
+    /// Applies `verdict` to every packet in and out of the namespace's veth end.
+    fn drop_packets(&self, verdict: &str) {
         let rules = format!(
-            "table inet spoke_silence {{\n chain in {{ type filter hook input priority 0; iifname \"{0}\" drop; }}\n \
-             chain out {{ type filter hook output priority 0; oifname \"{0}\" drop; }}\n}}\n",
+            "table inet {FAULTS} {{\n chain in {{ type filter hook input priority 0; iifname \"{0}\" {verdict}; }}\n \
+             chain out {{ type filter hook output priority 0; oifname \"{0}\" {verdict}; }}\n}}\n",
             self.ns_if
         );
-        let path = std::env::temp_dir().join(format!("{}-silence.nft", self.name));
+        let path = std::env::temp_dir().join(format!("{}-faults.nft", self.name));
         std::fs::write(&path, rules).expect("write the nftables rules");
         let out = Command::new("ip")
             .args(["netns", "exec", &self.name, "nft", "-f"])
@@ -114,10 +140,40 @@ impl Netns {
         assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Takes the link down (as a pulled cable or a failed switch port): the veth end on this side goes
+    /// down, so both ends lose carrier and their subnet route until [`Netns::link_up`].
+    pub fn link_down(&self) {
+        ip(&["link", "set", &self.host_if, "down"]);
+    }
+
+    /// Brings the link back after [`Netns::link_down`].
+    pub fn link_up(&self) {
+        ip(&["link", "set", &self.host_if, "up"]);
+    }
+
+    /// TCP segments retransmitted by sockets inside the namespace (`RetransSegs` of its
+    /// `/proc/net/snmp`): proof that a fault on the link was felt.
+    #[must_use]
+    pub fn tcp_retransmits(&self) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat", "/proc/net/snmp"])
+            .output()
+            .expect("run ip netns exec");
+        assert!(out.status.success(), "read /proc/net/snmp: {}", String::from_utf8_lossy(&out.stderr));
+        let snmp = String::from_utf8_lossy(&out.stdout);
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:")).map(|l| l.split_whitespace());
+        let (names, values) = (tcp.next().expect("Tcp header"), tcp.next().expect("Tcp values"));
+        names
+            .zip(values)
+            .find(|(name, _)| *name == "RetransSegs")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("RetransSegs in /proc/net/snmp")
+    }
+
     /// Lets packets through the link again.
     pub fn restore(&self) {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "nft", "delete", "table", "inet", "spoke_silence"])
+            .args(["netns", "exec", &self.name, "nft", "delete", "table", "inet", FAULTS])
             .output()
             .expect("run nft (package nftables)");
         assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));

@@ -628,6 +628,11 @@ impl PatternCheck {
         Ok(())
     }
 
+    /// Bytes checked so far (whole 8-byte words).
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
     /// Checks the tail at the end of the stream; `Ok`: the bytes received in all.
     pub fn finish(mut self) -> Result<u64, u64> {
         let mut tail = vec![0u8; self.carry.len()];

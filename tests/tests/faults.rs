@@ -1,0 +1,310 @@
+//! Faults on a node's link, in network namespaces: the link goes down under load and comes back, and
+//! a lossy link carries bulk and short streams. Each scenario states its outcome: every byte arrives
+//! intact (checked against a seeded pattern), or the stream fails within a stated bound; nothing hangs.
+//! (The link going silent, without carrier loss, is in netns.rs.)
+
+#[path = "../../proxy-user/tests/common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{
+    PatternCheck, agent, certs, check_pattern, connect_status, eventually, metric, send_pattern, server,
+};
+use spoke_tests::{Netns, privileged};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::time::Instant;
+
+/// `--tcp-user-timeout` on both sides in these tests: a connection with data unacknowledged this long
+/// is given up.
+const USER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the link stays down.
+const OUTAGE: Duration = Duration::from_secs(10);
+
+/// `--reconnect-max` of the agent in these tests: once the link is back, the agent returns within it
+/// (plus a handshake).
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// An echo "kubelet" inside `ns`, on its address: every connection gets its bytes back, then FIN.
+fn echo_kubelet(ns: &Netns) -> SocketAddr {
+    let kubelet = ns.bind(SocketAddr::new(ns.ns_addr.into(), 0));
+    let addr = kubelet.local_addr().unwrap();
+    kubelet.set_nonblocking(true).unwrap();
+    let kubelet = tokio::net::TcpListener::from_std(kubelet).unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = kubelet.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server bound to the namespace's link and an agent inside it, both with [`USER_TIMEOUT`]; the
+/// server's heartbeat interval is `heartbeat`.
+async fn node(ns: &Netns, kubelet: SocketAddr, heartbeat: &str) -> (common::Server, common::Agent) {
+    let user_timeout = format!("{}s", USER_TIMEOUT.as_secs());
+    let srv = server(&certs())
+        .flag("--agent-bind", &format!("{}:0", ns.host_addr))
+        .flag("--heartbeat-interval", heartbeat)
+        .flag("--tcp-user-timeout", &user_timeout)
+        .run()
+        .await;
+    let agent = agent(&srv)
+        .netns(&ns.name)
+        .id("node-1")
+        .identifiers(&format!("ipv4={}", ns.ns_addr))
+        .flag("--kubelet-port", &kubelet.port().to_string())
+        // The development certificate names localhost; the agent dials the server by address.
+        .flag("--tls-server-name", "localhost")
+        .flag("--tcp-user-timeout", &user_timeout)
+        .flag("--reconnect-max", &format!("{}s", RECONNECT_MAX.as_secs()))
+        .spawn()
+        .await;
+    srv.wait_for_agent().await;
+    (srv, agent)
+}
+
+/// How a stream under a fault ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// Every byte came back, in order.
+    Intact,
+    /// The stream ended early (an error, or the end of a Unix socket whose stream was aborted) after
+    /// this many intact bytes.
+    Failed(u64),
+}
+
+/// One stream of `len` bytes, written in chunks of `chunk` with `pause` between them, checked as they
+/// come back, and when it ended. `started` counts the streams whose first bytes returned. Panics on a
+/// corrupted byte: a fault may end a stream, never change it.
+async fn paced_stream(
+    uds: std::path::PathBuf,
+    kubelet: SocketAddr,
+    seed: u64,
+    len: u64,
+    chunk: usize,
+    pause: Duration,
+    started: Arc<AtomicUsize>,
+) -> (Ended, Instant) {
+    let s = common::tunnel_via(&uds, kubelet).await;
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        let mut pattern = common::Pattern::new(seed);
+        let mut buf = vec![0u8; chunk];
+        let mut left = len;
+        while left > 0 {
+            let n = usize::try_from(left.min(chunk as u64)).expect("fits");
+            pattern.fill(&mut buf[..n]);
+            if w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            left -= n as u64;
+            tokio::time::sleep(pause).await;
+        }
+        let _ = w.shutdown().await;
+    });
+    let mut check = PatternCheck::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut counted = false;
+    let ended = loop {
+        match r.read(&mut buf).await {
+            Ok(0) => break check.finish(),
+            Ok(n) => {
+                if let Err(at) = check.feed(&buf[..n]) {
+                    break Err(at);
+                }
+                if !counted {
+                    counted = true;
+                    started.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => break Ok(check.total()),
+        }
+    };
+    writer.abort();
+    let ended = match ended {
+        Ok(n) if n == len => Ended::Intact,
+        Ok(n) => Ended::Failed(n),
+        Err(at) => panic!("stream {seed} corrupted after byte {at}"),
+    };
+    (ended, Instant::now())
+}
+
+/// The node's link goes down for 10 s while 100 streams move data both ways, then comes back.
+/// - Open streams resume intact or fail, all within the outage plus the user timeout (plus slack for
+///   a loaded machine); none hangs.
+/// - Once the server has dropped the agent (three missed heartbeats), a request for the node gets
+///   503 at once, not a hang.
+/// - The agent returns within its reconnect bound after the link does, and carries streams again.
+/// - Nothing is left open on either side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_down_for_ten_seconds_under_a_hundred_streams() {
+    if !privileged("network namespace test") {
+        return;
+    }
+    let ns = Netns::new();
+    let kubelet = echo_kubelet(&ns);
+    let (srv, agent) = node(&ns, kubelet, "500ms").await;
+    let started = Arc::new(AtomicUsize::new(0));
+    // 100 streams of 2 MiB, 16 KiB every 40 ms: about 5 s each unhindered, so all are mid-stream when
+    // the link goes.
+    let streams: Vec<_> = (0..100u64)
+        .map(|i| {
+            let fut = paced_stream(
+                srv.uds.clone(),
+                kubelet,
+                i,
+                2 << 20,
+                16 * 1024,
+                Duration::from_millis(40),
+                started.clone(),
+            );
+            tokio::spawn(fut)
+        })
+        .collect();
+    eventually("every stream under way", || async { started.load(Ordering::Relaxed) == 100 }).await;
+    ns.link_down();
+    let down = Instant::now();
+
+    eventually("the server drops the agent behind the dead link", || async {
+        metric(srv.admin_addr, "spoke_server_agents_connected").await == 0
+    })
+    .await;
+    // At once: within the second a server that started moments ago waits for agents to connect
+    // (STARTUP_WAIT; this one started seconds ago).
+    let asked = Instant::now();
+    let (status, text) =
+        tokio::time::timeout(Duration::from_secs(2), connect_status(&srv, &kubelet.to_string()))
+            .await
+            .expect("a request for a node whose agent is gone is answered at once");
+    assert_eq!(status, 503, "{text}");
+    eprintln!(
+        "link down: agent dropped after {:?}, a request then answered 503 in {:?}",
+        asked - down,
+        asked.elapsed()
+    );
+
+    tokio::time::sleep_until(down + OUTAGE).await;
+    ns.link_up();
+    let up = Instant::now();
+    srv.wait_for_agent().await;
+    let returned = up.elapsed();
+    eprintln!("link up: the agent returned after {returned:?}");
+    assert!(
+        returned < RECONNECT_MAX + Duration::from_secs(5),
+        "the agent took {returned:?} to return (reconnect max {RECONNECT_MAX:?})"
+    );
+
+    // Every stream ends, one way or the other: a failed one within the user timeout of the link going
+    // down (plus slack for a loaded machine), an intact one once its bytes are through.
+    let (mut intact, mut failed, mut last_failure) = (0, Vec::new(), Duration::ZERO);
+    for s in streams {
+        let ended = tokio::time::timeout_at(down + OUTAGE + USER_TIMEOUT + common::WAIT, s).await;
+        match ended.expect("every stream ends").unwrap() {
+            (Ended::Intact, _) => intact += 1,
+            (Ended::Failed(n), at) => {
+                failed.push(n);
+                last_failure = last_failure.max(at - down);
+            }
+        }
+    }
+    eprintln!(
+        "link down {OUTAGE:?} under 100 streams: {intact} resumed intact, {} failed (after {:?} intact bytes), \
+         the last {last_failure:?} after the link went down (user timeout {USER_TIMEOUT:?})",
+        failed.len(),
+        failed.iter().min().zip(failed.iter().max()),
+    );
+    assert!(
+        last_failure < USER_TIMEOUT + Duration::from_secs(3),
+        "a stream over the dead link failed only {last_failure:?} after it went down"
+    );
+
+    // Streams work again, and nothing of the failed ones is left open.
+    let mut s = common::tunnel(&srv, kubelet).await;
+    let (mut r, mut w) = tokio::io::split(&mut s);
+    let (got, ()) = tokio::join!(check_pattern(&mut r, 1000), send_pattern(&mut w, 1000, 1 << 20));
+    assert_eq!(got, 1 << 20);
+    drop(s);
+    for (addr, gauge) in
+        [(srv.admin_addr, "spoke_server_streams_open"), (agent.admin_addr, "spoke_agent_streams_open")]
+    {
+        eventually(&format!("{gauge} back to 0"), || async { metric(addr, gauge).await == 0 }).await;
+    }
+}
+
+/// A link losing 5 % of its packets each way (no delay or reordering: this kernel has no netem) carries
+/// a bulk stream each way and 200 short streams, every byte intact. The heartbeat is 2 s here: at 500 ms
+/// three missed intervals are 1.5 s, which a few retransmissions in a row can reach, and the agent would
+/// be dropped for a link that still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_link_carries_bulk_and_short_streams_intact() {
+    if !privileged("network namespace test") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.wire_sized_packets();
+    let kubelet = echo_kubelet(&ns);
+    let (srv, agent) = node(&ns, kubelet, "2s").await;
+    let retransmitted = ns.tcp_retransmits();
+    ns.lossy(5);
+    let started = Instant::now();
+
+    // Bulk: 8 MiB out and back on each of two streams at once.
+    let bulk: Vec<_> = (0..2u64)
+        .map(|seed| {
+            let uds = srv.uds.clone();
+            tokio::spawn(async move {
+                let s = common::tunnel_via(&uds, kubelet).await;
+                let (mut r, mut w) = tokio::io::split(s);
+                let (got, ()) =
+                    tokio::join!(check_pattern(&mut r, seed), send_pattern(&mut w, seed, 8 << 20));
+                got
+            })
+        })
+        .collect();
+    // Short: 200 streams of 4 KiB, 20 at a time.
+    let short = Arc::new(tokio::sync::Semaphore::new(20));
+    let shorts: Vec<_> = (0..200u64)
+        .map(|i| {
+            let (uds, short) = (srv.uds.clone(), short.clone());
+            tokio::spawn(async move {
+                let _turn = short.acquire_owned().await.unwrap();
+                let s = common::tunnel_via(&uds, kubelet).await;
+                let (mut r, mut w) = tokio::io::split(s);
+                let (got, ()) =
+                    tokio::join!(check_pattern(&mut r, 100 + i), send_pattern(&mut w, 100 + i, 4096 + i));
+                assert_eq!(got, 4096 + i, "short stream {i}");
+            })
+        })
+        .collect();
+    let bound = started + Duration::from_mins(2);
+    for b in bulk {
+        let got = tokio::time::timeout_at(bound, b).await.expect("bulk streams end within 2 minutes").unwrap();
+        assert_eq!(got, 8 << 20);
+    }
+    for s in shorts {
+        tokio::time::timeout_at(bound, s).await.expect("short streams end within 2 minutes").unwrap();
+    }
+    let took = started.elapsed();
+    ns.restore();
+    let retransmitted = ns.tcp_retransmits() - retransmitted;
+    eprintln!(
+        "5 % loss each way: 2 × 8 MiB both ways and 200 short streams intact in {took:?}; the agent's side \
+         retransmitted {retransmitted} segments"
+    );
+    assert!(retransmitted > 0, "the loss was felt");
+    assert_eq!(metric(srv.admin_addr, "spoke_server_agents_connected").await, 1, "the agent stayed");
+    for (addr, gauge) in
+        [(srv.admin_addr, "spoke_server_streams_open"), (agent.admin_addr, "spoke_agent_streams_open")]
+    {
+        eventually(&format!("{gauge} back to 0"), || async { metric(addr, gauge).await == 0 }).await;
+    }
+}
