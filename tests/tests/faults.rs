@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{
-    PatternCheck, agent, certs, check_pattern, connect_status, eventually, metric, send_pattern, server,
+    Ended, Pace, agent, certs, check_pattern, connect_status, eventually, metric, paced_stream, send_pattern,
+    server,
 };
 use spoke_tests::{Netns, privileged};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 
 /// `--tcp-user-timeout` on both sides in these tests: a connection with data unacknowledged this long
@@ -72,72 +73,6 @@ async fn node(ns: &Netns, kubelet: SocketAddr, heartbeat: &str) -> (common::Serv
     (srv, agent)
 }
 
-/// How a stream under a fault ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Ended {
-    /// Every byte came back, in order.
-    Intact,
-    /// The stream ended early (an error, or the end of a Unix socket whose stream was aborted) after
-    /// this many intact bytes.
-    Failed(u64),
-}
-
-/// One stream of `len` bytes, written in chunks of `chunk` with `pause` between them, checked as they
-/// come back, and when it ended. `started` counts the streams whose first bytes returned. Panics on a
-/// corrupted byte: a fault may end a stream, never change it.
-async fn paced_stream(
-    uds: std::path::PathBuf,
-    kubelet: SocketAddr,
-    seed: u64,
-    len: u64,
-    chunk: usize,
-    pause: Duration,
-    started: Arc<AtomicUsize>,
-) -> (Ended, Instant) {
-    let s = common::tunnel_via(&uds, kubelet).await;
-    let (mut r, mut w) = tokio::io::split(s);
-    let writer = tokio::spawn(async move {
-        let mut pattern = common::Pattern::new(seed);
-        let mut buf = vec![0u8; chunk];
-        let mut left = len;
-        while left > 0 {
-            let n = usize::try_from(left.min(chunk as u64)).expect("fits");
-            pattern.fill(&mut buf[..n]);
-            if w.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-            left -= n as u64;
-            tokio::time::sleep(pause).await;
-        }
-        let _ = w.shutdown().await;
-    });
-    let mut check = PatternCheck::new(seed);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut counted = false;
-    let ended = loop {
-        match r.read(&mut buf).await {
-            Ok(0) => break check.finish(),
-            Ok(n) => {
-                if let Err(at) = check.feed(&buf[..n]) {
-                    break Err(at);
-                }
-                if !counted {
-                    counted = true;
-                    started.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(_) => break Ok(check.total()),
-        }
-    };
-    writer.abort();
-    let ended = match ended {
-        Ok(n) if n == len => Ended::Intact,
-        Ok(n) => Ended::Failed(n),
-        Err(at) => panic!("stream {seed} corrupted after byte {at}"),
-    };
-    (ended, Instant::now())
-}
-
 /// The node's link goes down for 10 s while 100 streams move data both ways, then comes back.
 /// - Open streams resume intact or fail, all within the outage plus the user timeout (plus slack for
 ///   a loaded machine); none hangs.
@@ -158,15 +93,8 @@ async fn a_link_down_for_ten_seconds_under_a_hundred_streams() {
     // the link goes.
     let streams: Vec<_> = (0..100u64)
         .map(|i| {
-            let fut = paced_stream(
-                srv.uds.clone(),
-                kubelet,
-                i,
-                2 << 20,
-                16 * 1024,
-                Duration::from_millis(40),
-                started.clone(),
-            );
+            let pace = Pace { len: 2 << 20, chunk: 16 * 1024, pause: Duration::from_millis(40) };
+            let fut = paced_stream(srv.uds.clone(), kubelet, i, pace, started.clone());
             tokio::spawn(fut)
         })
         .collect();
@@ -287,7 +215,8 @@ async fn a_lossy_link_carries_bulk_and_short_streams_intact() {
         .collect();
     let bound = started + Duration::from_mins(2);
     for b in bulk {
-        let got = tokio::time::timeout_at(bound, b).await.expect("bulk streams end within 2 minutes").unwrap();
+        let got =
+            tokio::time::timeout_at(bound, b).await.expect("bulk streams end within 2 minutes").unwrap();
         assert_eq!(got, 8 << 20);
     }
     for s in shorts {

@@ -660,6 +660,79 @@ pub async fn check_pattern<R: AsyncRead + Unpin>(r: &mut R, seed: u64) -> u64 {
     check.finish().unwrap_or_else(|at| panic!("stream tail corrupted after byte {at}"))
 }
 
+/// How a stream under a fault ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every byte came back, in order.
+    Intact,
+    /// The stream ended early (an error, or the end of a Unix socket whose stream was aborted) after
+    /// this many intact bytes.
+    Failed(u64),
+}
+
+/// How a [`paced_stream`] writes: `len` bytes in chunks of `chunk`, with `pause` between them.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub len: u64,
+    pub chunk: usize,
+    pub pause: Duration,
+}
+
+/// One stream through the Unix socket `uds` to the echo at `dest`, written at `pace` with the pattern
+/// of `seed` and checked as it comes back; how and when it ended. `started` counts the streams whose
+/// first bytes returned. Panics on a corrupted byte: a fault may end a stream, never change it.
+pub async fn paced_stream(
+    uds: PathBuf,
+    dest: SocketAddr,
+    seed: u64,
+    pace: Pace,
+    started: Arc<std::sync::atomic::AtomicUsize>,
+) -> (Ended, tokio::time::Instant) {
+    let Pace { len, chunk, pause } = pace;
+    let s = tunnel_via(&uds, dest).await;
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        let mut pattern = Pattern::new(seed);
+        let mut buf = vec![0u8; chunk];
+        let mut left = len;
+        while left > 0 {
+            let n = usize::try_from(left.min(chunk as u64)).expect("fits");
+            pattern.fill(&mut buf[..n]);
+            if w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            left -= n as u64;
+            tokio::time::sleep(pause).await;
+        }
+        let _ = w.shutdown().await;
+    });
+    let mut check = PatternCheck::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut counted = false;
+    let ended = loop {
+        match r.read(&mut buf).await {
+            Ok(0) => break check.finish(),
+            Ok(n) => {
+                if let Err(at) = check.feed(&buf[..n]) {
+                    break Err(at);
+                }
+                if !counted {
+                    counted = true;
+                    started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Err(_) => break Ok(check.total()),
+        }
+    };
+    writer.abort();
+    let ended = match ended {
+        Ok(n) if n == len => Ended::Intact,
+        Ok(n) => Ended::Failed(n),
+        Err(at) => panic!("stream {seed} corrupted after byte {at}"),
+    };
+    (ended, tokio::time::Instant::now())
+}
+
 /// A TLS connector for the TCP frontend presenting `cert`/`key` (none: no client certificate), trusting `ca`.
 pub fn frontend_connector(ca: &Path, client: Option<(&Path, &Path)>) -> tokio_rustls::TlsConnector {
     use rustls_pki_types::pem::PemObject as _;
