@@ -105,8 +105,34 @@ async fn open(agent: &Agent, host: &str, port: u16, timeout: Duration) -> Result
     })
 }
 
-/// Serves one `Dial` that arrived on `conn`; `refill` is dropped once the reply is written (or the
-/// stream ends before), which wakes the pool to replace `conn`. A TLS connection (`counted`) comes
+/// A dial still unanswered after this long has its connection replaced in the pool at once rather
+/// than at its reply: dials that hang (a destination whose SYNs go unanswered) must not take the
+/// parked connections other streams need, and a fast dial still keeps its replacement's handshake
+/// off its path (see [`Refill`]).
+const SLOW_DIAL: Duration = Duration::from_millis(50);
+
+/// [`open`], dropping `refill` if the dial takes longer than [`SLOW_DIAL`]; returns it otherwise.
+async fn open_refilling(
+    agent: &Agent,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+    refill: Refill,
+) -> (Result<TcpStream, DialFailure>, Option<Refill>) {
+    let opening = open(agent, host, port, timeout);
+    tokio::pin!(opening);
+    tokio::select! {
+        biased;
+        opened = &mut opening => (opened, Some(refill)),
+        () = tokio::time::sleep(SLOW_DIAL) => {
+            drop(refill);
+            (opening.await, None)
+        }
+    }
+}
+
+/// Serves one `Dial` that arrived on `conn`; `refill` is dropped once the reply is written, the dial
+/// proves slow (see [`SLOW_DIAL`]) or the stream ends before, which wakes the pool to replace `conn`. A TLS connection (`counted`) comes
 /// back when its stream ended by count both ways and the server read all the agent wrote: it can
 /// carry the next stream.
 pub(super) async fn serve(
@@ -122,7 +148,7 @@ pub(super) async fn serve(
     let started = Instant::now();
     // The dial runs boxed: a task's state is as large as its largest phase and is held for the stream's
     // whole life, which is mostly the relay (thousands of idle streams are held at once).
-    let opened = Box::pin(open(agent, host, port, timeout)).await;
+    let (opened, refill) = Box::pin(open_refilling(agent, host, port, timeout, refill)).await;
     agent.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
     let (status, message, target) = match opened {
         Ok(t) => (DialStatus::Ok, String::new(), Some(t)),
