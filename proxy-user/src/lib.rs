@@ -7,13 +7,14 @@
 //! Layers, each importing only the ones below it: the binaries → [`server`] (with [`apiserver`]),
 //! [`agent`] (with [`admin`] and [`metrics`]) → [`datapath`], [`transport`], [`codec`], [`frontend`] →
 //! [`protocol`]. Leaves any
-//! layer may use: [`config`] (flag parsers), [`telemetry`], [`shutdown`], [`process`]. [`devcerts`]
+//! layer may use: [`config`] (flag parsers), [`budget`] (memory limits), [`telemetry`], [`shutdown`], [`process`]. [`devcerts`]
 //! (development certificates) serves the binaries and tests.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod agent;
 pub mod apiserver;
+pub mod budget;
 pub mod codec;
 pub mod config;
 pub mod datapath;

@@ -294,6 +294,8 @@ pub struct AgentMetrics {
     pub server_count: Gauge,
     /// 1 while servers refuse this agent because another live session holds its identity.
     pub standby: Gauge,
+    /// `--max-streams` in effect (given, or what fits the memory limit).
+    pub max_streams: Gauge,
     /// Failed connections to the server, by `kind` (control, data).
     pub server_conn_failures: Counters,
     /// TLS handshakes with the server by `kind`: `full` or `resumed` (session tickets).
@@ -311,9 +313,15 @@ impl AgentMetrics {
             control_connected: Gauge::default(),
             server_count: Gauge::default(),
             standby: Gauge::default(),
+            max_streams: Gauge::default(),
             server_conn_failures: Counters::default(),
             server_handshakes: Counters::default(),
         };
+        r.register(
+            "max_streams",
+            "Most streams open at once (--max-streams, or what fits the memory limit)",
+            m.max_streams.clone(),
+        );
         r.register("dial_duration_seconds", "Time to connect to a target", m.dial_duration.clone());
         r.register("pool_idle", "Idle data connections parked at the server", m.pool_idle.clone());
         r.register(

@@ -290,6 +290,8 @@ pub enum DialStatus {
     Unresolved = 5,
     /// The agent is draining and takes no new streams.
     Draining = 6,
+    /// The agent holds as many streams as its `--max-streams` allows; nothing was dialed.
+    Busy = 7,
 }
 
 impl DialStatus {
@@ -302,6 +304,7 @@ impl DialStatus {
             4 => Self::Failed,
             5 => Self::Unresolved,
             6 => Self::Draining,
+            7 => Self::Busy,
             _ => return None,
         })
     }
@@ -317,6 +320,7 @@ impl DialStatus {
             Self::Failed => "failed",
             Self::Unresolved => "unresolved",
             Self::Draining => "draining",
+            Self::Busy => "busy",
         }
     }
 }

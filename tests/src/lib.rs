@@ -193,6 +193,7 @@ impl Drop for Netns {
     }
 }
 
+pub mod cgroup;
 pub mod kube;
 pub mod kubelet;
 pub mod spoke;

@@ -324,6 +324,9 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
                 served: Vec::new(),
             },
             pool_size: 1,
+            // Simulated agents share one process: no budget of their own.
+            max_streams: spoke::agent::config::DEFAULT_MAX_STREAMS,
+            memory: (spoke::budget::Budget { base: 0, terms: Vec::new() }, None),
             dial_timeout: std::time::Duration::from_secs(5),
             connect_timeout: std::time::Duration::from_secs(30),
             tcp_user_timeout: std::time::Duration::from_secs(30),

@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
 use super::policy::{AllowRule, Policy};
+use crate::budget::{Budget, MemoryLimit, Term};
 pub use crate::config::ServerAddr;
 use crate::config::{ConfigError, err, nonzero_duration, parse_admin_bind, parse_duration, parse_size};
 use crate::datapath::Mode;
@@ -93,6 +94,15 @@ pub struct AgentArgs {
     /// Idle data connections kept parked at the server, ready for dials.
     #[arg(long, env = "SPOKE_AGENT_POOL_SIZE", default_value_t = 8)]
     pub pool_size: usize,
+    /// Most streams open at once (beyond it a dial is answered `Busy`, which the server gives the client
+    /// as 503). Default: as many as fit the memory limit (docs/operations.md, "Memory budget"), at
+    /// most 4096; a value that does not fit the limit is refused at start.
+    #[arg(long, env = "SPOKE_AGENT_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
+    /// Memory the agent may use (Ki/Mi/Gi suffixes); its caps must fit. Default: its cgroup's limit
+    /// (`memory.max`, or `memory.limit_in_bytes` under cgroup v1), if any.
+    #[arg(long, env = "SPOKE_AGENT_MEMORY_LIMIT", value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
     /// Longest time a target dial may take (the server's timeout applies when shorter).
     #[arg(long, env = "SPOKE_AGENT_DIAL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
@@ -164,6 +174,10 @@ pub struct AgentConfig {
     pub policy: Policy,
     /// Idle data connections to keep parked.
     pub pool_size: usize,
+    /// Most streams open at once.
+    pub max_streams: usize,
+    /// The most the agent holds with these caps, and the limit it was checked against.
+    pub memory: (Budget, Option<MemoryLimit>),
     /// Longest target dial.
     pub dial_timeout: Duration,
     /// Longest server connection set-up.
@@ -195,6 +209,39 @@ pub const MAX_SOCKMAP_BACKLOG: u64 = 64 << 20;
 
 /// Most idle data connections an agent may keep parked (the server's default per-agent limit).
 pub const MAX_POOL_SIZE: usize = 256;
+
+/// `--max-streams` when no memory limit lowers it (the server's default per-agent limit).
+pub const DEFAULT_MAX_STREAMS: usize = 4096;
+
+/// What an agent holds whatever its load: binary, runtime, TLS configuration and caches, BPF maps.
+/// An idle agent measured 9–12 MiB resident (docs/operations.md, "Memory budget").
+pub const BASE_MEMORY: u64 = 24 << 20;
+/// What one stream holds besides its relay's buffers: its task, span, and socket bookkeeping.
+pub const STREAM_STATE: u64 = 16 << 10;
+/// What one parked data connection holds (its TLS state; buffers are freed while it idles).
+pub const IDLE_CONN_MEMORY: u64 = 32 << 10;
+/// What one control channel holds (a session: TLS state, buffers, claims).
+pub const SESSION_MEMORY: u64 = 256 << 10;
+/// Server replicas the budget provides for when fewer addresses are given (a load balancer in front
+/// of several replicas).
+pub const BUDGETED_REPLICAS: usize = 3;
+
+/// The agent's memory budget with everything but its streams, whose cap [`Budget::stream_cap`] adds.
+fn budget_without_streams(pool_size: usize, servers: usize) -> Budget {
+    let replicas = servers.max(BUDGETED_REPLICAS) as u64;
+    let idle = (pool_size * crate::agent::pool::MAX_IDLE_FACTOR) as u64 * replicas;
+    Budget {
+        base: BASE_MEMORY,
+        terms: vec![
+            Term { what: "control channels (replicas)", count: replicas, each: SESSION_MEMORY },
+            Term {
+                what: "parked data connections (--pool-size × 2 × replicas)",
+                count: idle,
+                each: IDLE_CONN_MEMORY,
+            },
+        ],
+    }
+}
 
 fn parse_identifiers(s: &str, identity: &mut Identity) -> Result<(), ConfigError> {
     for pair in s.split('&').filter(|p| !p.is_empty()) {
@@ -228,6 +275,30 @@ fn machine_hostname() -> Option<String> {
         .ok()
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
+}
+
+/// The stream cap and the budget it makes, checked against the memory limit (`--memory-limit`, or
+/// the cgroup's).
+/// `per_stream` is what one stream's relay may hold ([`crate::datapath::stream_memory`]).
+fn memory_budget(
+    (max_streams, memory_limit): (Option<usize>, Option<u64>),
+    per_stream: u64,
+    pool_size: usize,
+    servers: usize,
+) -> Result<(usize, (Budget, Option<MemoryLimit>)), ConfigError> {
+    if max_streams == Some(0) {
+        return err("--max-streams must be above 0");
+    }
+    let per_stream = STREAM_STATE + per_stream;
+    let limit = match memory_limit {
+        Some(bytes) => Some(MemoryLimit { bytes, source: "--memory-limit".into() }),
+        None => crate::budget::cgroup_limit(),
+    };
+    let mut budget = budget_without_streams(pool_size, servers);
+    let cap = budget
+        .stream_cap(max_streams, DEFAULT_MAX_STREAMS, per_stream, limit.as_ref())
+        .map_err(ConfigError)?;
+    Ok((cap, (budget, limit)))
 }
 
 impl TryFrom<AgentArgs> for AgentConfig {
@@ -283,6 +354,13 @@ impl TryFrom<AgentArgs> for AgentConfig {
                 "--sockmap-backlog-limit must be {MIN_SOCKMAP_BACKLOG} to {MAX_SOCKMAP_BACKLOG} bytes"
             ));
         }
+        let relay = crate::datapath::stream_memory(
+            a.datapath,
+            a.tunnel_tls == TunnelTls::On,
+            a.sockmap_backlog_limit,
+        );
+        let (max_streams, memory) =
+            memory_budget((a.max_streams, a.memory_limit), relay, a.pool_size, servers.len())?;
         let credential = match (a.agent_cert, a.agent_key, a.service_account_token_path) {
             (Some(cert), Some(key), None) => Credential::Cert(TlsFiles { ca: a.ca_cert, cert, key }),
             (None, None, Some(path)) => Credential::Token { ca: a.ca_cert, path },
@@ -311,6 +389,8 @@ impl TryFrom<AgentArgs> for AgentConfig {
             identity,
             policy,
             pool_size: a.pool_size,
+            max_streams,
+            memory,
             dial_timeout: nonzero_duration("--dial-timeout", a.dial_timeout)?,
             connect_timeout: nonzero_duration("--connect-timeout", a.connect_timeout)?,
             tcp_user_timeout: a.tcp_user_timeout,
@@ -409,6 +489,27 @@ mod tests {
         assert_eq!(c.policy.allow.len(), 2);
         assert_eq!(c.tls_server_name, None);
         assert_eq!(c.servers, [ServerAddr { host: "cp.example".into(), port: 8091 }]);
+    }
+
+    #[test]
+    fn the_stream_cap_fits_the_memory_limit() {
+        // Per stream in the default tiers: the splice tier's two 1 MiB pipes, plus its state.
+        let per_stream = STREAM_STATE + 2 * (1 << 20);
+        let c = agent(&["--memory-limit", "256Mi"]).unwrap();
+        let (budget, limit) = &c.memory;
+        assert_eq!(limit.as_ref().unwrap().bytes, 256 << 20);
+        assert!(budget.total() <= 256 << 20, "{budget}");
+        assert!(budget.total() + per_stream > 256 << 20, "one more stream would fit: {budget}");
+        assert_eq!(c.max_streams, 113, "{budget}");
+        assert_eq!(agent(&["--memory-limit", "256Mi", "--max-streams", "64"]).unwrap().max_streams, 64);
+        let e = agent(&["--memory-limit", "256Mi", "--max-streams", "1000"]).unwrap_err();
+        assert!(e.contains("at most 113 streams fit"), "{e}");
+        assert!(agent(&["--memory-limit", "16Mi"]).unwrap_err().contains("cannot hold"));
+        assert!(agent(&["--max-streams", "0"]).unwrap_err().contains("--max-streams"));
+        // Kernel buffers of the sockmap tier count where it may run.
+        let c =
+            agent(&["--memory-limit", "256Mi", "--datapath", "sockmap", "--sockmap-backlog-limit", "8Mi"]);
+        assert_eq!(c.unwrap().max_streams, 14);
     }
 
     #[test]

@@ -209,10 +209,17 @@ pub async fn run_agent(
         Credential::Cert(files) => tls::ClientTls::load(files)?,
         Credential::Token { ca, .. } => tls::ClientTls::anonymous(ca)?,
     };
+    let (budget, limit) = &config.memory;
+    if let Some(limit) = limit {
+        info!(limit = limit.bytes, source = %limit.source, %budget, "memory budget");
+    } else {
+        info!(%budget, "memory budget (no memory limit)");
+    }
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     let datapath = datapath(&config)?;
     metrics.stream.kernel_tls.set(i64::from(datapath.kernel_tls().is_some()));
+    metrics.max_streams.set(i64::try_from(config.max_streams).unwrap_or(i64::MAX));
     let agent = Arc::new(Agent {
         tls,
         metrics,

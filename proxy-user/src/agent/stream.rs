@@ -96,6 +96,11 @@ async fn open(agent: &Agent, host: &str, port: u16, timeout: Duration) -> Result
     if agent.draining.load(Ordering::Relaxed) {
         return Err(failure(DialStatus::Draining, "agent is draining"));
     }
+    // The stream's own task counts: more than the cap means it is one too many.
+    let max = agent.config.max_streams;
+    if agent.streams.len() > max {
+        return Err(failure(DialStatus::Busy, format!("agent holds --max-streams {max} streams")));
+    }
     let attempt = async {
         let addrs = allowed(&agent.config.policy, resolve(agent, host, port).await?, port)?;
         connect(&addrs, port).await

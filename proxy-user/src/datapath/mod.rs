@@ -43,6 +43,22 @@ pub enum Mode {
     Sockmap,
 }
 
+/// Bytes one stream's relay holds at most in user space and in the kernel buffers Spoke sizes (pipes,
+/// sockmap backlogs; not the sockets' own buffers, which the kernel autotunes), whichever tier `mode`
+/// gives it: `tls` where one end may be a TLS data connection, `sockmap_backlog` the sockmap tier's
+/// per-direction limit. The terms of the memory budget (docs/operations.md, "Memory budget").
+#[must_use]
+pub fn stream_memory(mode: Mode, tls: bool, sockmap_backlog: u64) -> u64 {
+    let copy = 2 * copy::MAX_BUF + if tls { crate::transport::user_tls::MAX_HELD } else { 0 };
+    let splice = 2 * splice::PIPE_SIZE;
+    let sockmap = 2 * sockmap_backlog;
+    match mode {
+        Mode::Copy => copy as u64,
+        Mode::Auto | Mode::Splice => copy.max(splice) as u64,
+        Mode::Sockmap => (copy.max(splice) as u64).max(sockmap),
+    }
+}
+
 /// What a relay reports while it runs, for a caller that closes idle streams (a server draining for a
 /// restart): the bytes taken in and passed on, both directions together. Equal counts mean nothing is
 /// in flight; equal counts that stay put mean the stream is idle. The sockmap tier moves bytes out of

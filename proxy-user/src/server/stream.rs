@@ -95,7 +95,7 @@ impl DialError {
             Self::Agent { status, .. } => match status {
                 DialStatus::Denied => 403,
                 DialStatus::Timeout => 504,
-                DialStatus::Draining => 503,
+                DialStatus::Draining | DialStatus::Busy => 503,
                 DialStatus::Ok | DialStatus::Refused | DialStatus::Failed | DialStatus::Unresolved => 502,
             },
         }

@@ -44,6 +44,10 @@ const WRITE_BATCH: usize = 16 * MAX_PLAINTEXT;
 /// Bytes a record adds to its plaintext: header, inner content type, AEAD tag (22 with the suites
 /// offered; a margin for any other).
 const RECORD_OVERHEAD: usize = 32;
+/// Bytes one connection's buffers hold at most while a stream moves (freed while it idles): the read
+/// buffer (which may hold twice its read size), the opened plaintext waiting for the reader (at most
+/// one read's records), and the sealed records waiting for the socket.
+pub const MAX_HELD: usize = 2 * READ_BUF + READ_BUF + WRITE_BATCH + 16 * RECORD_OVERHEAD;
 /// Steps (each at most one new record handed to rustls) one poll takes before it yields.
 pub const STEPS_PER_POLL: usize = 64;
 

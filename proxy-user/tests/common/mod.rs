@@ -144,6 +144,8 @@ pub struct ServerBuilder {
     tcp_frontend: bool,
     args: Vec<String>,
     switches: Vec<&'static str>,
+    /// Command the server runs under (a cgroup's entry).
+    prefix: Vec<String>,
 }
 
 pub fn server(certs: &Arc<Certs>) -> ServerBuilder {
@@ -153,6 +155,7 @@ pub fn server(certs: &Arc<Certs>) -> ServerBuilder {
         tcp_frontend: false,
         args: Vec::new(),
         switches: Vec::new(),
+        prefix: Vec::new(),
     }
 }
 
@@ -193,6 +196,12 @@ impl ServerBuilder {
     /// Sets a flag that takes no value.
     pub fn switch(mut self, name: &'static str) -> Self {
         self.switches.push(name);
+        self
+    }
+
+    /// Runs the server under this command (which ends by running its arguments).
+    pub fn under(mut self, command: &[String]) -> Self {
+        self.prefix.extend_from_slice(command);
         self
     }
 
@@ -249,7 +258,7 @@ impl ServerBuilder {
             &bin(option_env!("CARGO_BIN_EXE_spoke-server"), "SPOKE_SERVER_BIN"),
             &args,
             self.certs.dir.path(),
-            &[],
+            &self.prefix,
         )
         .await;
         let frontend = get(&pairs, "frontend");
@@ -339,6 +348,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Runs the agent under this command (which ends by running its arguments).
+    pub fn under(mut self, command: &[String]) -> Self {
+        self.prefix.extend_from_slice(command);
+        self
+    }
+
     /// Runs the agent without these capabilities (`setpriv` syntax, e.g. `-perfmon,-sys_admin`).
     pub fn without_caps(mut self, caps: &str) -> Self {
         self.prefix.extend(["setpriv", "--bounding-set", caps, "--inh-caps", caps].map(String::from));
@@ -355,8 +370,8 @@ impl AgentBuilder {
         self.flag("--service-account-token-path", &path.display().to_string())
     }
 
-    /// Starts the agent without waiting for it to connect.
-    pub async fn spawn(self) -> Agent {
+    /// The agent's command line: its prefix, binary and flags.
+    fn command_line(&self) -> Vec<String> {
         let f = &self.certs.files;
         let p = |p: &Path| p.display().to_string();
         let mut args: Vec<String> = vec![
@@ -389,14 +404,25 @@ impl AgentBuilder {
             }
         }
         override_flags(&mut args, &self.args);
-        let (proc, pairs) = spawn(
-            "spoke-agent",
-            &bin(option_env!("CARGO_BIN_EXE_spoke-agent"), "SPOKE_AGENT_BIN"),
-            &args,
-            self.certs.dir.path(),
-            &self.prefix,
-        )
-        .await;
+        let mut line = self.prefix.clone();
+        line.push(bin(option_env!("CARGO_BIN_EXE_spoke-agent"), "SPOKE_AGENT_BIN"));
+        line.extend(args);
+        line
+    }
+
+    /// Runs the agent to its end (one that exits at once: a refused configuration, `--check-config`),
+    /// within [`WAIT`]; its exit status and standard error.
+    pub async fn run_to_exit(self) -> (std::process::ExitStatus, String) {
+        let line = self.command_line();
+        let out = Command::new(&line[0]).args(&line[1..]).stdin(Stdio::null()).kill_on_drop(true).output();
+        let out = tokio::time::timeout(WAIT, out).await.expect("the agent exits").expect("run the agent");
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Starts the agent without waiting for it to connect.
+    pub async fn spawn(self) -> Agent {
+        let line = self.command_line();
+        let (proc, pairs) = spawn("spoke-agent", &line[0], &line[1..], self.certs.dir.path(), &[]).await;
         Agent { proc, admin_addr: get(&pairs, "admin").parse().expect("admin address") }
     }
 
