@@ -106,7 +106,9 @@ fn encode_frame(msg: &Message, out: &mut BytesMut, start: usize) -> Result<()> {
         }
         Message::StreamEndRead { stream_id } => out.put_u64(*stream_id),
         Message::Drain => {}
-        Message::GoAway { reason } | Message::Reject { reason } => put_str(out, reason)?,
+        Message::GoAway { reason } | Message::Moving { reason } | Message::Reject { reason } => {
+            put_str(out, reason)?;
+        }
         Message::DataHello { version, session_id } => {
             out.put_u16(*version);
             out.put_u128(session_id.0);
@@ -181,6 +183,7 @@ pub fn decode(mut body: Bytes) -> Result<Message> {
         kind::PONG => Message::Pong { nonce: get_u64(b, "nonce")? },
         kind::DRAIN => Message::Drain,
         kind::GO_AWAY => Message::GoAway { reason: get_str(b, "reason")? },
+        kind::MOVING => Message::Moving { reason: get_str(b, "reason")? },
         kind::REJECT => Message::Reject { reason: get_str(b, "reason")? },
         kind::DATA_HELLO => {
             Message::DataHello { version: get_u16(b, "version")?, session_id: get_session_id(b)? }
@@ -427,6 +430,7 @@ mod tests {
             Message::StreamEndRead { stream_id: 7 },
             Message::Drain,
             Message::GoAway { reason: "shutting down".into() },
+            Message::Moving { reason: "successor started".into() },
             Message::DataHello { version: PROTOCOL_VERSION, session_id: SessionId(9) },
             Message::Challenge { nonce: [7; 16] },
             Message::DataProof { nonce: [8; 16], mac: [9; 32] },

@@ -218,6 +218,10 @@ pub const ALREADY_HELD: &str = "this replica holds a session with the agent alre
 /// by and tries again.
 pub const IDENTITY_HELD: &str = "another live session holds this agent's identity";
 
+/// The `Reject` reason for a `Hello` that reached a server a successor process has replaced (it sent
+/// `Moving`): the agent tries again at once, and reaches the successor.
+pub const SUPERSEDED: &str = "a successor took this server's place: connect again";
+
 /// The `Reject` reason for a `DataHello` whose session this server does not hold (expired, or another
 /// replica's: the agent then replaces the connection at once).
 pub const UNKNOWN_SESSION: &str = "unknown or expired session";
@@ -395,6 +399,13 @@ pub enum Message {
         /// Human-readable reason.
         reason: String,
     },
+    /// Server → agent: a successor process has taken this server's place (a surge replacement); open
+    /// a session to it now, through the same address, and keep this one until it ends (`GoAway`)
+    /// for the streams still on it. This server takes no new connections from agents.
+    Moving {
+        /// Human-readable reason.
+        reason: String,
+    },
     /// Agent → server, first frame of a data connection.
     DataHello {
         /// Wire format version the agent speaks.
@@ -454,6 +465,7 @@ pub(crate) mod kind {
     pub const PONG: u8 = 4;
     pub const DRAIN: u8 = 5;
     pub const GO_AWAY: u8 = 6;
+    pub const MOVING: u8 = 10;
     pub const STREAM_END: u8 = 8;
     pub const STREAM_END_READ: u8 = 9;
     pub const DATA_HELLO: u8 = 16;
@@ -478,6 +490,7 @@ impl Message {
             Self::StreamEndRead { .. } => kind::STREAM_END_READ,
             Self::Drain => kind::DRAIN,
             Self::GoAway { .. } => kind::GO_AWAY,
+            Self::Moving { .. } => kind::MOVING,
             Self::DataHello { .. } => kind::DATA_HELLO,
             Self::Challenge { .. } => kind::CHALLENGE,
             Self::DataProof { .. } => kind::DATA_PROOF,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{agent, certs, echo, metric, server, tunnel_via};
+use common::{agent, certs, echo, eventually, metric, server, tunnel_via};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -17,6 +17,8 @@ use tokio::time::Instant;
 #[derive(Default)]
 struct Load {
     ok: u64,
+    /// When the last request succeeded.
+    last_ok: Option<Instant>,
     failures: Vec<(Instant, String)>,
 }
 
@@ -34,6 +36,20 @@ async fn request(uds: &std::path::Path, dest: std::net::SocketAddr) -> Result<()
         return Err("wrong echo".into());
     }
     Ok(())
+}
+
+/// The gap a stop-then-start restart left: from the first request after `since` that found no listener
+/// to the first served after it (waited for).
+async fn gap(load: &Mutex<Load>, since: Instant) -> Option<Duration> {
+    let first = {
+        let load = load.lock().unwrap();
+        load.failures.iter().find(|(at, e)| *at >= since && e.starts_with("connect:")).map(|(at, _)| *at)
+    }?;
+    eventually("a request served after the gap", || async {
+        load.lock().unwrap().last_ok.is_some_and(|at| at > first)
+    })
+    .await;
+    Some(load.lock().unwrap().last_ok?.duration_since(first))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +73,10 @@ async fn restarting_the_server_fails_no_request_while_it_drains() {
                 {
                     let mut load = load.lock().unwrap();
                     match result {
-                        Ok(()) => load.ok += 1,
+                        Ok(()) => {
+                            load.ok += 1;
+                            load.last_ok = Some(Instant::now());
+                        }
                         Err(e) => load.failures.push((Instant::now(), e)),
                     }
                 }
@@ -69,7 +88,7 @@ async fn restarting_the_server_fails_no_request_while_it_drains() {
     let mut current = first;
     for round in 0..3 {
         // Idle keep-alive tunnels, as the apiserver keeps to kubelets between requests.
-        let mut idle = Vec::new();
+        let mut idle: Vec<tokio::net::UnixStream> = Vec::new();
         for _ in 0..4 {
             idle.push(tunnel_via(&uds, echo).await);
         }
@@ -93,6 +112,7 @@ async fn restarting_the_server_fails_no_request_while_it_drains() {
         let started = Instant::now();
         next.wait_for_agent().await;
         let routed = started.elapsed();
+        let gap_span = gap(&load, drain_started).await;
         // A request that finds no listener (the file gone, or nobody accepting) falls in the gap between
         // the old process and the new one, which the stop-then-start order makes; any other failure
         // before the old process exited happened while it drained.
@@ -112,10 +132,11 @@ async fn restarting_the_server_fails_no_request_while_it_drains() {
         }
         eprintln!(
             "restart {round}: drained in {:?} serving {served_while_draining} requests; agent back {routed:?} \
-             after the new server started; no listener for {} requests {gap:?}; {} requests before the \
-             agent was back {routing:?}",
+             after the new server started; {} requests found no listener, for {:?}; {} requests before \
+             the agent was back {routing:?}",
             exited.duration_since(drain_started),
             gap.len(),
+            gap_span,
             routing.len(),
         );
         assert!(draining.is_empty(), "requests failed while the server drained: {draining:?}");
@@ -126,5 +147,122 @@ async fn restarting_the_server_fails_no_request_while_it_drains() {
     stop.cancel();
     generator.await.unwrap();
     let load = load.lock().unwrap();
+    assert!(load.ok > 100, "{} requests served", load.ok);
+}
+
+/// Records the outcome of each request of a load generator.
+fn record(load: &Mutex<Load>, result: Result<(), String>) {
+    let mut load = load.lock().unwrap();
+    match result {
+        Ok(()) => load.ok += 1,
+        Err(e) => load.failures.push((Instant::now(), e)),
+    }
+}
+
+/// A stream held for a while, as kubectl logs or exec hold one: a new connection, then an exchange
+/// every 50 ms for 300 ms.
+async fn held_stream(uds: &std::path::Path, dest: std::net::SocketAddr) -> Result<(), String> {
+    let mut s = tokio::net::UnixStream::connect(uds).await.map_err(|e| format!("connect: {e}"))?;
+    let (status, head) = common::connect_on(&mut s, &dest.to_string()).await;
+    if status != 200 {
+        return Err(format!("CONNECT: {head}"));
+    }
+    for i in 0..6u8 {
+        s.write_all(&[i; 16]).await.map_err(|e| format!("write {i}: {e}"))?;
+        let mut buf = [0u8; 16];
+        s.read_exact(&mut buf).await.map_err(|e| format!("read {i}: {e}"))?;
+        if buf != [i; 16] {
+            return Err(format!("wrong echo {i}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// One exchange on an open tunnel.
+async fn exchange(t: &mut tokio::net::UnixStream, what: &str) {
+    t.write_all(what.as_bytes()).await.unwrap_or_else(|e| panic!("{what}: write: {e}"));
+    let mut buf = vec![0u8; what.len()];
+    t.read_exact(&mut buf).await.unwrap_or_else(|e| panic!("{what}: read: {e}"));
+    assert_eq!(buf, what.as_bytes(), "{what}");
+}
+
+/// Surge replacements, as a `DaemonSet` with `maxSurge: 1` does them: the new server starts while the
+/// old one runs, takes the socket path (renamed over it, never a moment without a listener) and the
+/// agents (the old one tells them to move), and only then is the old one stopped. A request every
+/// 10 ms and a new stream held for 300 ms every 20 ms see no failure, and a stream open on the old
+/// server keeps working until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surge_replacements_refuse_no_request() {
+    let certs = certs();
+    let uds: PathBuf = certs.dir.path().join("surge.sock");
+    let uds_flag = uds.display().to_string();
+    let first =
+        server(&certs).flag("--uds-name", &uds_flag).flag("--drain-idle-timeout", "500ms").run().await;
+    let agent_port = first.agent_addr.port();
+    let echo = echo().await;
+    let _agent = agent(&first).run().await;
+
+    let load = Arc::new(Mutex::new(Load::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut generators = tokio::task::JoinSet::new();
+    {
+        let (load, stop, uds) = (load.clone(), stop.clone(), uds.clone());
+        generators.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                record(&load, request(&uds, echo).await);
+            }
+        });
+    }
+    {
+        let (load, stop, uds) = (load.clone(), stop.clone(), uds.clone());
+        generators.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let mut streams = tokio::task::JoinSet::new();
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let (load, uds) = (load.clone(), uds.clone());
+                streams.spawn(async move { record(&load, held_stream(&uds, echo).await) });
+            }
+            while streams.join_next().await.is_some() {}
+        });
+    }
+
+    let mut current = first;
+    for round in 0..3 {
+        let mut old_stream = tunnel_via(&uds, echo).await;
+        exchange(&mut old_stream, "before the successor").await;
+        let started = Instant::now();
+        let next = server(&certs)
+            .flag("--uds-name", &uds_flag)
+            .flag("--drain-idle-timeout", "500ms")
+            .agent_port(agent_port)
+            .run()
+            .await;
+        next.wait_for_agent().await;
+        let moved = started.elapsed();
+        exchange(&mut old_stream, "after the agent moved").await;
+        current.proc.terminate();
+        exchange(&mut old_stream, "while the old server drains").await;
+        drop(old_stream);
+        let stopping = Instant::now();
+        current.proc.exited().await;
+        eprintln!(
+            "surge {round}: agent on the successor {moved:?} after it started; the old server exited \
+             {:?} after its last stream ended",
+            stopping.elapsed()
+        );
+        assert_eq!(metric(next.admin_addr, "spoke_server_agents_connected").await, 1);
+        current = next;
+    }
+    stop.cancel();
+    while let Some(done) = generators.join_next().await {
+        done.unwrap();
+    }
+    let load = load.lock().unwrap();
+    eprintln!("{} requests and streams served across 3 surge replacements", load.ok);
+    assert!(load.failures.is_empty(), "failed: {:?}", load.failures);
     assert!(load.ok > 100, "{} requests served", load.ok);
 }

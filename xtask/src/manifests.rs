@@ -19,8 +19,8 @@ fn say(msg: &str) {
 
 /// Kustomizations, rendered.
 const KUSTOMIZATIONS: [&str; 3] = ["deploy/base", "deploy/overlays/sockmap", "deploy/overlays/token-auth"];
-/// Manifests applied as they are (static pods).
-const PLAIN: [&str; 1] = ["deploy/server/spoke-server.yaml"];
+/// Manifests applied as they are (the server as a static pod, or as a `DaemonSet`).
+const PLAIN: [&str; 2] = ["deploy/server/spoke-server.yaml", "deploy/server/spoke-server-daemonset.yaml"];
 /// The Kubernetes version the schemas are checked for (the oldest the apiserver client targets).
 const KUBERNETES_VERSION: &str = "1.33.0";
 /// The schema validator and the policy checker, from `PyPI`, into a virtual environment under the

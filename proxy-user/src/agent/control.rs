@@ -5,7 +5,7 @@
 //! once after a `GoAway`, a planned restart; with backoff after a failure).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,9 @@ pub(super) struct Session {
     pub(super) data_addr: ServerAddr,
     /// Its counted stream ends (TLS data connections carry one stream after another).
     pub(super) ends: Arc<Ends>,
+    /// Set when the server said a successor took its place (`Moving`): the session serves what it
+    /// has until the server ends it, and its pool dials no new connections.
+    pub(super) leaving: AtomicBool,
 }
 
 /// Control frames buffered between the reader task and the session loop.
@@ -50,8 +53,11 @@ const MAX_DUPLICATES: u32 = 8;
 /// The replicas held, shared by the sync loop and the sessions.
 #[derive(Default)]
 struct Held {
-    /// Server id → the replica count it last told.
-    replicas: Mutex<HashMap<String, u16>>,
+    /// Server id → the replica count it last told, and the session holding it (a token from `next`):
+    /// a session that moved to a successor process of its server no longer holds the entry.
+    replicas: Mutex<HashMap<String, (u16, u64)>>,
+    /// Tokens of sessions.
+    next: AtomicU64,
     /// Woken when a session ends or a count changes.
     changed: Notify,
     /// Set by a session that ended with `GoAway`: the loop retries at once for a while.
@@ -59,15 +65,38 @@ struct Held {
 }
 
 impl Held {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u16>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u16, u64)>> {
         self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// (held, wanted): the replicas held, and the most any of them says there are (1 with none held).
     fn counts(&self) -> (usize, usize) {
         let replicas = self.lock();
-        let wanted = replicas.values().copied().max().map_or(1, usize::from).max(1);
+        let wanted = replicas.values().map(|(count, _)| *count).max().map_or(1, usize::from).max(1);
         (replicas.len(), wanted)
+    }
+
+    /// Holds `server_id` for a new session; its token.
+    fn insert(&self, server_id: String, count: u16) -> u64 {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(server_id, (count, token));
+        token
+    }
+
+    /// Lets go of `server_id` if the session `token` holds it; wakes the sync loop.
+    fn release(&self, server_id: &str, token: u64) {
+        let mut replicas = self.lock();
+        if replicas.get(server_id).is_some_and(|(_, t)| *t == token) {
+            replicas.remove(server_id);
+        }
+        drop(replicas);
+        self.changed.notify_one();
+    }
+
+    /// Retries at once for a while: the server restarts (`GoAway`) or moves (`Moving`).
+    fn plan_reconnect(&self) {
+        *self.planned_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Instant::now() + RESTART_WINDOW);
     }
 }
 
@@ -104,12 +133,12 @@ pub(super) async fn run(agent: &Arc<Agent>, shutdown: &CancellationToken) {
         };
         let delay = match opened {
             Ok(Some(opened)) => {
-                held.lock().insert(opened.server_id.clone(), opened.server_count);
+                let token = held.insert(opened.server_id.clone(), opened.server_count);
                 agent.metrics.standby.set(0);
                 backoff.reset();
                 duplicates = 0;
                 let (agent, held, shutdown) = (agent.clone(), held.clone(), shutdown.clone());
-                sessions.spawn(async move { serve(&agent, opened, &held, &shutdown).await });
+                sessions.spawn(async move { serve(&agent, opened, &held, token, &shutdown).await });
                 continue;
             }
             Ok(None) => {
@@ -217,13 +246,14 @@ async fn open(
         server_id,
         server_count,
         heartbeat: Duration::from_millis(heartbeat_ms.into()).max(MIN_HEARTBEAT),
-        session: Session { id: session_id, key, data_addr, ends },
+        session: Session { id: session_id, key, data_addr, ends, leaving: AtomicBool::new(false) },
         end_frames,
     }))
 }
 
-/// Serves one control session until it ends: heartbeats, with the session's pool of data connections.
-async fn serve(agent: &Arc<Agent>, opened: Opened, held: &Held, shutdown: &CancellationToken) {
+/// Serves one control session (holding its server id with `token`) until it ends: heartbeats, with
+/// the session's pool of data connections.
+async fn serve(agent: &Arc<Agent>, opened: Opened, held: &Held, token: u64, shutdown: &CancellationToken) {
     let Opened { conn, server_id, server_count, heartbeat, session, end_frames } = opened;
     let span = info_span!("session", id = %session.id.label(), server = %server_id);
     async {
@@ -232,12 +262,22 @@ async fn serve(agent: &Arc<Agent>, opened: Opened, held: &Held, shutdown: &Cance
         let session = Arc::new(session);
         let pool = tokio::spawn(pool::run(agent.clone(), session.clone(), pool_stop.clone()));
         let channel = Channel { conn, heartbeat, ends: &session.ends, end_frames };
-        let end = heartbeats(agent, channel, shutdown, |count| {
-            if let Some(c) = held.lock().get_mut(&server_id) {
-                *c = count;
+        let end = heartbeats(agent, channel, shutdown, |told| match told {
+            Told::Count(count) => {
+                if let Some((c, _)) = held.lock().get_mut(&server_id).filter(|(_, t)| *t == token) {
+                    *c = count;
+                }
+                info!(count, "the servers count changed");
+                held.changed.notify_one();
             }
-            info!(count, "the servers count changed");
-            held.changed.notify_one();
+            Told::Moving(reason) => {
+                // The successor answers at the same address: a new session there holds this server id
+                // while this one serves its streams until the server ends it.
+                session.leaving.store(true, Ordering::Release);
+                held.plan_reconnect();
+                held.release(&server_id, token);
+                info!(%reason, "server moving to a successor: opening a session to it");
+            }
         })
         .await;
         session.ends.close();
@@ -245,15 +285,16 @@ async fn serve(agent: &Arc<Agent>, opened: Opened, held: &Held, shutdown: &Cance
         let _ = pool.await;
         match &end {
             SessionEnd::Shutdown => {}
+            SessionEnd::GoAway(reason) if session.leaving.load(Ordering::Acquire) => {
+                info!(%reason, "the server that moved went away");
+            }
             SessionEnd::GoAway(reason) => {
-                *held.planned_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some(Instant::now() + RESTART_WINDOW);
+                held.plan_reconnect();
                 info!(%reason, "server going away: reconnecting at once");
             }
             SessionEnd::Lost(reason) => error!(%reason, "control channel lost: reconnecting"),
         }
-        held.lock().remove(&server_id);
-        held.changed.notify_one();
+        held.release(&server_id, token);
     }
     .instrument(span)
     .await;
@@ -296,6 +337,14 @@ impl Backoff {
     }
 }
 
+/// What a server told a session, for its holder.
+enum Told {
+    /// The number of replicas changed.
+    Count(u16),
+    /// A successor process took the server's place (`Moving`).
+    Moving(String),
+}
+
 /// How a control session ended.
 enum SessionEnd {
     /// SIGTERM: the agent drains.
@@ -315,13 +364,13 @@ struct Channel<'a> {
     end_frames: mpsc::Receiver<Message>,
 }
 
-/// Heartbeats on a control channel until it ends, with the counted ends of its streams; `on_count`
-/// hears the servers' new replica counts.
+/// Heartbeats on a control channel until it ends, with the counted ends of its streams; `on_told`
+/// hears the servers' new replica counts and a move to a successor.
 async fn heartbeats(
     agent: &Agent,
     channel: Channel<'_>,
     shutdown: &CancellationToken,
-    on_count: impl Fn(u16),
+    on_told: impl Fn(Told),
 ) -> SessionEnd {
     let Channel { conn, heartbeat, ends, mut end_frames } = channel;
     let (rd, mut wr) = tokio::io::split(conn);
@@ -363,7 +412,8 @@ async fn heartbeats(
                         }
                     }
                     Some(Ok(Message::GoAway { reason })) => break SessionEnd::GoAway(reason),
-                    Some(Ok(Message::ServerCount { count })) => on_count(count),
+                    Some(Ok(Message::ServerCount { count })) => on_told(Told::Count(count)),
+                    Some(Ok(Message::Moving { reason })) => on_told(Told::Moving(reason)),
                     Some(Ok(Message::StreamEnd { stream_id, bytes })) => ends.told_end(stream_id, bytes),
                     Some(Ok(Message::StreamEndRead { stream_id })) => ends.told_read(stream_id),
                     Some(Ok(Message::Reject { reason })) => break SessionEnd::Lost(format!("server refused: {reason}")),

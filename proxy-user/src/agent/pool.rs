@@ -48,7 +48,9 @@ const MAX_MISROUTED: usize = 16;
 pub(super) async fn run(agent: Arc<Agent>, session: Arc<Session>, stop: CancellationToken) {
     let counts = Arc::new(Counts::default());
     loop {
-        while counts.held() < agent.config.pool_size {
+        // A session whose server moved to a successor takes no new connections (its listener is
+        // closed); the ones it has serve until it ends.
+        while counts.held() < agent.config.pool_size && !session.leaving.load(Ordering::Acquire) {
             counts.dialing.fetch_add(1, Ordering::AcqRel);
             let slot = Slot {
                 agent: agent.clone(),

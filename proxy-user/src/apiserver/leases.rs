@@ -38,7 +38,8 @@ pub struct LeaseConfig {
 }
 
 /// Renews the Lease of replica `holder` and publishes the replica count into `count` until `stop`;
-/// then deletes the Lease. The count follows a watch of the labelled Leases, so a replica that starts
+/// then deletes the Lease, unless `superseded` says a successor process of the same replica (which
+/// renews the same Lease) took its place. The count follows a watch of the labelled Leases, so a replica that starts
 /// or stops is counted at once, not at the next renewal; one that died is counted out the moment its
 /// Lease expires, and its Lease is deleted (by whichever replica renews next) once it has been expired
 /// for a further lease duration.
@@ -47,11 +48,15 @@ pub async fn run(
     config: LeaseConfig,
     holder: String,
     count: watch::Sender<u16>,
-    stop: CancellationToken,
+    (stop, superseded): (CancellationToken, CancellationToken),
 ) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let name = lease_name(&holder);
     tokio::join!(renew_loop(&api, &config, &name, &holder, &stop), count_loop(&api, &config, &count, &stop));
+    if superseded.is_cancelled() {
+        info!(lease = %name, "a successor renews this replica's Lease: kept");
+        return;
+    }
     let gone = tokio::time::timeout(REQUEST_TIMEOUT, api.delete(&name, &DeleteParams::default())).await;
     if !matches!(gone, Ok(Ok(_))) {
         warn!(lease = %name, "could not delete this replica's Lease; it expires on its own");

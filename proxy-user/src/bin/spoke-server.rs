@@ -1,8 +1,6 @@
 //! spoke-server: see `spoke-server --help`.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -10,30 +8,10 @@ use spoke::server::Listeners;
 use spoke::server::config::{ServerArgs, ServerConfig};
 use spoke::transport::accept::SocketFile;
 use spoke::transport::tls::{self, ClientCerts, Versions};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 
 /// Connections each TCP listener's kernel queue holds before they are accepted.
 const LISTEN_BACKLOG: i32 = 1024;
-
-/// Binds the Unix socket at `path` with mode 0600, replacing a socket file already there (never another
-/// kind of file): a stale one, or a draining predecessor's, which keeps serving the connections it has
-/// while new ones come here. Returns the listener and its file.
-fn bind_uds(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-            std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
-        }
-        Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("inspect {}", path.display())),
-    }
-    // Created with the process umask, then narrowed before anyone is accepted.
-    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
-    let file = SocketFile::of(path).with_context(|| format!("inspect {}", path.display()))?;
-    Ok((listener, file))
-}
 
 /// Binds a TCP listener with `SO_REUSEPORT`, so that a replacement server can bind the same ports
 /// while this one still drains (both accept until this one stops).
@@ -48,7 +26,6 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
-    let uds = config.uds_name.as_deref().map(bind_uds).transpose()?;
     let frontend_tcp = match &config.frontend {
         Some(f) => Some(bind_tcp(f.bind).with_context(|| format!("bind frontend {}", f.bind))?),
         None => None,
@@ -57,6 +34,14 @@ fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
         bind_tcp(config.agent_bind).with_context(|| format!("bind agent listener {}", config.agent_bind))?;
     let admin = match config.admin_bind {
         Some(addr) => Some(bind_tcp(addr).with_context(|| format!("bind admin {addr}"))?),
+        None => None,
+    };
+    // Bound under a name of its own, mode 0600; the server renames it over the path once it accepts
+    // (a predecessor's socket there serves until then), so the path never lacks a listener.
+    let uds = match &config.uds_name {
+        Some(path) => {
+            Some(SocketFile::bind(path, 0o600).with_context(|| format!("bind {}", path.display()))?)
+        }
         None => None,
     };
     Ok(Listeners { uds, frontend_tcp, agent, admin })
@@ -101,8 +86,9 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let addr = |l: &Option<TcpListener>| {
         l.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string())
     };
-    // One line on stdout with every bound address, for scripts and tests (ports may have been 0).
-    println!(
+    // One line on stdout with every bound address once they accept, for scripts and tests (ports may
+    // have been 0).
+    let line = format!(
         "spoke-server started agent={} frontend={} admin={} uds={}",
         listeners.agent.local_addr().context("agent listener address")?,
         addr(&listeners.frontend_tcp),
@@ -110,6 +96,6 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         config.uds_name.as_ref().map_or("off".into(), |p| p.display().to_string()),
     );
     let shutdown = spoke::shutdown::on_signals().context("install signal handlers")?;
-    spoke::run_server(listeners, config, shutdown).await?;
+    spoke::run_server(listeners, config, shutdown, || println!("{line}")).await?;
     Ok(())
 }

@@ -32,7 +32,8 @@ fn server_mode() -> impl clap::builder::TypedValueParser<Value = Mode> {
 #[derive(Debug, Parser)]
 #[command(name = "spoke-server", version, about)]
 pub struct ServerArgs {
-    /// Unix socket for the apiserver's CONNECT requests (created 0600; a stale file is replaced).
+    /// Unix socket for the apiserver's CONNECT requests (mode 0600), renamed over the path once the
+    /// server accepts: a socket there (stale, or a running predecessor's, which hands over) is replaced.
     #[arg(long, env = "SPOKE_SERVER_UDS_NAME")]
     pub uds_name: Option<PathBuf>,
     /// TCP address for CONNECT requests over mutual TLS (needs --server-cert, --server-key, --server-ca-cert).

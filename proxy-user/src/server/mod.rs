@@ -6,6 +6,7 @@
 
 pub mod config;
 mod grpc;
+mod handover;
 pub mod registry;
 mod session;
 mod stream;
@@ -43,6 +44,14 @@ pub enum ServerError {
     /// The apiserver client could not be made.
     #[error(transparent)]
     Apiserver(#[from] AccessError),
+    /// The Unix socket could not be renamed over its path.
+    #[error("publish the socket at {path}: {source}")]
+    Socket {
+        /// The socket's path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// The listeners `spoke-server` serves, bound by the caller.
@@ -97,15 +106,20 @@ struct Server {
     /// Cancelled once the frontends' last streams ended: the agent listener closes, agents are told to
     /// go away (not before: those streams still need their agents).
     stop: CancellationToken,
+    /// Cancelled when a successor process took the socket path: agents are told to move to it, and
+    /// the agent and TCP frontend listeners close (see [`handover`]).
+    superseded: CancellationToken,
 }
 
 /// Runs the server on `listeners` until `shutdown` is cancelled, then drains: it reports itself not
 /// ready and keeps accepting and serving, closes streams that sit idle, and returns once no stream is
 /// open (at most the grace period later), telling its agents to go away as it stops.
+/// `started` runs once every listener accepts and the Unix socket is at its path.
 pub async fn run_server(
     listeners: Listeners,
     config: ServerConfig,
     shutdown: CancellationToken,
+    started: impl FnOnce(),
 ) -> Result<(), ServerError> {
     let (agent_tls, frontend_tls) = acceptors(&config)?;
     let (client, nodes, reviewer) = apiserver_parts(&config, &shutdown).await?;
@@ -136,6 +150,7 @@ pub async fn run_server(
         draining: shutdown.clone(),
         frontend_stop: CancellationToken::new(),
         stop: CancellationToken::new(),
+        superseded: CancellationToken::new(),
     });
 
     let admin_stop = CancellationToken::new();
@@ -171,32 +186,19 @@ pub async fn run_server(
         loops.spawn(accept::serve(
             tcp,
             budget,
-            server.frontend_stop.clone(),
+            handover::either(&server.frontend_stop, &server.superseded),
             server.frontend.clone(),
             move |c| stream::serve_tls(s.clone(), acceptor.clone(), c),
         ));
     }
-    let s = server.clone();
-    let on_refused =
-        Arc::new(move |_, why: Refused| inc(&s.metrics.agent_conn_failures, "reason", why.as_str()));
-    let budget = Budget {
-        name: "agent",
-        max_conns: limits.max_agent_handshakes,
-        first_byte: Some(limits.handshake_timeout),
-        per_source: Some(limits.max_handshakes_per_source),
-        on_refused: Some(on_refused),
-        peer_in_logs: true,
-    };
-    let s = server.clone();
-    loops.spawn(accept::serve(
-        listeners.agent,
-        budget,
-        server.stop.clone(),
-        server.tracker.clone(),
-        move |c: Accepted<_>| session::serve(s.clone(), agent_tls.clone(), c),
-    ));
+    loops.spawn(serve_agents(&server, listeners.agent, agent_tls));
     spawn_watchers(&server, client);
+    if let Some(file) = &uds_file {
+        handover::publish_and_watch(file, server.superseded.clone(), server.stop.clone())
+            .map_err(|source| ServerError::Socket { path: file.path().display().to_string(), source })?;
+    }
     log_start(&server.config);
+    started();
 
     shutdown.cancelled().await;
     drain(&server, grace, uds_file.as_ref()).await;
@@ -209,6 +211,34 @@ pub async fn run_server(
     admin_stop.cancel();
     info!("spoke-server stopped");
     Ok(())
+}
+
+/// The agent listener's accept loop, until the server stops or a successor takes its place.
+fn serve_agents(
+    server: &Arc<Server>,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+) -> impl std::future::Future<Output = ()> + use<> {
+    let limits = &server.config.limits;
+    let s = server.clone();
+    let on_refused =
+        Arc::new(move |_, why: Refused| inc(&s.metrics.agent_conn_failures, "reason", why.as_str()));
+    let budget = Budget {
+        name: "agent",
+        max_conns: limits.max_agent_handshakes,
+        first_byte: Some(limits.handshake_timeout),
+        per_source: Some(limits.max_handshakes_per_source),
+        on_refused: Some(on_refused),
+        peer_in_logs: true,
+    };
+    let s = server.clone();
+    accept::serve(
+        listener,
+        budget,
+        handover::either(&server.stop, &server.superseded),
+        server.tracker.clone(),
+        move |c: Accepted<_>| session::serve(s.clone(), tls.clone(), c),
+    )
 }
 
 /// After SIGTERM: keeps serving (new requests too: the apiserver has no other server until this one
@@ -231,7 +261,8 @@ async fn drain(server: &Server, grace: Duration, uds_file: Option<&SocketFile>) 
     // No new connection can reach the socket once its file is gone; after a last call for connects
     // already under way, the frontends stop, serving what the kernel had already queued. Those are served to their end, within the grace period, and
     // only then are the agents told to go away.
-    if let Some(file) = uds_file {
+    // A successor's socket at the path takes every new connection already: no last call then.
+    if let Some(file) = uds_file.filter(|f| f.is_own()) {
         file.remove_if_own();
         let _ = tokio::time::timeout_at(deadline, tokio::time::sleep(LAST_CALL)).await;
     }
@@ -254,9 +285,9 @@ fn spawn_watchers(server: &Arc<Server>, client: Option<kube::Client>) {
     }
     if let (Some(client), Some(leases)) = (client, server.config.leases.clone()) {
         // Stopped at SIGTERM: the Lease goes, so the other replicas count this one out at once.
-        let (id, replicas, draining) =
-            (server.config.server_id.clone(), server.replicas.clone(), server.draining.clone());
-        tokio::spawn(crate::apiserver::leases::run(client, leases, id, replicas, draining));
+        let (id, replicas) = (server.config.server_id.clone(), server.replicas.clone());
+        let tokens = (server.draining.clone(), server.superseded.clone());
+        tokio::spawn(crate::apiserver::leases::run(client, leases, id, replicas, tokens));
     }
 }
 
@@ -286,6 +317,8 @@ fn readiness(server: Arc<Server>) -> crate::admin::Readiness {
     Arc::new(move || {
         if server.draining.is_cancelled() {
             Err("shutting down")
+        } else if server.superseded.is_cancelled() {
+            Err("a successor took the socket")
         } else if server.agents.is_empty() && started.elapsed() < server.config.limits.readiness_grace {
             Err("no agent connected yet")
         } else {

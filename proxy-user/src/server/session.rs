@@ -53,6 +53,10 @@ pub(super) async fn serve(server: Arc<Server>, acceptor: TlsAcceptor, accepted: 
         return reject(&mut conn, &reason).await;
     }
     match first {
+        Message::Hello { .. } if server.superseded.is_cancelled() => {
+            inc(&server.metrics.agent_conn_failures, "reason", "superseded");
+            reject(&mut conn, protocol::SUPERSEDED).await;
+        }
         Message::Hello { held, .. } if held.contains(&server.config.server_id) => {
             // A load balancer sent an agent to a replica it holds already: keep the session it has.
             debug!("agent reached a replica it holds already");
@@ -328,8 +332,17 @@ async fn session(
     let (reader, mut rx) = codec::spawn_reader(rd, CONTROL_QUEUE);
     let silence = server.config.limits.heartbeat_interval * MISSED_HEARTBEATS;
     let mut count = server.replicas.subscribe();
+    let mut moving = false;
     let result = loop {
         let msg = tokio::select! {
+            () = server.superseded.cancelled(), if !moving => {
+                moving = true;
+                let reason = "a successor took this server's place: open a session to it";
+                if let Err(e) = codec::write_message(&mut wr, &Message::Moving { reason: reason.into() }).await {
+                    break Err(e);
+                }
+                continue;
+            }
             Ok(()) = count.changed() => {
                 let count = *count.borrow_and_update();
                 if let Err(e) = codec::write_message(&mut wr, &Message::ServerCount { count }).await {

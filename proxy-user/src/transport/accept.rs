@@ -119,29 +119,86 @@ impl Listener for UnixListener {
     }
 }
 
-/// A Unix socket's file, as this process bound it: removed only while it is still that file (a
-/// successor may have bound its own at the same path meanwhile).
+/// A Unix socket's file, as this process bound it: bound under a name of its own beside `path`, then
+/// [`published`](Self::publish) by renaming it over `path`, so that the path always names a listening
+/// socket (a predecessor's until the rename, this one's after). Removed only while it is still that
+/// file: a successor may have published its own at the same path meanwhile, which
+/// [`is_own`](Self::is_own) tells.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketFile {
     path: std::path::PathBuf,
+    bound: std::path::PathBuf,
     id: (u64, u64),
 }
 
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (meta.dev(), meta.ino())
+}
+
+/// Fails unless `path` is a socket file or nothing: never replace another kind of file.
+fn socket_or_nothing(path: &std::path::Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => Ok(()),
+        Ok(_) => {
+            Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} is not a socket", path.display())))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 impl SocketFile {
-    /// The file now at `path` (just bound by this process).
-    pub fn of(path: &std::path::Path) -> io::Result<Self> {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::symlink_metadata(path)?;
-        Ok(Self { path: path.to_owned(), id: (meta.dev(), meta.ino()) })
+    /// Binds a listener for `path` under a name of its own beside it (`.<name>.<pid>.<random>`: two
+    /// containers' processes may share a pid), with `mode`;
+    /// nobody can connect to it until it is published.
+    pub fn bind(path: &std::path::Path, mode: u32) -> io::Result<(UnixListener, Self)> {
+        use std::os::unix::fs::PermissionsExt as _;
+        socket_or_nothing(path)?;
+        let name = path.file_name().ok_or_else(|| io::Error::other("the socket path names no file"))?;
+        let bound = path.with_file_name(format!(
+            ".{}.{}.{:08x}",
+            name.to_string_lossy(),
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let listener = UnixListener::bind(&bound)?;
+        let file = Self { path: path.to_owned(), bound, id: (0, 0) };
+        // Created with the process umask, then narrowed before anyone can reach it.
+        std::fs::set_permissions(&file.bound, std::fs::Permissions::from_mode(mode)).inspect_err(|_| {
+            let _ = std::fs::remove_file(&file.bound);
+        })?;
+        let id = file_id(&std::fs::symlink_metadata(&file.bound)?);
+        Ok((listener, Self { id, ..file }))
     }
 
-    /// Removes the file if it is still this one.
+    /// Renames the socket over its path: from now on connections to the path come here. A
+    /// predecessor's socket there keeps the connections it has.
+    pub fn publish(&self) -> io::Result<()> {
+        socket_or_nothing(&self.path)?;
+        std::fs::rename(&self.bound, &self.path)
+    }
+
+    /// Whether the path still names this socket (`false` once a successor published its own there).
+    #[must_use]
+    pub fn is_own(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| file_id(&m) == self.id)
+    }
+
+    /// The socket's path.
+    #[must_use]
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Removes the file if it is still this one (published or not).
     pub fn remove_if_own(&self) {
-        use std::os::unix::fs::MetadataExt as _;
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
-            && let Err(error) = std::fs::remove_file(&self.path)
-        {
-            warn!(%error, path = %self.path.display(), "remove the socket file");
+        for path in [&self.path, &self.bound] {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| file_id(&m) == self.id)
+                && let Err(error) = std::fs::remove_file(path)
+            {
+                warn!(%error, path = %path.display(), "remove the socket file");
+            }
         }
     }
 }
