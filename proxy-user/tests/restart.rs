@@ -52,16 +52,42 @@ async fn gap(load: &Mutex<Load>, since: Instant) -> Option<Duration> {
     Some(load.lock().unwrap().last_ok?.duration_since(first))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarting_the_server_fails_no_request_while_it_drains() {
+/// A server on a socket of its own name with an agent, and an echo destination.
+struct Setup {
+    certs: Arc<common::Certs>,
+    uds: PathBuf,
+    uds_flag: String,
+    first: common::Server,
+    agent_port: u16,
+    echo: std::net::SocketAddr,
+    agent: common::Agent,
+}
+
+async fn setup(name: &str) -> Setup {
     let certs = certs();
-    let uds: PathBuf = certs.dir.path().join("restart.sock");
+    let uds: PathBuf = certs.dir.path().join(format!("{name}.sock"));
     let uds_flag = uds.display().to_string();
     let first =
         server(&certs).flag("--uds-name", &uds_flag).flag("--drain-idle-timeout", "500ms").run().await;
     let agent_port = first.agent_addr.port();
     let echo = echo().await;
-    let _agent = agent(&first).run().await;
+    let agent = agent(&first).run().await;
+    Setup { certs, uds, uds_flag, first, agent_port, echo, agent }
+}
+
+/// A server taking the place of the one set up: the same socket and agent port.
+async fn replacement(certs: &Arc<common::Certs>, uds_flag: &str, agent_port: u16) -> common::Server {
+    server(certs)
+        .flag("--uds-name", uds_flag)
+        .flag("--drain-idle-timeout", "500ms")
+        .agent_port(agent_port)
+        .run()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_server_fails_no_request_while_it_drains() {
+    let Setup { certs, uds, uds_flag, first, agent_port, echo, agent: _agent } = setup("restart").await;
 
     let load = Arc::new(Mutex::new(Load::default()));
     let stop = tokio_util::sync::CancellationToken::new();
@@ -69,17 +95,7 @@ async fn restarting_the_server_fails_no_request_while_it_drains() {
         let (load, stop, uds) = (load.clone(), stop.clone(), uds.clone());
         tokio::spawn(async move {
             while !stop.is_cancelled() {
-                let result = request(&uds, echo).await;
-                {
-                    let mut load = load.lock().unwrap();
-                    match result {
-                        Ok(()) => {
-                            load.ok += 1;
-                            load.last_ok = Some(Instant::now());
-                        }
-                        Err(e) => load.failures.push((Instant::now(), e)),
-                    }
-                }
+                record(&load, request(&uds, echo).await);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -103,12 +119,7 @@ async fn restarting_the_server_fails_no_request_while_it_drains() {
             assert_eq!(t.read_to_end(&mut rest).await.map(|_| rest.len()).ok(), Some(0), "orderly end");
         }
         let served_while_draining = load.lock().unwrap().ok - before;
-        let next = server(&certs)
-            .flag("--uds-name", &uds_flag)
-            .flag("--drain-idle-timeout", "500ms")
-            .agent_port(agent_port)
-            .run()
-            .await;
+        let next = replacement(&certs, &uds_flag, agent_port).await;
         let started = Instant::now();
         next.wait_for_agent().await;
         let routed = started.elapsed();
@@ -154,7 +165,10 @@ async fn restarting_the_server_fails_no_request_while_it_drains() {
 fn record(load: &Mutex<Load>, result: Result<(), String>) {
     let mut load = load.lock().unwrap();
     match result {
-        Ok(()) => load.ok += 1,
+        Ok(()) => {
+            load.ok += 1;
+            load.last_ok = Some(Instant::now());
+        }
         Err(e) => load.failures.push((Instant::now(), e)),
     }
 }
@@ -194,14 +208,7 @@ async fn exchange(t: &mut tokio::net::UnixStream, what: &str) {
 /// server keeps working until it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn surge_replacements_refuse_no_request() {
-    let certs = certs();
-    let uds: PathBuf = certs.dir.path().join("surge.sock");
-    let uds_flag = uds.display().to_string();
-    let first =
-        server(&certs).flag("--uds-name", &uds_flag).flag("--drain-idle-timeout", "500ms").run().await;
-    let agent_port = first.agent_addr.port();
-    let echo = echo().await;
-    let _agent = agent(&first).run().await;
+    let Setup { certs, uds, uds_flag, first, agent_port, echo, agent: _agent } = setup("surge").await;
 
     let load = Arc::new(Mutex::new(Load::default()));
     let stop = tokio_util::sync::CancellationToken::new();
@@ -235,12 +242,7 @@ async fn surge_replacements_refuse_no_request() {
         let mut old_stream = tunnel_via(&uds, echo).await;
         exchange(&mut old_stream, "before the successor").await;
         let started = Instant::now();
-        let next = server(&certs)
-            .flag("--uds-name", &uds_flag)
-            .flag("--drain-idle-timeout", "500ms")
-            .agent_port(agent_port)
-            .run()
-            .await;
+        let next = replacement(&certs, &uds_flag, agent_port).await;
         next.wait_for_agent().await;
         let moved = started.elapsed();
         exchange(&mut old_stream, "after the agent moved").await;
