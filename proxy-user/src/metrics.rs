@@ -186,6 +186,8 @@ pub struct ServerMetrics {
     pub agents_connected: Gauge,
     /// Data connections parked by agents, ready for a dial.
     pub data_conns_idle: Gauge,
+    /// Tasks alive in the runtime (see [`follow_runtime_tasks`]).
+    pub runtime_tasks: Gauge,
     /// Agent connections refused or failed before they were established, by `reason`.
     pub agent_conn_failures: Counters,
     /// Streams closed while the server drained because they sat idle.
@@ -216,6 +218,7 @@ impl ServerMetrics {
             pending_dials: Gauge::default(),
             agents_connected: Gauge::default(),
             data_conns_idle: Gauge::default(),
+            runtime_tasks: Gauge::default(),
             agent_conn_failures: Counters::default(),
             drain_closed_idle: Counter::default(),
             node_claim_conflicts: Gauge::default(),
@@ -225,6 +228,11 @@ impl ServerMetrics {
             grpc_refused: Counters::default(),
             grpc_calls_open: Gauge::default(),
         };
+        r.register(
+            "runtime_tasks",
+            "Tasks alive in the runtime, sampled every second",
+            m.runtime_tasks.clone(),
+        );
         r.register(
             "frontend_requests",
             "Requests by frontend protocol (http-connect, grpc) and result",
@@ -296,6 +304,8 @@ pub struct AgentMetrics {
     pub standby: Gauge,
     /// `--max-streams` in effect (given, or what fits the memory limit).
     pub max_streams: Gauge,
+    /// Tasks alive in the runtime (see [`follow_runtime_tasks`]).
+    pub runtime_tasks: Gauge,
     /// Failed connections to the server, by `kind` (control, data).
     pub server_conn_failures: Counters,
     /// TLS handshakes with the server by `kind`: `full` or `resumed` (session tickets).
@@ -314,9 +324,15 @@ impl AgentMetrics {
             server_count: Gauge::default(),
             standby: Gauge::default(),
             max_streams: Gauge::default(),
+            runtime_tasks: Gauge::default(),
             server_conn_failures: Counters::default(),
             server_handshakes: Counters::default(),
         };
+        r.register(
+            "runtime_tasks",
+            "Tasks alive in the runtime, sampled every second",
+            m.runtime_tasks.clone(),
+        );
         r.register(
             "max_streams",
             "Most streams open at once (--max-streams, or what fits the memory limit)",
@@ -347,4 +363,20 @@ impl AgentMetrics {
         );
         m
     }
+}
+
+/// How often [`follow_runtime_tasks`] samples.
+pub const RUNTIME_SAMPLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps `gauge` at the number of tasks alive in the current runtime (a leak of tasks shows as its
+/// growth), sampled every [`RUNTIME_SAMPLE`] for the process's life.
+pub fn follow_runtime_tasks(gauge: Gauge) {
+    let runtime = tokio::runtime::Handle::current();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RUNTIME_SAMPLE);
+        loop {
+            tick.tick().await;
+            gauge.set(i64::try_from(runtime.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
+        }
+    });
 }

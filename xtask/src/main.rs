@@ -55,6 +55,14 @@ enum Cmd {
         /// Only run tests whose name contains this filter (skips formatting and clippy).
         filter: Option<String>,
     },
+    /// Churn streams of mixed sizes through a server and an agent while the agent's certificate
+    /// rotates and both are replaced; fails if memory, descriptors, tasks, parked connections or metric
+    /// series grow after warm-up (proxy-user/tests/soak.rs; `test` runs it for 2 minutes).
+    Soak {
+        /// How long to run, in minutes.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+    },
     /// Boot a Debian kernel (6.1 or 6.12, which have kernel TLS) under qemu software emulation and run a
     /// command in it, with this machine's root read-only and only loopback networking.
     Vm(vm::VmOpts),
@@ -336,5 +344,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Image => image::build().map(drop),
         Cmd::Bench(opts) => bench::run(&opts),
         Cmd::Vm(opts) => vm::main(&opts),
+        Cmd::Soak { minutes } => {
+            bootstrap::for_tests()?;
+            let mut c =
+                cmd("cargo", &["test", "--package", "proxy-user", "--test", "soak", "--", "--nocapture"]);
+            c.env("SPOKE_SOAK_MINUTES", minutes.to_string());
+            run(c)
+        }
     }
 }

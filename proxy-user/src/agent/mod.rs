@@ -220,6 +220,10 @@ pub async fn run_agent(
     let datapath = datapath(&config)?;
     metrics.stream.kernel_tls.set(i64::from(datapath.kernel_tls().is_some()));
     metrics.max_streams.set(i64::try_from(config.max_streams).unwrap_or(i64::MAX));
+    if admin.is_some() {
+        // Only where it is read (simulated agents share one runtime and have no admin endpoint).
+        crate::metrics::follow_runtime_tasks(metrics.runtime_tasks.clone());
+    }
     let agent = Arc::new(Agent {
         tls,
         metrics,

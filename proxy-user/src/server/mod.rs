@@ -127,6 +127,7 @@ pub async fn run_server(
     let metrics = ServerMetrics::register(&mut registry);
     let datapath = Datapath::new(config.datapath).probe_kernel_tls();
     metrics.stream.kernel_tls.set(i64::from(datapath.kernel_tls().is_some()));
+    crate::metrics::follow_runtime_tasks(metrics.runtime_tasks.clone());
     let grace = config.limits.grace_period;
     let replicas = config.server_count;
     let server = Arc::new(Server {
