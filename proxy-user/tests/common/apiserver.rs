@@ -68,6 +68,8 @@ struct State {
     deleted_pods: std::collections::BTreeSet<String>,
     tokens: BTreeMap<String, FakeToken>,
     reviews: u64,
+    /// Reviews answered, by token.
+    reviews_of: BTreeMap<String, u64>,
     /// Leases by (namespace, name).
     leases: BTreeMap<(String, String), Value>,
 }
@@ -218,6 +220,11 @@ impl FakeApiserver {
             .filter(|(ns, _)| ns == namespace)
             .map(|(_, n)| n.clone())
             .collect()
+    }
+
+    /// Token reviews of `token` answered so far.
+    pub fn reviews_of(&self, token: &str) -> u64 {
+        self.state.lock().unwrap().reviews_of.get(token).copied().unwrap_or(0)
     }
 
     /// Token reviews answered so far.
@@ -478,6 +485,7 @@ fn token_review(state: &Mutex<State>, review: &Value) -> Value {
         .unwrap_or_default();
     let mut s = state.lock().unwrap();
     s.reviews += 1;
+    *s.reviews_of.entry(token.to_owned()).or_default() += 1;
     let fake = s.tokens.get(token).cloned();
     let pod_deleted = fake
         .as_ref()
