@@ -51,9 +51,11 @@ fn limit_in(root: &Path, membership: &str) -> Option<MemoryLimit> {
         }
         let Ok(bytes) = text.parse::<u64>() else { continue };
         if bytes < UNLIMITED_V1 {
-            let limit = MemoryLimit { bytes, source: file.display().to_string() };
-            found =
-                Some(found.map_or(limit.clone(), |f: MemoryLimit| if f.bytes <= bytes { f } else { limit }));
+            // Nested limits (v1 and v2 both set): the lowest holds.
+            found = match found {
+                Some(f @ MemoryLimit { bytes: lower, .. }) if lower <= bytes => Some(f),
+                _ => Some(MemoryLimit { bytes, source: file.display().to_string() }),
+            };
         }
     }
     found

@@ -49,13 +49,13 @@ pub enum Mode {
 /// per-direction limit. The terms of the memory budget (docs/operations.md, "Memory budget").
 #[must_use]
 pub fn stream_memory(mode: Mode, tls: bool, sockmap_backlog: u64) -> u64 {
-    let copy = 2 * copy::MAX_BUF + if tls { crate::transport::user_tls::MAX_HELD } else { 0 };
-    let splice = 2 * splice::PIPE_SIZE;
-    let sockmap = 2 * sockmap_backlog;
+    let copy = (2 * copy::MAX_BUF + if tls { crate::transport::user_tls::MAX_HELD } else { 0 }) as u64;
+    // Splicing streams fall back to copy where an end is TLS in user space: the larger of the two.
+    let copy_or_splice = copy.max((2 * splice::PIPE_SIZE) as u64);
     match mode {
-        Mode::Copy => copy as u64,
-        Mode::Auto | Mode::Splice => copy.max(splice) as u64,
-        Mode::Sockmap => (copy.max(splice) as u64).max(sockmap),
+        Mode::Copy => copy,
+        Mode::Auto | Mode::Splice => copy_or_splice,
+        Mode::Sockmap => copy_or_splice.max(2 * sockmap_backlog),
     }
 }
 

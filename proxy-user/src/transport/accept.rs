@@ -163,13 +163,13 @@ impl SocketFile {
             fastrand::u32(..)
         ));
         let listener = UnixListener::bind(&bound)?;
-        let file = Self { path: path.to_owned(), bound, id: (0, 0) };
         // Created with the process umask, then narrowed before anyone can reach it.
-        std::fs::set_permissions(&file.bound, std::fs::Permissions::from_mode(mode)).inspect_err(|_| {
-            let _ = std::fs::remove_file(&file.bound);
-        })?;
-        let id = file_id(&std::fs::symlink_metadata(&file.bound)?);
-        Ok((listener, Self { id, ..file }))
+        let meta = std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(mode))
+            .and_then(|()| std::fs::symlink_metadata(&bound))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&bound);
+            })?;
+        Ok((listener, Self { path: path.to_owned(), id: file_id(&meta), bound }))
     }
 
     /// Renames the socket over its path: from now on connections to the path come here. A
