@@ -60,11 +60,6 @@ async fn echo_round(t: &mut ClientTunnel, msg: &[u8]) {
     assert_eq!(back, msg);
 }
 
-/// The server's open file descriptors.
-fn fds(srv: &common::Server) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", srv.proc.pid())).map_or(0, Iterator::count)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dial_failure_says_what_happened_and_ends_the_call() {
     let certs = certs();
@@ -286,7 +281,7 @@ async fn a_slow_reader_stalls_neither_another_tunnel_nor_the_servers_memory() {
             sent_tx.send_replace(total);
         }
     });
-    let rss_before = rss_kib(&srv);
+    let rss_before = srv.proc.rss_kib();
     let _stalled = tunnel(&srv, firehose).await;
     // The backend stops once every window and buffer on the way is full.
     let mut last = 0;
@@ -297,15 +292,9 @@ async fn a_slow_reader_stalls_neither_another_tunnel_nor_the_servers_memory() {
     for i in 0..50 {
         echo_round(&mut other, format!("round {i}").as_bytes()).await;
     }
-    let grown = rss_kib(&srv).saturating_sub(rss_before);
+    let grown = srv.proc.rss_kib().saturating_sub(rss_before);
     assert!(last < 64 << 20, "the stalled tunnel took {last} bytes from its backend");
     assert!(grown < 24 * 1024, "the server grew {grown} KiB behind one stalled tunnel");
-}
-
-fn rss_kib(srv: &common::Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", srv.proc.pid())).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,7 +365,7 @@ async fn bad_input_is_refused_counted_and_leaves_nothing_behind() {
     let srv = server(&certs).flag("--header-timeout", "1s").run().await;
     let _agent = agent(&srv).run().await;
     let echo = echo().await;
-    let baseline = fds(&srv);
+    let baseline = srv.proc.fds();
 
     // DATA for a tunnel that never existed: CLOSE_RSP with an error.
     let mut c = call(&srv).await;
@@ -452,7 +441,7 @@ async fn bad_input_is_refused_counted_and_leaves_nothing_behind() {
         metric(srv.admin_addr, "spoke_server_grpc_calls_open").await == 0
             && metric(srv.admin_addr, "spoke_server_streams_open").await == 0
             && metric(srv.admin_addr, "spoke_server_pending_dials").await == 0
-            && fds(&srv) <= baseline + 8
+            && srv.proc.fds() <= baseline + 8
     })
     .await;
 }

@@ -18,23 +18,13 @@ use tokio::task::JoinSet;
 /// connections: timers, a listener's retry, the odd connection on its way out.
 const FD_SLACK: usize = 4;
 
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// What the server and the agent hold besides their parked data connections: (server, agent) open
 /// descriptors minus the data connections each counts as idle.
 async fn held(srv: &common::Server, node: &common::Agent) -> (usize, usize) {
     let idle = |n: u64| usize::try_from(n).unwrap();
     let server_idle = idle(metric(srv.admin_addr, "spoke_server_data_conns_idle").await);
     let agent_idle = idle(metric(node.admin_addr, "spoke_agent_pool_idle").await);
-    (fds(srv.proc.pid()).saturating_sub(server_idle), fds(node.proc.pid()).saturating_sub(agent_idle))
+    (srv.proc.fds().saturating_sub(server_idle), node.proc.fds().saturating_sub(agent_idle))
 }
 
 /// Waits until no stream is open or dial pending on either side, and both hold no more descriptors
@@ -54,17 +44,25 @@ async fn nothing_left(srv: &common::Server, node: &common::Agent, baseline: (usi
     .await;
 }
 
+/// A server with `--backend-dial-timeout dial_timeout` and an agent that carried one stream to the
+/// echo destination, and what both hold then (see [`held`]).
+async fn warmed_up(
+    dial_timeout: &str,
+) -> (common::Server, common::Agent, std::net::SocketAddr, (usize, usize)) {
+    let srv = server(&certs()).flag("--backend-dial-timeout", dial_timeout).run().await;
+    let node = agent(&srv).run().await;
+    let echo = echo().await;
+    round_trip(&srv, echo).await;
+    let baseline = held(&srv, &node).await;
+    (srv, node, echo, baseline)
+}
+
 /// Node-side dials that hang (the destination's accept queue is full, so its SYNs are dropped) must
 /// not pile up: fifty of them each get 504 at the dial timeout, a stream to a live destination goes
 /// through meanwhile, and afterwards nothing is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_node_side_dials_neither_pile_up_nor_block_other_streams() {
-    let certs = certs();
-    let srv = server(&certs).flag("--backend-dial-timeout", "2s").run().await;
-    let node = agent(&srv).run().await;
-    let echo = echo().await;
-    round_trip(&srv, echo).await;
-    let baseline = held(&srv, &node).await;
+    let (srv, node, echo, baseline) = warmed_up("2s").await;
 
     let (full, _fillers) = common::full_backlog();
     let mut hung = JoinSet::new();
@@ -92,12 +90,7 @@ async fn hung_node_side_dials_neither_pile_up_nor_block_other_streams() {
 /// cancelled request goes with it, and no descriptor leaks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_requests_leave_no_state_or_descriptors_behind() {
-    let certs = certs();
-    let srv = server(&certs).flag("--backend-dial-timeout", "1s").run().await;
-    let node = agent(&srv).run().await;
-    let echo = echo().await;
-    round_trip(&srv, echo).await;
-    let baseline = held(&srv, &node).await;
+    let (srv, node, echo, baseline) = warmed_up("1s").await;
 
     let (full, _fillers) = common::full_backlog();
     let mut cancelled = JoinSet::new();
@@ -164,11 +157,10 @@ async fn large_transfers_neither_hang_nor_leak() {
     transfer([1, 2], 16 << 20).await;
     nothing_left(&srv, &node, held(&srv, &node).await).await;
     let baseline = held(&srv, &node).await;
-    let rss = (rss_kib(srv.proc.pid()), rss_kib(node.proc.pid()));
+    let rss = (srv.proc.rss_kib(), node.proc.rss_kib());
     transfer([3, 4], 256 << 20).await;
     nothing_left(&srv, &node, baseline).await;
-    let grown =
-        (rss_kib(srv.proc.pid()).saturating_sub(rss.0), rss_kib(node.proc.pid()).saturating_sub(rss.1));
+    let grown = (srv.proc.rss_kib().saturating_sub(rss.0), node.proc.rss_kib().saturating_sub(rss.1));
     eprintln!("after 2 × 256 MiB each way: server RSS grew {} KiB, agent {} KiB", grown.0, grown.1);
     assert!(grown.0 < RSS_SLACK_KIB && grown.1 < RSS_SLACK_KIB, "resident memory grew {grown:?} KiB");
 }

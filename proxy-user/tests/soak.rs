@@ -39,20 +39,6 @@ fn run_length() -> Duration {
     Duration::from_secs_f64(minutes * 60.0)
 }
 
-fn proc_status(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn fds(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
-}
-
 /// One measurement of a process.
 #[derive(Clone, Debug)]
 struct Sample {
@@ -68,7 +54,12 @@ struct Life {
     samples: Vec<Sample>,
 }
 
-async fn sample(side: &'static str, pid: u32, admin: std::net::SocketAddr, at: Duration) -> Sample {
+async fn sample(
+    side: &'static str,
+    proc: &common::Proc,
+    admin: std::net::SocketAddr,
+    at: Duration,
+) -> Sample {
     let (_, text) = admin_get(admin, "/metrics").await;
     let series = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count() as u64;
     let (tasks, parked) = match side {
@@ -78,7 +69,7 @@ async fn sample(side: &'static str, pid: u32, admin: std::net::SocketAddr, at: D
         ),
         _ => (metric(admin, "spoke_agent_runtime_tasks").await, metric(admin, "spoke_agent_pool_idle").await),
     };
-    Sample { at, values: [proc_status(pid, "VmRSS:"), fds(pid), tasks, parked, series] }
+    Sample { at, values: [proc.rss_kib(), proc.fds() as u64, tasks, parked, series] }
 }
 
 /// What the churn saw.
@@ -201,12 +192,14 @@ impl Cluster {
 
     /// Measures the running server and agent.
     async fn sample(&mut self, at: Duration) {
-        let (server, agent) =
-            ((self.srv.proc.pid(), self.srv.admin_addr), (self.node.proc.pid(), self.node.admin_addr));
-        for life in &mut self.lives {
-            let (pid, admin) = if life.side == "server" { server } else { agent };
-            if life.pid == pid {
-                life.samples.push(sample(life.side, pid, admin, at).await);
+        let running = [
+            ("server", &self.srv.proc, self.srv.admin_addr),
+            ("agent", &self.node.proc, self.node.admin_addr),
+        ];
+        for (side, proc, admin) in running {
+            let measured = sample(side, proc, admin, at).await;
+            if let Some(life) = self.lives.iter_mut().find(|l| l.side == side && l.pid == proc.pid()) {
+                life.samples.push(measured);
             }
         }
     }
@@ -318,12 +311,11 @@ async fn soak() {
         }
         if now >= next_progress {
             next_progress = now + PROGRESS_EVERY;
-            let rss = |p: &common::Proc| proc_status(p.pid(), "VmRSS:");
             eprintln!(
                 "[soak {now:>4.0?}/{length:.0?}] {}; server {} KiB, agent {} KiB",
                 churn.line(),
-                rss(&cluster.srv.proc),
-                rss(&cluster.node.proc),
+                cluster.srv.proc.rss_kib(),
+                cluster.node.proc.rss_kib(),
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

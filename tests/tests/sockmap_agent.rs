@@ -59,11 +59,6 @@ async fn echo_once(srv: &Server, backend: std::net::SocketAddr, msg: &[u8]) {
     assert_eq!(back, msg);
 }
 
-/// Open file descriptors of a process.
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
 /// The agent's counter of streams carried by a datapath tier.
 fn tier_line(tier: &str) -> String {
     format!("spoke_agent_datapath_streams_total{{tier=\"{tier}\"}}")
@@ -125,17 +120,16 @@ async fn churn_through_the_agent_leaves_no_entries_or_descriptors() {
     let _cleanup = RemovePins(pins(&node));
     let ag = agent(&srv).id(&node).plaintext("sockmap").run().await;
     let backend = echo().await;
-    let pid = ag.proc.child.id().expect("agent running");
     for _ in 0..100 {
         bounded("warm-up stream", echo_once(&srv, backend, b"ping")).await;
     }
-    let before = fds(pid);
+    let before = ag.proc.fds();
     for _ in 0..2000 {
         bounded("churn stream", echo_once(&srv, backend, b"ping")).await;
     }
     eventually("no map entries left", || async { pinned_entries(&pins(&node)).ok() == Some((0, 0, 0)) })
         .await;
-    eventually("descriptors back to the baseline", || async { fds(pid) <= before + 2 }).await;
+    eventually("descriptors back to the baseline", || async { ag.proc.fds() <= before + 2 }).await;
     // A FIN that reaches the agent before the pair is inserted sends that stream to the copy tier. (The
     // agent counts a stream after its client saw the end: wait for the last one.)
     let total = async || streams_in(ag.admin_addr, "sockmap").await + streams_in(ag.admin_addr, "copy").await;
