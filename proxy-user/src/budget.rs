@@ -94,17 +94,17 @@ impl Budget {
         self.terms.iter().fold(self.base, |sum, t| sum.saturating_add(t.bytes()))
     }
 
-    /// The stream cap: `explicit` if the budget with that many streams of `per_stream` bytes fits
-    /// `limit`, else an error; without it, the most streams that fit, at most `default`.
+    /// The stream cap: `explicit` if the budget with that many streams (`what`) of `per_stream` bytes
+    /// fits `limit`, else an error; without it, the most streams that fit, at most `default`.
     pub fn stream_cap(
         &mut self,
+        what: &'static str,
         explicit: Option<usize>,
         default: usize,
         per_stream: u64,
         limit: Option<&MemoryLimit>,
     ) -> Result<usize, String> {
-        let streams =
-            |count: usize| Term { what: "streams (--max-streams)", count: count as u64, each: per_stream };
+        let streams = |count: usize| Term { what, count: count as u64, each: per_stream };
         let Some(limit) = limit else {
             let cap = explicit.unwrap_or(default);
             self.terms.push(streams(cap));
@@ -123,6 +123,17 @@ impl Budget {
             ));
         }
         Ok(cap)
+    }
+}
+
+impl Budget {
+    /// Logs the budget at start, with the limit it was checked against.
+    pub fn log(&self, limit: Option<&MemoryLimit>) {
+        if let Some(limit) = limit {
+            tracing::info!(limit = limit.bytes, source = %limit.source, budget = %self, "memory budget");
+        } else {
+            tracing::info!(budget = %self, "memory budget (no memory limit)");
+        }
     }
 }
 
@@ -156,6 +167,7 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+    const STREAMS: &str = "streams (--max-streams)";
 
     fn limit(bytes: u64) -> MemoryLimit {
         MemoryLimit { bytes, source: "--memory-limit".into() }
@@ -167,22 +179,22 @@ mod tests {
 
     #[test]
     fn without_a_limit_the_cap_is_the_one_given_or_the_default() {
-        assert_eq!(budget().stream_cap(None, 4096, 2 * MIB, None), Ok(4096));
-        assert_eq!(budget().stream_cap(Some(10), 4096, 2 * MIB, None), Ok(10));
+        assert_eq!(budget().stream_cap(STREAMS, None, 4096, 2 * MIB, None), Ok(4096));
+        assert_eq!(budget().stream_cap(STREAMS, Some(10), 4096, 2 * MIB, None), Ok(10));
     }
 
     #[test]
     fn a_default_cap_is_the_most_streams_that_fit() {
         // 256 MiB - 32 MiB - 1 MiB of idle connections leaves room for 111 streams of 2 MiB.
         let mut b = budget();
-        assert_eq!(b.stream_cap(None, 4096, 2 * MIB, Some(&limit(256 * MIB))), Ok(111));
+        assert_eq!(b.stream_cap(STREAMS, None, 4096, 2 * MIB, Some(&limit(256 * MIB))), Ok(111));
         assert!(b.total() <= 256 * MIB);
-        assert_eq!(budget().stream_cap(None, 50, 2 * MIB, Some(&limit(256 * MIB))), Ok(50));
+        assert_eq!(budget().stream_cap(STREAMS, None, 50, 2 * MIB, Some(&limit(256 * MIB))), Ok(50));
     }
 
     #[test]
     fn caps_that_cannot_fit_the_limit_are_refused_with_the_formula() {
-        let e = budget().stream_cap(Some(112), 4096, 2 * MIB, Some(&limit(256 * MIB))).unwrap_err();
+        let e = budget().stream_cap(STREAMS, Some(112), 4096, 2 * MIB, Some(&limit(256 * MIB))).unwrap_err();
         assert!(e.contains("256 MiB from --memory-limit"), "{e}");
         assert!(
             e.contains(
@@ -192,7 +204,7 @@ mod tests {
         );
         assert!(e.contains("at most 111 streams fit"), "{e}");
         assert!(
-            budget().stream_cap(None, 4096, 2 * MIB, Some(&limit(33 * MIB))).is_err(),
+            budget().stream_cap(STREAMS, None, 4096, 2 * MIB, Some(&limit(33 * MIB))).is_err(),
             "not one stream fits"
         );
     }

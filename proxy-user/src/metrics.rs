@@ -206,6 +206,8 @@ pub struct ServerMetrics {
     pub grpc_refused: Counters,
     /// gRPC `Proxy` calls open now.
     pub grpc_calls_open: Gauge,
+    /// `--max-streams` in effect (given, or what fits the memory limit).
+    pub max_streams: Gauge,
 }
 
 impl ServerMetrics {
@@ -227,7 +229,14 @@ impl ServerMetrics {
             frontend_conns: Counters::default(),
             grpc_refused: Counters::default(),
             grpc_calls_open: Gauge::default(),
+            max_streams: Gauge::default(),
         };
+        r.register(
+            "max_streams",
+            "Most streams relayed at once (--max-streams, or what fits the memory limit)",
+            m.max_streams.clone(),
+        );
+
         r.register(
             "runtime_tasks",
             "Tasks alive in the runtime, sampled every second",

@@ -226,6 +226,13 @@ pub const SUPERSEDED: &str = "a successor took this server's place: connect agai
 /// replica's: the agent then replaces the connection at once).
 pub const UNKNOWN_SESSION: &str = "unknown or expired session";
 
+/// The `Reject` reason for a `DataHello` past the server's pool (`--max-parked-conns`): the agent
+/// keeps the connections it has parked and tries for another after [`POOL_FULL_PAUSE`].
+pub const SERVER_POOL_FULL: &str = "the server's pool of parked data connections is full";
+
+/// How long an agent waits before it offers another data connection to a server whose pool is full.
+pub const POOL_FULL_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest frame body (type byte and payload) either side accepts.
 pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Longest string field (identifiers, host names, reasons).

@@ -1,4 +1,4 @@
-//! Memory budgets under a cgroup limit: an agent (and a server) whose streams all stall, half with a
+//! Memory budgets under a cgroup limit: an agent and a server whose streams all stall, half with a
 //! destination that never reads and half with a client that never reads, holds no more than its caps
 //! allow and stays under its limit; caps that cannot fit the limit keep it from starting.
 
@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -64,11 +65,7 @@ async fn settled(what: &str, within: u64, sample: impl Fn() -> u64) {
 /// Opens streams through `uds` until the cap plus [`OVER_CAP`]: the first `cap` alternate between a
 /// destination that never reads (its client writes without end) and one that never stops writing
 /// (its client never reads). Returns the streams held and how many were refused with 503.
-async fn stall_streams(
-    uds: &std::path::Path,
-    cap: usize,
-    written: &Arc<AtomicU64>,
-) -> (Vec<UnixStream>, usize) {
+async fn stall_streams(uds: &Path, cap: usize, written: &Arc<AtomicU64>) -> (Vec<UnixStream>, usize) {
     let sink = stalling_destination(false).await;
     let source = stalling_destination(true).await;
     let mut held = Vec::new();
@@ -94,6 +91,40 @@ async fn stall_streams(
     (held, refused)
 }
 
+/// Stalls streams through `uds` up to the cap of the process `what` (in `cgroup`, limited to `limit`;
+/// its metrics at `admin` under `prefix`) and beyond, and checks that the ones past the cap are refused
+/// and that the process stays under its limit once every buffer that can fill has.
+async fn fill_to_the_cap(
+    what: &str,
+    cgroup: &Cgroup,
+    limit: u64,
+    (uds, admin, prefix): (&Path, SocketAddr, &str),
+) {
+    let cap = usize::try_from(metric(admin, &format!("{prefix}_max_streams")).await).unwrap();
+    assert!((8..100).contains(&cap), "the cap fits the cgroup's {limit} bytes: {cap}");
+    let idle = cgroup.current();
+
+    let written = Arc::new(AtomicU64::new(0));
+    let (_held, refused) = stall_streams(uds, cap, &written).await;
+    assert_eq!(refused, OVER_CAP, "every stream past the cap refused");
+    assert_eq!(metric(admin, &format!("{prefix}_streams_open")).await, cap as u64);
+    settled("bytes the clients wrote", 64 * 1024, || written.load(Ordering::Relaxed)).await;
+    settled("the process's memory", MIB, || cgroup.current()).await;
+
+    let peak = cgroup.peak();
+    eprintln!(
+        "{what}: cap {cap} streams under {} MiB; idle {} KiB, peak {} KiB with every stream stalled ({} KiB \
+         a stream); clients wrote {} MiB",
+        limit / MIB,
+        idle >> 10,
+        peak >> 10,
+        ((peak - idle) / cap as u64) >> 10,
+        written.load(Ordering::Relaxed) / MIB,
+    );
+    assert_eq!(cgroup.oom_kills(), 0, "the {what} was not OOM-killed");
+    assert!(peak < limit - 8 * MIB, "the {what} came within 8 MiB of its limit: peak {peak}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_under_a_memory_limit_caps_its_streams_and_stays_under_it() {
     if privileged("memory cgroups") {
@@ -115,31 +146,31 @@ async fn agent_under_a_limit(plaintext: bool) {
     let srv = if plaintext { server(&certs).allow_plaintext_tunnel() } else { server(&certs) }.run().await;
     let node = agent(&srv).under(&cgroup.entry());
     let node = if plaintext { node.plaintext("splice") } else { node }.run().await;
-    let cap = usize::try_from(metric(node.admin_addr, "spoke_agent_max_streams").await).unwrap();
-    assert!((8..4096).contains(&cap), "the cap fits the cgroup's {LIMIT} bytes: {cap}");
-    let idle = cgroup.current();
-
-    let written = Arc::new(AtomicU64::new(0));
-    let (_held, refused) = stall_streams(&srv.uds, cap, &written).await;
-    assert_eq!(refused, OVER_CAP, "every stream past the cap refused");
-    assert_eq!(metric(node.admin_addr, "spoke_agent_streams_open").await, cap as u64);
-    settled("bytes the clients wrote", 64 * 1024, || written.load(Ordering::Relaxed)).await;
-    settled("the agent's memory", MIB, || cgroup.current()).await;
-
-    let peak = cgroup.peak();
-    eprintln!(
-        "agent ({}): cap {cap} streams under {} MiB; idle {} KiB, peak {} KiB with every stream stalled \
-         ({} KiB a stream); clients wrote {} MiB",
-        if plaintext { "plain, spliced" } else { "TLS" },
-        LIMIT / MIB,
-        idle >> 10,
-        peak >> 10,
-        ((peak - idle) / cap as u64) >> 10,
-        written.load(Ordering::Relaxed) / MIB,
-    );
-    assert_eq!(cgroup.oom_kills(), 0, "the agent was not OOM-killed");
-    assert!(peak < LIMIT - 8 * MIB, "the agent came within 8 MiB of its limit: peak {peak}");
+    let what = if plaintext { "agent (plain, spliced)" } else { "agent (TLS)" };
+    fill_to_the_cap(what, &cgroup, LIMIT, (&srv.uds, node.admin_addr, "spoke_agent")).await;
     assert!(node.proc.log().contains("memory budget"), "the budget is logged");
+}
+
+/// The server's limit in these tests.
+const SERVER_LIMIT: u64 = 128 * MIB;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_under_a_memory_limit_caps_its_streams_and_stays_under_it() {
+    if !privileged("memory cgroups") {
+        return;
+    }
+    let cgroup = Cgroup::new(SERVER_LIMIT);
+    let certs = certs();
+    // Few agents and handshakes, so that most of the limit is left for streams.
+    let srv = server(&certs)
+        .flag("--max-agents", "4")
+        .flag("--max-agent-handshakes", "16")
+        .under(&cgroup.entry())
+        .run()
+        .await;
+    let _node = agent(&srv).run().await;
+    fill_to_the_cap("server", &cgroup, SERVER_LIMIT, (&srv.uds, srv.admin_addr, "spoke_server")).await;
+    assert!(srv.proc.log().contains("memory budget"), "the budget is logged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -144,6 +144,9 @@ struct AgentsArgs {
     /// Name the server certificate must carry.
     #[arg(long, default_value = "localhost")]
     tls_name: String,
+    /// Data connections each agent keeps parked (the agent's `--pool-size`; its default is 8).
+    #[arg(long, default_value_t = 8)]
+    pool_size: usize,
 }
 
 /// One result row of the JSON output.
@@ -323,7 +326,7 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<()> {
                 kubelet_port: 10250,
                 served: Vec::new(),
             },
-            pool_size: 1,
+            pool_size: a.pool_size,
             // Simulated agents share one process: no budget of their own.
             max_streams: spoke::agent::config::DEFAULT_MAX_STREAMS,
             memory: (spoke::budget::Budget { base: 0, terms: Vec::new() }, None),

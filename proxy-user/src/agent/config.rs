@@ -296,7 +296,7 @@ fn memory_budget(
     };
     let mut budget = budget_without_streams(pool_size, servers);
     let cap = budget
-        .stream_cap(max_streams, DEFAULT_MAX_STREAMS, per_stream, limit.as_ref())
+        .stream_cap("streams (--max-streams)", max_streams, DEFAULT_MAX_STREAMS, per_stream, limit.as_ref())
         .map_err(ConfigError)?;
     Ok((cap, (budget, limit)))
 }

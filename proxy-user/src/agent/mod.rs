@@ -209,12 +209,7 @@ pub async fn run_agent(
         Credential::Cert(files) => tls::ClientTls::load(files)?,
         Credential::Token { ca, .. } => tls::ClientTls::anonymous(ca)?,
     };
-    let (budget, limit) = &config.memory;
-    if let Some(limit) = limit {
-        info!(limit = limit.bytes, source = %limit.source, %budget, "memory budget");
-    } else {
-        info!(%budget, "memory budget (no memory limit)");
-    }
+    config.memory.0.log(config.memory.1.as_ref());
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     let datapath = datapath(&config)?;

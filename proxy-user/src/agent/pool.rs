@@ -25,13 +25,31 @@ use crate::transport::{DialedLink, Stream as _};
 /// hammered; the control channel's own backoff handles outages).
 const FAILED_CONN_PAUSE: Duration = Duration::from_millis(500);
 
-#[derive(Default)]
 struct Counts {
     idle: AtomicUsize,
     dialing: AtomicUsize,
     /// Data connections in a row that a load balancer sent to another replica than the session's.
     misrouted: AtomicUsize,
+    /// Most connections the server's pool takes from this agent now, as its last refusal showed
+    /// (`usize::MAX` until one): the pool stops short of its size there instead of offering
+    /// connections the server refuses.
+    room: AtomicUsize,
+    /// The server's refusals in a row: each waits twice as long before the pool tries for one more.
+    refusals: AtomicUsize,
     wake: Notify,
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Self {
+            idle: AtomicUsize::new(0),
+            dialing: AtomicUsize::new(0),
+            misrouted: AtomicUsize::new(0),
+            room: AtomicUsize::new(usize::MAX),
+            refusals: AtomicUsize::new(0),
+            wake: Notify::new(),
+        }
+    }
 }
 
 impl Counts {
@@ -39,6 +57,35 @@ impl Counts {
     fn held(&self) -> usize {
         self.idle.load(Ordering::Acquire) + self.dialing.load(Ordering::Acquire)
     }
+
+    /// Connections the pool keeps: its size, or less where the server's pool is full.
+    fn target(&self, pool_size: usize) -> usize {
+        pool_size.min(self.room.load(Ordering::Acquire))
+    }
+
+    /// A dial took a connection: the server has a place again, and the pool may use it.
+    fn taken(&self) {
+        self.refusals.store(0, Ordering::Release);
+        let _ = self.room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_add(1));
+    }
+}
+
+/// Longest wait, after the server's pool refused connections in a row, before the pool tries again.
+const MAX_POOL_FULL_PAUSE: Duration = Duration::from_secs(80);
+
+/// The server refused a connection because its pool is full: the pool keeps what it holds, and tries
+/// for one more after [`protocol::POOL_FULL_PAUSE`], doubled for each refusal in a row.
+async fn server_pool_full(counts: &Counts, stop: &CancellationToken) {
+    counts.room.store(counts.held().max(1), Ordering::Release);
+    let refusals = counts.refusals.fetch_add(1, Ordering::AcqRel).min(8);
+    let pause = (protocol::POOL_FULL_PAUSE * (1 << refusals)).min(MAX_POOL_FULL_PAUSE);
+    debug!(held = counts.held(), ?pause, "the server's pool is full: keeping what is parked");
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = tokio::time::sleep(pause.mul_f64(0.5 + fastrand::f64())) => {}
+    }
+    let _ = counts.room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_add(1));
+    counts.wake.notify_one();
 }
 
 /// Misrouted data connections in a row replaced at once; past it, with the usual pause.
@@ -50,7 +97,9 @@ pub(super) async fn run(agent: Arc<Agent>, session: Arc<Session>, stop: Cancella
     loop {
         // A session whose server moved to a successor takes no new connections (its listener is
         // closed); the ones it has serve until it ends.
-        while counts.held() < agent.config.pool_size && !session.leaving.load(Ordering::Acquire) {
+        while counts.held() < counts.target(agent.config.pool_size)
+            && !session.leaving.load(Ordering::Acquire)
+        {
             counts.dialing.fetch_add(1, Ordering::AcqRel);
             let slot = Slot {
                 agent: agent.clone(),
@@ -220,6 +269,7 @@ async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Op
         }
         Some(Ok(Message::Dial { stream_id, host, port, timeout_ms, .. })) => {
             counts.misrouted.store(0, Ordering::Release);
+            counts.taken();
             let span = info_span!("stream", id = stream_id, dest = %format_args!("{host}:{port}"));
             // Registered before the reply: the server may announce its end as soon as it has it.
             let counted =
@@ -239,6 +289,9 @@ async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Op
         }
         Some(Ok(Message::Reject { reason })) if reason == UNKNOWN_SESSION => {
             replace_misrouted(counts, stop).await;
+        }
+        Some(Ok(Message::Reject { reason })) if reason == protocol::SERVER_POOL_FULL => {
+            server_pool_full(counts, stop).await;
         }
         Some(Ok(Message::Reject { reason })) => {
             warn!(%reason, "server refused a data connection");

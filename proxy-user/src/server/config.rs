@@ -9,12 +9,14 @@ use clap::Parser;
 use clap::builder::{PossibleValuesParser, TypedValueParser as _};
 use ipnet::IpNet;
 
+use super::memory::{Caps, Carriage};
 use super::registry::Strategy;
 use crate::apiserver::Access;
 use crate::apiserver::leases::LeaseConfig;
 use crate::apiserver::tokens::TokenPolicy;
+use crate::budget::{Budget, MemoryLimit};
 use crate::config::{
-    ConfigError, ServerAddr, err, nonzero_duration, parse_admin_bind, parse_duration, positive,
+    ConfigError, ServerAddr, err, nonzero_duration, parse_admin_bind, parse_duration, parse_size, positive,
 };
 use crate::datapath::Mode;
 use crate::protocol::MAX_STRING_LEN;
@@ -111,18 +113,30 @@ pub struct ServerArgs {
     /// control channel went.
     #[arg(long, env = "SPOKE_SERVER_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
-    /// Most CONNECT connections open at once (reading, dialing or relaying).
-    #[arg(long, env = "SPOKE_SERVER_MAX_FRONTEND_CONNS", default_value_t = 16_384)]
-    pub max_frontend_conns: usize,
+    /// Most frontend connections open at once (CONNECT or gRPC: reading, dialing or relaying); further
+    /// ones wait in the listen backlog. Default: twice the stream cap, so that requests past it are
+    /// answered 503.
+    #[arg(long, env = "SPOKE_SERVER_MAX_FRONTEND_CONNS")]
+    pub max_frontend_conns: Option<usize>,
+    /// Most streams relayed at once (CONNECT streams and gRPC tunnels together); beyond it requests get
+    /// 503. Default: as many as fit the memory limit (docs/operations.md, "Memory budget"), at most
+    /// 16384; a value that does not fit is refused at start.
+    #[arg(long, env = "SPOKE_SERVER_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
+    /// Memory the server may use (Ki/Mi/Gi suffixes); its caps must fit. Default: its cgroup's limit
+    /// (`memory.max`, or `memory.limit_in_bytes` under cgroup v1), if any.
+    #[arg(long, env = "SPOKE_SERVER_MEMORY_LIMIT", value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
     /// Most streams relayed through one agent at once; beyond it requests get 503.
     #[arg(long, env = "SPOKE_SERVER_MAX_STREAMS_PER_AGENT", default_value_t = 4096)]
     pub max_streams_per_agent: usize,
     /// Most dials waiting for an agent at once; beyond it requests get 503.
     #[arg(long, env = "SPOKE_SERVER_MAX_PENDING_DIALS", default_value_t = 1024)]
     pub max_pending_dials: usize,
-    /// Most agents connected at once.
-    #[arg(long, env = "SPOKE_SERVER_MAX_AGENTS", default_value_t = 10_000)]
-    pub max_agents: usize,
+    /// Most agents connected at once. Default: 10000, or under a memory limit as many as fit half of it
+    /// (docs/operations.md, "Memory budget").
+    #[arg(long, env = "SPOKE_SERVER_MAX_AGENTS")]
+    pub max_agents: Option<usize>,
     /// Agent connections in set-up (TLS handshake and first frame) at once; further ones wait in the
     /// listen backlog.
     #[arg(long, env = "SPOKE_SERVER_MAX_AGENT_HANDSHAKES", default_value_t = 1024)]
@@ -135,6 +149,11 @@ pub struct ServerArgs {
     /// Most idle data connections one agent may park.
     #[arg(long, env = "SPOKE_SERVER_MAX_IDLE_PER_AGENT", default_value_t = 256)]
     pub max_idle_per_agent: usize,
+    /// Most idle data connections parked across all agents; each agent may always park its first two,
+    /// so at least twice --max-agents. Past it, a data connection is refused (`Reject`) and its agent
+    /// waits before it tries again. Default: four per agent.
+    #[arg(long, env = "SPOKE_SERVER_MAX_PARKED_CONNS")]
+    pub max_parked_conns: Option<usize>,
     /// Time a client has to send its whole CONNECT head; then 408.
     #[arg(long, env = "SPOKE_SERVER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
@@ -309,6 +328,10 @@ pub struct TcpFrontend {
 pub struct ServerLimits {
     /// See [`ServerArgs::max_frontend_conns`].
     pub max_frontend_conns: usize,
+    /// See [`ServerArgs::max_streams`].
+    pub max_streams: usize,
+    /// See [`ServerArgs::max_parked_conns`].
+    pub max_parked_conns: usize,
     /// See [`ServerArgs::max_streams_per_agent`].
     pub max_streams_per_agent: usize,
     /// See [`ServerArgs::max_pending_dials`].
@@ -388,6 +411,8 @@ pub struct ServerConfig {
     pub worker_threads: usize,
     /// Limits and timeouts.
     pub limits: ServerLimits,
+    /// What the caps may hold, and the memory limit it was checked against (if any).
+    pub memory: (Budget, Option<MemoryLimit>),
 }
 
 impl ServerConfig {
@@ -407,6 +432,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
         if a.uds_name.is_none() && a.frontend_bind.is_none() {
             return err("no frontend: give --uds-name, --frontend-bind, or both");
         }
+        let (caps, memory) = memory_budget(&a, a.frontend_bind.is_some())?;
         let frontend = match (a.frontend_bind, a.server_ca_cert, a.server_cert, a.server_key) {
             (None, None, None, None) if a.frontend_allowed_names.is_empty() => None,
             (Some(bind), Some(ca), Some(cert), Some(key)) => {
@@ -469,10 +495,12 @@ impl TryFrom<ServerArgs> for ServerConfig {
             datapath: a.datapath,
             worker_threads: a.worker_threads,
             limits: ServerLimits {
-                max_frontend_conns: positive("--max-frontend-conns", a.max_frontend_conns)?,
+                max_frontend_conns: caps.frontend_conns.expect("settled"),
+                max_streams: caps.streams.expect("settled"),
+                max_parked_conns: caps.parked.expect("settled"),
                 max_streams_per_agent: positive("--max-streams-per-agent", a.max_streams_per_agent)?,
                 max_pending_dials: positive("--max-pending-dials", a.max_pending_dials)?,
-                max_agents: positive("--max-agents", a.max_agents)?,
+                max_agents: caps.agents.expect("settled"),
                 max_agent_handshakes: positive("--max-agent-handshakes", a.max_agent_handshakes)?,
                 max_handshakes_per_source: positive(
                     "--max-handshakes-per-source",
@@ -489,6 +517,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 readiness_grace: a.readiness_grace,
                 drain_idle_timeout: nonzero_duration("--drain-idle-timeout", a.drain_idle_timeout)?,
             },
+            memory,
         })
     }
 }
@@ -510,6 +539,42 @@ impl ServerConfig {
         }
         uses.join(", ")
     }
+}
+
+/// The caps settled against the memory limit (`--memory-limit`, or the cgroup's), and the budget.
+fn memory_budget(
+    a: &ServerArgs,
+    tcp_frontend: bool,
+) -> Result<(Caps, (Budget, Option<MemoryLimit>)), ConfigError> {
+    for (name, v) in [
+        ("--max-frontend-conns", a.max_frontend_conns),
+        ("--max-streams", a.max_streams),
+        ("--max-agents", a.max_agents),
+        ("--max-parked-conns", a.max_parked_conns),
+    ] {
+        if v == Some(0) {
+            return err(format!("{name} must be at least 1"));
+        }
+    }
+    let caps = Caps {
+        handshakes: positive("--max-agent-handshakes", a.max_agent_handshakes)?,
+        agents: a.max_agents,
+        parked: a.max_parked_conns,
+        frontend_conns: a.max_frontend_conns,
+        streams: a.max_streams,
+    };
+    let carriage = Carriage {
+        datapath: a.datapath,
+        plaintext: a.allow_plaintext_tunnel,
+        grpc: a.mode.grpc(),
+        tcp_frontend,
+    };
+    let limit = match a.memory_limit {
+        Some(bytes) => Some(MemoryLimit { bytes, source: "--memory-limit".into() }),
+        None => crate::budget::cgroup_limit(),
+    };
+    let (caps, budget) = super::memory::budget(caps, carriage, limit.as_ref()).map_err(ConfigError)?;
+    Ok((caps, (budget, limit)))
 }
 
 /// How tokens are checked, with `--agent-auth token`.

@@ -7,6 +7,7 @@
 pub mod config;
 mod grpc;
 mod handover;
+mod memory;
 pub mod registry;
 mod session;
 mod stream;
@@ -87,6 +88,10 @@ struct Server {
     /// Token reviews (`--agent-auth token`).
     reviewer: Option<Reviewer>,
     pending_dials: Semaphore,
+    /// Where agents' data connections park (the server's shared pool).
+    parking: registry::Parking,
+    /// Places under the stream cap (`--max-streams`), CONNECT and gRPC together.
+    streams: Arc<Semaphore>,
     next_stream_id: AtomicU64,
     /// Frontend connection tasks (CONNECT streams); the drain waits for them.
     frontend: TaskTracker,
@@ -125,6 +130,8 @@ pub async fn run_server(
     let (client, nodes, reviewer) = apiserver_parts(&config, &shutdown).await?;
     let mut registry = Registry::default();
     let metrics = ServerMetrics::register(&mut registry);
+    config.memory.0.log(config.memory.1.as_ref());
+    metrics.max_streams.set(i64::try_from(config.limits.max_streams).unwrap_or(i64::MAX));
     let datapath = Datapath::new(config.datapath).probe_kernel_tls();
     metrics.stream.kernel_tls.set(i64::from(datapath.kernel_tls().is_some()));
     crate::metrics::follow_runtime_tasks(metrics.runtime_tasks.clone());
@@ -137,6 +144,13 @@ pub async fn run_server(
             config.limits.max_streams_per_agent,
         ),
         pending_dials: Semaphore::new(config.limits.max_pending_dials),
+        streams: Arc::new(Semaphore::new(config.limits.max_streams)),
+        parking: registry::Parking::new(
+            config.limits.max_idle_per_agent,
+            config.limits.max_parked_conns,
+            config.limits.max_agents,
+            metrics.data_conns_idle.clone(),
+        ),
         next_stream_id: AtomicU64::new(1),
         datapath,
         nodes,

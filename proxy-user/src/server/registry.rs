@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use ipnet::IpNet;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -87,10 +87,11 @@ pub struct AgentHandle {
     pub credential: Credential,
     /// Why [`Self::end`] ended the session.
     end_reason: std::sync::OnceLock<&'static str>,
-    idle: Mutex<VecDeque<Parked>>,
+    /// Parked connections, each with its place in the server's shared pool (`None`: one of the agent's
+    /// own [`PARKED_PER_AGENT`]).
+    idle: Mutex<VecDeque<(Parked, Option<OwnedSemaphorePermit>)>>,
     idle_added: Notify,
-    idle_gauge: Gauge,
-    max_idle: usize,
+    parking: Parking,
     /// Frames heard on the control channel, counted: a probe waits for it to move.
     heard: tokio::sync::watch::Sender<u64>,
     /// Asks the session loop to send a `Ping` now (a newer claimant of the identity arrived).
@@ -99,11 +100,39 @@ pub struct AgentHandle {
     refusal_logged: Mutex<Option<Instant>>,
 }
 
+/// Data connections every agent may park whatever `--max-parked-conns` says: a node never goes without
+/// a ready connection because others filled the server's pool.
+pub const PARKED_PER_AGENT: usize = 2;
+
+/// Where an agent's data connections park: its own limit, and the server's pool shared by all agents.
+#[derive(Clone, Debug)]
+pub struct Parking {
+    /// Most connections this agent may park (`--max-idle-per-agent`).
+    pub max_idle: usize,
+    /// Places beyond each agent's first [`PARKED_PER_AGENT`], shared by all agents
+    /// (`--max-parked-conns` less what every agent may always park).
+    pub shared: Arc<Semaphore>,
+    /// Counts parked connections across all agents.
+    pub gauge: Gauge,
+}
+
+impl Parking {
+    /// Places for `max_parked` connections across `max_agents` agents, each parking at most
+    /// `max_idle`.
+    #[must_use]
+    pub fn new(max_idle: usize, max_parked: usize, max_agents: usize, gauge: Gauge) -> Self {
+        let shared = max_parked.saturating_sub(max_agents * PARKED_PER_AGENT);
+        Self { max_idle, shared: Arc::new(Semaphore::new(shared)), gauge }
+    }
+}
+
 /// Why a data connection was not parked.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ParkError {
     /// The agent already parked its maximum.
     Full,
+    /// The server's pool is full (`--max-parked-conns`).
+    ServerFull,
     /// The session is over or draining.
     Closed,
 }
@@ -116,8 +145,7 @@ impl AgentHandle {
         session_id: SessionId,
         data_key: DataKey,
         max_streams: usize,
-        max_idle: usize,
-        idle_gauge: Gauge,
+        parking: Parking,
         ends: Arc<Ends>,
     ) -> Self {
         Self {
@@ -129,8 +157,7 @@ impl AgentHandle {
             gone: CancellationToken::new(),
             idle: Mutex::new(VecDeque::new()),
             idle_added: Notify::new(),
-            idle_gauge,
-            max_idle,
+            parking,
             ends,
             credential: Credential::default(),
             end_reason: std::sync::OnceLock::new(),
@@ -207,17 +234,26 @@ impl AgentHandle {
         !self.draining.load(Ordering::Relaxed) && !self.gone.is_cancelled()
     }
 
-    /// Parks a data connection until a dial takes it.
-    pub fn park(&self, conn: Parked) -> Result<(), ParkError> {
+    /// Parks a data connection until a dial takes it; gives it back where it cannot park.
+    pub fn park(&self, conn: Parked) -> Result<(), (ParkError, Parked)> {
         if !self.usable() {
-            return Err(ParkError::Closed);
+            return Err((ParkError::Closed, conn));
         }
         let mut idle = self.idle.lock().expect("idle lock poisoned");
-        if idle.len() >= self.max_idle {
-            return Err(ParkError::Full);
+        if idle.len() >= self.parking.max_idle {
+            return Err((ParkError::Full, conn));
         }
-        idle.push_back(conn);
-        self.idle_gauge.inc();
+        let own = idle.iter().filter(|(_, place)| place.is_none()).count();
+        let place = if own < PARKED_PER_AGENT {
+            None
+        } else {
+            match self.parking.shared.clone().try_acquire_owned() {
+                Ok(place) => Some(place),
+                Err(_) => return Err((ParkError::ServerFull, conn)),
+            }
+        };
+        idle.push_back((conn, place));
+        self.parking.gauge.inc();
         drop(idle);
         self.idle_added.notify_one();
         Ok(())
@@ -230,8 +266,8 @@ impl AgentHandle {
             let added = self.idle_added.notified();
             tokio::pin!(added);
             added.as_mut().enable();
-            if let Some(conn) = self.idle.lock().expect("idle lock poisoned").pop_front() {
-                self.idle_gauge.dec();
+            if let Some((conn, _place)) = self.idle.lock().expect("idle lock poisoned").pop_front() {
+                self.parking.gauge.dec();
                 return Some(conn);
             }
             if self.gone.is_cancelled() {
@@ -247,8 +283,8 @@ impl AgentHandle {
 
     /// Closes every parked connection (the agent is draining or gone).
     pub fn drop_idle(&self) {
-        let drained: Vec<Parked> = self.idle.lock().expect("idle lock poisoned").drain(..).collect();
-        self.idle_gauge.dec_by(i64::try_from(drained.len()).unwrap_or(i64::MAX));
+        let drained: Vec<_> = self.idle.lock().expect("idle lock poisoned").drain(..).collect();
+        self.parking.gauge.dec_by(i64::try_from(drained.len()).unwrap_or(i64::MAX));
     }
 }
 
@@ -505,8 +541,7 @@ mod tests {
             SessionId(fastrand::u128(..)),
             DataKey::new(&[0; 32]),
             16,
-            4,
-            Gauge::default(),
+            Parking::new(4, 1000, 10, Gauge::default()),
             Ends::new().0,
         ))
     }

@@ -202,11 +202,16 @@ pub(super) async fn park(server: &Server, mut conn: AcceptedLink, session_id: Se
     };
     match agent.park(Parked { conn, nonces }) {
         Ok(()) => {}
-        Err(ParkError::Full) => {
+        Err((ParkError::Full, _)) => {
             inc(&server.metrics.agent_conn_failures, "reason", "pool_full");
             debug!(agent = %agent.identity.agent_id, "data connection refused: pool full");
         }
-        Err(ParkError::Closed) => inc(&server.metrics.agent_conn_failures, "reason", "draining"),
+        Err((ParkError::ServerFull, mut parked)) => {
+            inc(&server.metrics.agent_conn_failures, "reason", "server_pool_full");
+            debug!(agent = %agent.identity.agent_id, "data connection refused: the server's pool is full");
+            reject(&mut parked.conn, protocol::SERVER_POOL_FULL).await;
+        }
+        Err((ParkError::Closed, _)) => inc(&server.metrics.agent_conn_failures, "reason", "draining"),
     }
 }
 
@@ -250,8 +255,7 @@ async fn control(
             session_id,
             data_key,
             limits.max_streams_per_agent,
-            limits.max_idle_per_agent,
-            server.metrics.data_conns_idle.clone(),
+            server.parking.clone(),
             ends,
         )
         .with_credential(credential),

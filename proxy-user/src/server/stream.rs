@@ -76,6 +76,8 @@ pub(super) enum DialError {
     Overloaded,
     #[error("agent {0} is at its stream limit")]
     AgentBusy(String),
+    #[error("the server is at its stream limit (--max-streams)")]
+    ServerBusy,
     #[error("agent {0} offered no data connection within the dial timeout")]
     NoDataConn(String),
     #[error("agent {agent}: {status}: {message}", status = status.as_str())]
@@ -89,7 +91,7 @@ pub(super) enum DialError {
 impl DialError {
     pub(super) fn status(&self) -> u16 {
         match self {
-            Self::NoAgent(_) | Self::Overloaded | Self::AgentBusy(_) => 503,
+            Self::NoAgent(_) | Self::Overloaded | Self::AgentBusy(_) | Self::ServerBusy => 503,
             Self::NoDataConn(_) | Self::ReplyTimeout { .. } => 504,
             Self::AgentConn { .. } => 502,
             Self::Agent { status, .. } => match status {
@@ -106,6 +108,7 @@ impl DialError {
             Self::NoAgent(_) => "no_agent",
             Self::Overloaded => "overloaded",
             Self::AgentBusy(_) => "agent_busy",
+            Self::ServerBusy => "server_busy",
             Self::NoDataConn(_) => "no_data_conn",
             Self::ReplyTimeout { .. } => "timeout",
             Self::AgentConn { .. } => "agent_error",
@@ -430,11 +433,17 @@ pub(super) async fn open(
     server: &Arc<Server>,
     req: &ConnectRequest,
     stream_id: u64,
-) -> Result<(Opened, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
+) -> Result<(Opened, Arc<AgentHandle>, Slots), DialError> {
     let _pending = server.pending_dials.try_acquire().map_err(|_| DialError::Overloaded)?;
     // A guard, not a decrement after the dial: a gRPC client may abandon the dial (DIAL_CLS).
     let _counted = Pending::count(&server.metrics.pending_dials);
     dial(server, req, stream_id).await
+}
+
+/// What a stream holds for its life: a place under the server's stream cap and under its agent's.
+pub(super) struct Slots {
+    _server: OwnedSemaphorePermit,
+    _agent: OwnedSemaphorePermit,
 }
 
 /// Counts a dial as pending until dropped.
@@ -457,11 +466,12 @@ async fn dial(
     server: &Arc<Server>,
     req: &ConnectRequest,
     stream_id: u64,
-) -> Result<(Opened, Arc<AgentHandle>, OwnedSemaphorePermit), DialError> {
+) -> Result<(Opened, Arc<AgentHandle>, Slots), DialError> {
     let limits = &server.config.limits;
     let deadline = Instant::now() + limits.dial_timeout;
     let timeout_ms = u32::try_from(limits.dial_timeout.as_millis()).unwrap_or(u32::MAX);
 
+    let server_slot = server.streams.clone().try_acquire_owned().map_err(|_| DialError::ServerBusy)?;
     let mut last_error = None;
     for _ in 0..MAX_DIAL_ATTEMPTS {
         let agent = route(server, req, deadline).await?;
@@ -491,7 +501,7 @@ async fn dial(
                     Some(registration) => Opened::Counted(Counted::new(conn, registration)),
                     None => Opened::Plain(conn),
                 };
-                return Ok((opened, agent, slot));
+                return Ok((opened, agent, Slots { _server: server_slot, _agent: slot }));
             }
             Ok(Ok(Message::DialReply { stream_id: id, status: DialStatus::Draining, message }))
                 if id == stream_id =>

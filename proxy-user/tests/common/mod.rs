@@ -217,7 +217,8 @@ impl ServerBuilder {
         self
     }
 
-    pub async fn run(self) -> Server {
+    /// The server's arguments, and the socket path they name.
+    fn command_line(&self) -> (Vec<String>, PathBuf) {
         let f = &self.certs.files;
         let uds = self.certs.dir.path().join(format!("spoke-{}.sock", fastrand::u32(..)));
         let p = |p: &Path| p.display().to_string();
@@ -265,6 +266,23 @@ impl ServerBuilder {
         }
         override_flags(&mut args, &self.args);
         args.extend(self.switches.iter().map(|s| (*s).to_owned()));
+        (args, uds)
+    }
+
+    /// Runs the server to its end (one that exits at once: a refused configuration), within [`WAIT`];
+    /// its exit status and standard error.
+    pub async fn run_to_exit(self) -> (std::process::ExitStatus, String) {
+        let (args, _) = self.command_line();
+        let mut line = self.prefix.clone();
+        line.push(bin(option_env!("CARGO_BIN_EXE_spoke-server"), "SPOKE_SERVER_BIN"));
+        line.extend(args);
+        let out = Command::new(&line[0]).args(&line[1..]).stdin(Stdio::null()).kill_on_drop(true).output();
+        let out = tokio::time::timeout(WAIT, out).await.expect("the server exits").expect("run the server");
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    pub async fn run(self) -> Server {
+        let (args, uds) = self.command_line();
         let (proc, pairs) = spawn(
             "spoke-server",
             &bin(option_env!("CARGO_BIN_EXE_spoke-server"), "SPOKE_SERVER_BIN"),
