@@ -192,7 +192,7 @@ struct Opened {
     heartbeat: Duration,
     session: Session,
     /// Counted-end frames for the control channel.
-    end_frames: mpsc::Receiver<Message>,
+    end_frames: mpsc::Receiver<Box<Message>>,
 }
 
 /// Connects to `server` and says hello, naming the replicas `held` already; the server's answer
@@ -361,7 +361,7 @@ struct Channel<'a> {
     heartbeat: Duration,
     /// The session's counted ends: frames to send, and where the server's go.
     ends: &'a Ends,
-    end_frames: mpsc::Receiver<Message>,
+    end_frames: mpsc::Receiver<Box<Message>>,
 }
 
 /// Heartbeats on a control channel until it ends, with the counted ends of its streams; `on_told`
@@ -402,7 +402,7 @@ async fn heartbeats(
             }
             msg = rx.recv() => {
                 last_heard = Instant::now();
-                match msg {
+                match msg.map(|m| m.map(|m| *m)) {
                     None => break SessionEnd::Lost("reader ended".into()),
                     Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                     Some(Ok(Message::Pong { .. })) => {}

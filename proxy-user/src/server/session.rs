@@ -324,7 +324,7 @@ async fn session(
     server: &Server,
     conn: AcceptedLink,
     agent: &AgentHandle,
-    mut end_frames: tokio::sync::mpsc::Receiver<Message>,
+    mut end_frames: tokio::sync::mpsc::Receiver<Box<Message>>,
 ) -> Result<&'static str, CodecError> {
     // The session ends at its age limit, or when the certificate or token it was opened with expires.
     let mut end = Instant::now() + server.config.limits.max_session_age;
@@ -382,7 +382,7 @@ async fn session(
                 Ok(None) => break Err(CodecError::Closed),
                 Ok(Some(Err(CodecError::Closed))) if agent.draining.load(Ordering::Relaxed) => break Ok("agent drained"),
                 Ok(Some(Err(e))) => break Err(e),
-                Ok(Some(Ok(m))) => m,
+                Ok(Some(Ok(m))) => *m,
             },
         };
         agent.heard();

@@ -81,7 +81,8 @@ impl Heard {
 /// session ends it calls [`Ends::close`]. A registered stream costs one small map entry, no channel.
 #[derive(Debug)]
 pub struct Ends {
-    tx: mpsc::Sender<Message>,
+    /// Boxed: a channel allocates its slots in blocks of 32, and a session idles with one.
+    tx: mpsc::Sender<Box<Message>>,
     streams: Mutex<HashMap<u64, Heard>>,
     gone: CancellationToken,
 }
@@ -89,7 +90,7 @@ pub struct Ends {
 impl Ends {
     /// Ends for a new session, and the frames to write on its control channel.
     #[must_use]
-    pub fn new() -> (Arc<Self>, mpsc::Receiver<Message>) {
+    pub fn new() -> (Arc<Self>, mpsc::Receiver<Box<Message>>) {
         let (tx, rx) = mpsc::channel(ENDS_QUEUE);
         let ends = Self { tx, streams: Mutex::default(), gone: CancellationToken::new() };
         (Arc::new(ends), rx)
@@ -273,7 +274,8 @@ impl<'a> CountedSocket<'a> {
     pub fn counted_end(&self) {
         self.state.read_counted.store(true, Ordering::Release);
         if self.reg.side == Side::Server {
-            let told = self.reg.ends.tx.try_send(Message::StreamEndRead { stream_id: self.reg.stream_id });
+            let told =
+                self.reg.ends.tx.try_send(Box::new(Message::StreamEndRead { stream_id: self.reg.stream_id }));
             self.state.read_untold.store(told.is_err(), Ordering::Release);
         }
     }
@@ -303,7 +305,7 @@ impl<'a> CountedSocket<'a> {
     pub fn announce(&self, written: u64) -> bool {
         let ends = &self.reg.ends;
         let end = Message::StreamEnd { stream_id: self.reg.stream_id, bytes: self.before.1 + written };
-        let announced = !ends.gone.is_cancelled() && ends.tx.try_send(end).is_ok();
+        let announced = !ends.gone.is_cancelled() && ends.tx.try_send(Box::new(end)).is_ok();
         self.state.announced.store(announced, Ordering::Release);
         announced
     }
@@ -407,7 +409,8 @@ impl<S: Stream> Counted<S> {
     fn counted_end(&mut self) {
         self.read_end = ReadEnd::Counted;
         if self.reg.side == Side::Server {
-            let told = self.reg.ends.tx.try_send(Message::StreamEndRead { stream_id: self.reg.stream_id });
+            let told =
+                self.reg.ends.tx.try_send(Box::new(Message::StreamEndRead { stream_id: self.reg.stream_id }));
             self.read_untold = told.is_err();
         }
     }
@@ -486,7 +489,7 @@ impl<S: Stream> AsyncWrite for Counted<S> {
             ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
             let end = Message::StreamEnd { stream_id: this.reg.stream_id, bytes: this.written };
             let ends = &this.reg.ends;
-            if !ends.gone.is_cancelled() && ends.tx.try_send(end).is_ok() {
+            if !ends.gone.is_cancelled() && ends.tx.try_send(Box::new(end)).is_ok() {
                 this.write = WriteEnd::Announced;
                 this.session_gone = Some(Box::pin(ends.gone.clone().cancelled_owned()));
                 return Poll::Ready(Ok(()));
@@ -533,23 +536,23 @@ mod tests {
 
     struct Channels {
         server_ends: Arc<Ends>,
-        server_rx: mpsc::Receiver<Message>,
+        server_rx: mpsc::Receiver<Box<Message>>,
         agent_ends: Arc<Ends>,
-        agent_rx: mpsc::Receiver<Message>,
+        agent_rx: mpsc::Receiver<Box<Message>>,
     }
 
     impl Channels {
         /// Delivers every frame queued on either side to the other.
         fn deliver(&mut self) {
             while let Ok(m) = self.server_rx.try_recv() {
-                match m {
+                match *m {
                     Message::StreamEnd { stream_id, bytes } => self.agent_ends.told_end(stream_id, bytes),
                     Message::StreamEndRead { stream_id } => self.agent_ends.told_read(stream_id),
                     other => panic!("unexpected {other:?}"),
                 }
             }
             while let Ok(m) = self.agent_rx.try_recv() {
-                match m {
+                match *m {
                     Message::StreamEnd { stream_id, bytes } => self.server_ends.told_end(stream_id, bytes),
                     other => panic!("unexpected {other:?}"),
                 }

@@ -195,11 +195,11 @@ async fn splice_carries_a_kernel_tls_end_and_its_close_notify() {
 }
 
 /// Forwards one session's end frames to the other side's [`Ends`], as the control channels would.
-fn cross(mut rx: tokio::sync::mpsc::Receiver<crate::protocol::Message>, to: Arc<Ends>) {
+fn cross(mut rx: tokio::sync::mpsc::Receiver<Box<crate::protocol::Message>>, to: Arc<Ends>) {
     use crate::protocol::Message;
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            match m {
+            match *m {
                 Message::StreamEnd { stream_id, bytes } => to.told_end(stream_id, bytes),
                 Message::StreamEndRead { stream_id } => to.told_read(stream_id),
                 other => panic!("unexpected {other:?}"),
