@@ -206,6 +206,9 @@ async fn open(
     let identity = agent.config.identity.clone();
     let hello = Message::Hello { version: PROTOCOL_VERSION, identity, token, held };
     let mut conn = agent.connect(server, &hello, true, false).await?;
+    if let crate::transport::Link::Tls(tls) = &mut conn {
+        tls.small_reads();
+    }
     let ack = tokio::time::timeout(agent.config.connect_timeout, codec::read_message(&mut conn))
         .await
         .map_err(|_| ConnectError::Timeout(server.to_string()))??;

@@ -17,12 +17,13 @@ pub const BASE_MEMORY: u64 = 32 << 20;
 /// What one agent connection holds during its TLS handshake and first frame (`rustls` handshake state
 /// and record buffers, the first frame of at most 64 KiB).
 pub const HANDSHAKE_MEMORY: u64 = 96 << 10;
-/// What one agent's control session holds: its TLS connection and buffers, the reader task and its
-/// queued frames, the registry entry with routes and claims. Measured 30 KiB a session at 1,000 and
-/// 5,000 agents (docs/benchmarks.md, "Scale"); twice that, for claims and bursts of frames.
-pub const AGENT_MEMORY: u64 = 64 << 10;
-/// What one parked data connection holds (its TLS state: buffers are freed while it idles). Measured
-/// 14 KiB a connection at 8,000 and 40,000 parked (docs/benchmarks.md, "Scale").
+/// What one agent's control session holds: its TLS state (about 4 KiB) and buffers (reads of one
+/// record, so at most two records read, one opened and one sealed: 67 KiB), the session's tasks and
+/// queued frames, the registry entry with routes and claims. An idle session measured 17 KiB
+/// (docs/benchmarks.md, "Scale").
+pub const AGENT_MEMORY: u64 = 96 << 10;
+/// What one parked data connection holds: its TLS state and at most a record not yet whole (buffers are
+/// let go when it parks). An idle one measured 4.6 KiB (docs/benchmarks.md, "Scale").
 pub const IDLE_CONN_MEMORY: u64 = 24 << 10;
 /// What one frontend connection holds besides its streams: the request head (at most 8 KiB) or the
 /// HTTP/2 connection's state and header tables (16 KiB lists), the TLS handshake on the TCP frontend.
@@ -206,9 +207,9 @@ mod tests {
         assert!(b.total() <= 1024 * MIB, "{b}");
         let one_more = per_stream(carriage()) + 2 * FRONTEND_CONN_MEMORY;
         assert!(b.total() + one_more > 1024 * MIB, "one more fits: {b}");
-        // Half of 1 GiB - 32 MiB - 1024 × 96 KiB at 160 KiB an agent; 2,525 KiB a stream (with its two
+        // Half of 1 GiB - 32 MiB - 1024 × 96 KiB at 192 KiB an agent; 2,525 KiB a stream (with its two
         // connections) in the rest.
-        assert_eq!((agents, streams), (2867, 181), "{b}");
+        assert_eq!((agents, streams), (2389, 181), "{b}");
         // Given caps stay, and the streams fill the rest.
         let given = Caps { agents: Some(1000), frontend_conns: Some(1000), ..caps() };
         let (got, b) = budget(given, carriage(), Some(&gib)).unwrap();
@@ -222,7 +223,7 @@ mod tests {
         let gib = limit(1024 * MIB);
         let e = budget(Caps { streams: Some(4096), ..caps() }, carriage(), Some(&gib)).unwrap_err();
         assert!(
-            e.contains("4096 streams (--max-streams)") && e.contains("2867 agents (--max-agents)"),
+            e.contains("4096 streams (--max-streams)") && e.contains("2389 agents (--max-agents)"),
             "{e}"
         );
         let e = budget(Caps { agents: Some(20_000), ..caps() }, carriage(), Some(&gib)).unwrap_err();

@@ -200,6 +200,9 @@ pub(super) async fn park(server: &Server, mut conn: AcceptedLink, session_id: Se
     } else {
         None
     };
+    if let Link::Tls(tls) = &mut conn {
+        tls.park();
+    }
     match agent.park(Parked { conn, nonces }) {
         Ok(()) => {}
         Err((ParkError::Full, _)) => {
@@ -231,10 +234,11 @@ async fn control(
         inc(&server.metrics.agent_conn_failures, "reason", "max_agents");
         return reject(&mut conn, "server is at its agent limit").await;
     }
-    if !matches!(conn, Link::Tls(_)) {
+    let Link::Tls(tls) = &mut conn else {
         inc(&server.metrics.agent_conn_failures, "reason", "protocol");
         return reject(&mut conn, "a control channel must use TLS").await;
-    }
+    };
+    tls.small_reads();
     let session_id = SessionId::random();
     let heartbeat_ms = u32::try_from(limits.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
     let key = KeyBytes::random();

@@ -40,6 +40,20 @@ impl<D: Role> Secured<D> {
         self.peer().node.as_deref()
     }
 
+    /// The connection waits unread for a while: user-space buffers are let go (see [`UserTls::park`]).
+    pub fn park(&mut self) {
+        if let Self::User(r) = self {
+            r.park();
+        }
+    }
+
+    /// The connection carries frames, not streams (see [`UserTls::small_reads`]).
+    pub fn small_reads(&mut self) {
+        if let Self::User(r) = self {
+            r.small_reads();
+        }
+    }
+
     /// What the peer's certificate says.
     pub fn peer(&self) -> &super::tls::Peer {
         match self {

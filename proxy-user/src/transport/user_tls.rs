@@ -96,6 +96,8 @@ pub struct UserTls<D: Role> {
     handed: usize,
     /// Bytes asked of the socket per read: from one record, doubled while reads fill it.
     read_size: usize,
+    /// Largest `read_size`: [`READ_BUF`], or one record for a connection that carries frames only.
+    max_read: usize,
     /// Opened application bytes the reader has not taken yet: `plain[ppos..]`.
     plain: Vec<u8>,
     ppos: usize,
@@ -227,6 +229,7 @@ impl<D: Role> UserTls<D> {
             rbuf,
             handed,
             read_size: MAX_RECORD,
+            max_read: READ_BUF,
             plain: plaintext,
             ppos: 0,
             out: Outgoing::default(),
@@ -457,9 +460,21 @@ impl<D: Role> UserTls<D> {
         let room = self.rbuf.capacity() - self.rbuf.len();
         let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.rbuf))?;
         if n == room {
-            self.read_size = (self.read_size * 2).min(READ_BUF);
+            self.read_size = (self.read_size * 2).min(self.max_read);
         }
         Poll::Ready(Ok(n))
+    }
+
+    /// The connection carries frames, not streams (a control channel): reads stay at one record, so its
+    /// read buffer holds at most two (about 33 KiB) however much the peer sends.
+    pub fn small_reads(&mut self) {
+        self.max_read = MAX_RECORD;
+    }
+
+    /// The connection waits unread (parked at the server): it holds no more buffer than the bytes of a
+    /// record that is not whole yet, as when a read finds nothing.
+    pub fn park(&mut self) {
+        self.idle();
     }
 
     /// Nothing to read now: hold no more buffer than the bytes of a record that is not whole yet.
