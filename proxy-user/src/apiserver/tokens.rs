@@ -133,10 +133,19 @@ impl Reviewer {
         result
     }
 
-    /// Forgets every accepted review of a token bound to pod `name`, so that the next connection with
-    /// such a token is reviewed afresh (the pod was deleted or replaced: the apiserver refuses it now).
-    pub fn forget_pod(&self, name: &str) {
-        lock(&self.cache).retain(|_, (result, _)| !matches!(result, Ok(r) if r.pod == name));
+    /// Forgets every accepted review of a token whose pod `event` shows deleted or replaced, so that
+    /// the next connection with such a token is reviewed afresh (the apiserver refuses it now). A pod
+    /// seen again as it was (a watch event or re-list of the same uid) keeps its reviews; where the
+    /// token names no uid, any event about its pod forgets them.
+    pub fn forget_ended(&self, event: &super::pods::PodEvent) {
+        use super::pods::PodEvent;
+        let about = |pod: &str| match event {
+            PodEvent::Present { name, .. } | PodEvent::Gone { name, .. } => name == pod,
+            PodEvent::Listed(_) => false,
+        };
+        lock(&self.cache).retain(|_, (result, _)| {
+            !matches!(result, Ok(r) if event.ends(&r.pod, r.pod_uid.as_deref()) || (r.pod_uid.is_none() && about(&r.pod)))
+        });
     }
 
     /// The namespace and service account of the agents' tokens.

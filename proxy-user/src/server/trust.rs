@@ -257,17 +257,11 @@ pub(super) async fn revoke_on_pod_changes(
 ) {
     let reviewer = server.reviewer.as_ref().expect("pods are watched with token authentication");
     while let Some(event) = events.recv().await {
-        match &event {
-            PodEvent::Gone { name, .. } | PodEvent::Present { name, .. } => reviewer.forget_pod(name),
-            PodEvent::Listed(_) => {}
-        }
+        reviewer.forget_ended(&event);
         for agent in server.agents.all() {
             let Some((pod, uid)) = &agent.credential.pod else { continue };
             if !event.ends(pod, uid.as_deref()) {
                 continue;
-            }
-            if matches!(event, PodEvent::Listed(_)) {
-                reviewer.forget_pod(pod);
             }
             warn!(agent = %agent.identity.agent_id, %pod, "the pod the agent's token is bound to is gone: ending its session");
             inc(&server.metrics.agent_conn_failures, "reason", "token_revoked");
