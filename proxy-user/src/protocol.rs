@@ -230,6 +230,11 @@ pub const UNKNOWN_SESSION: &str = "unknown or expired session";
 /// keeps the connections it has parked and tries for another after [`POOL_FULL_PAUSE`].
 pub const SERVER_POOL_FULL: &str = "the server's pool of parked data connections is full";
 
+/// The `Reject` reason on a parked data connection the server closes because its agent's pool went
+/// unused (`--idle-pool-timeout`): the agent keeps the ones it still has parked, and grows its pool
+/// again as dials take them.
+pub const PARK_SURPLUS: &str = "not needed: an idle agent keeps fewer parked data connections";
+
 /// How long an agent waits before it offers another data connection to a server whose pool is full.
 pub const POOL_FULL_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
 

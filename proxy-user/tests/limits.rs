@@ -1,7 +1,8 @@
 //! The server's global caps: streams past `--max-streams` get 503 (CONNECT and gRPC tunnels counted
 //! together), a full shared pool of parked data connections (`--max-parked-conns`) leaves every agent
 //! its own two and makes agents hold back instead of offering connections again and again, and caps
-//! that cannot fit the memory limit stop the start.
+//! that cannot fit the memory limit stop the start. An idle agent's pool shrinks to two (the server
+//! closes the rest after `--idle-pool-timeout`) and grows again with use.
 
 mod common;
 
@@ -73,6 +74,33 @@ async fn a_full_server_pool_leaves_each_agent_its_own_and_the_agents_hold_back()
     for _ in 0..6 {
         round_trip(&srv, echo).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agents_pool_shrinks_to_two_and_grows_again_with_use() {
+    let certs = certs();
+    let srv = server(&certs).flag("--idle-pool-timeout", "2s").run().await;
+    let node = agent(&srv).flag("--pool-size", "8").run().await;
+    let parked = |admin| async move { metric(admin, "spoke_agent_pool_idle").await };
+    eventually("the pool filled", || async { parked(node.admin_addr).await == 8 }).await;
+    eventually("the idle pool shrank to two", || async {
+        metric(srv.admin_addr, "spoke_server_data_conns_idle").await == 2
+            && parked(node.admin_addr).await == 2
+    })
+    .await;
+    // The agent keeps it there: no connection offered again and again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(parked(node.admin_addr).await, 2, "the agent refilled a pool the server shrank");
+
+    // Use grows it again: each stream taken leaves room for one more.
+    let echo = echo().await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tunnel(&srv, echo).await);
+    }
+    eventually("the pool grew with use", || async { parked(node.admin_addr).await >= 4 }).await;
+    drop(held);
+    round_trip(&srv, echo).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -248,6 +248,11 @@ async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Op
     };
     counts.idle.fetch_sub(1, Ordering::AcqRel);
     agent.metrics.pool_idle.dec();
+    if matches!(&first, Some(Ok(Message::Reject { reason })) if reason == protocol::PARK_SURPLUS) {
+        // Kept to what is still parked (set before the pool wakes); each dial that takes one lets it
+        // grow by one.
+        counts.room.store(counts.held().max(1), Ordering::Release);
+    }
     // A taken connection is replaced once its stream has replied (see `Refill`); any other end of an
     // idle one, at once.
     if !matches!(first, Some(Ok(Message::Dial { .. }))) {
@@ -289,6 +294,9 @@ async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Op
         }
         Some(Ok(Message::Reject { reason })) if reason == UNKNOWN_SESSION => {
             replace_misrouted(counts, stop).await;
+        }
+        Some(Ok(Message::Reject { reason })) if reason == protocol::PARK_SURPLUS => {
+            debug!(held = counts.held(), "the server closed a parked connection its agent did not use");
         }
         Some(Ok(Message::Reject { reason })) if reason == protocol::SERVER_POOL_FULL => {
             server_pool_full(counts, stop).await;

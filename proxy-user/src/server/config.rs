@@ -154,6 +154,11 @@ pub struct ServerArgs {
     /// waits before it tries again. Default: four per agent.
     #[arg(long, env = "SPOKE_SERVER_MAX_PARKED_CONNS")]
     pub max_parked_conns: Option<usize>,
+    /// How long an agent's parked data connections may go without a dial before the server closes
+    /// those beyond its first two (the agent keeps its pool at what is left, and grows it again with
+    /// use), so that idle nodes hold few connections and little memory.
+    #[arg(long, env = "SPOKE_SERVER_IDLE_POOL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_pool_timeout: Duration,
     /// Time a client has to send its whole CONNECT head; then 408.
     #[arg(long, env = "SPOKE_SERVER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
@@ -344,6 +349,8 @@ pub struct ServerLimits {
     pub max_handshakes_per_source: usize,
     /// See [`ServerArgs::max_idle_per_agent`].
     pub max_idle_per_agent: usize,
+    /// See [`ServerArgs::idle_pool_timeout`].
+    pub idle_pool_timeout: Duration,
     /// See [`ServerArgs::header_timeout`].
     pub header_timeout: Duration,
     /// See [`ServerArgs::backend_dial_timeout`].
@@ -507,6 +514,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
                     a.max_handshakes_per_source,
                 )?,
                 max_idle_per_agent: positive("--max-idle-per-agent", a.max_idle_per_agent)?,
+                idle_pool_timeout: nonzero_duration("--idle-pool-timeout", a.idle_pool_timeout)?,
                 header_timeout: nonzero_duration("--header-timeout", a.header_timeout)?,
                 dial_timeout: nonzero_duration("--backend-dial-timeout", a.backend_dial_timeout)?,
                 handshake_timeout: nonzero_duration("--handshake-timeout", a.handshake_timeout)?,

@@ -92,6 +92,8 @@ pub struct AgentHandle {
     idle: Mutex<VecDeque<(Parked, Option<OwnedSemaphorePermit>)>>,
     idle_added: Notify,
     parking: Parking,
+    /// When a dial last took a parked connection (or the session began).
+    last_taken: Mutex<Instant>,
     /// Frames heard on the control channel, counted: a probe waits for it to move.
     heard: tokio::sync::watch::Sender<u64>,
     /// Asks the session loop to send a `Ping` now (a newer claimant of the identity arrived).
@@ -158,6 +160,7 @@ impl AgentHandle {
             idle: Mutex::new(VecDeque::new()),
             idle_added: Notify::new(),
             parking,
+            last_taken: Mutex::new(Instant::now()),
             ends,
             credential: Credential::default(),
             end_reason: std::sync::OnceLock::new(),
@@ -268,6 +271,7 @@ impl AgentHandle {
             added.as_mut().enable();
             if let Some((conn, _place)) = self.idle.lock().expect("idle lock poisoned").pop_front() {
                 self.parking.gauge.dec();
+                *self.last_taken.lock().expect("last_taken lock poisoned") = Instant::now();
                 return Some(conn);
             }
             if self.gone.is_cancelled() {
@@ -279,6 +283,20 @@ impl AgentHandle {
                 () = tokio::time::sleep_until(deadline) => return None,
             }
         }
+    }
+
+    /// The parked connections beyond the agent's own [`PARKED_PER_AGENT`], taken out when no dial took
+    /// one for `idle_for`: an idle node keeps few parked, a busy one what its pool holds.
+    pub fn surplus(&self, idle_for: std::time::Duration) -> Vec<Parked> {
+        if self.last_taken.lock().expect("last_taken lock poisoned").elapsed() < idle_for {
+            return Vec::new();
+        }
+        let mut idle = self.idle.lock().expect("idle lock poisoned");
+        let keep = idle.len().min(PARKED_PER_AGENT);
+        let surplus: Vec<Parked> = idle.drain(keep..).map(|(parked, _place)| parked).collect();
+        drop(idle);
+        self.parking.gauge.dec_by(i64::try_from(surplus.len()).unwrap_or(i64::MAX));
+        surplus
     }
 
     /// Closes every parked connection (the agent is draining or gone).

@@ -151,6 +151,18 @@ async fn refuse_expired(server: &Server, conn: &mut AcceptedLink) {
     reject(conn, "the client certificate has expired").await;
 }
 
+/// Closes a parked data connection its agent's pool no longer needs, telling the agent why.
+async fn close_surplus(mut conn: AcceptedLink) {
+    let close = async {
+        reject(&mut conn, protocol::PARK_SURPLUS).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut conn).await;
+    };
+    let _ = tokio::time::timeout(SURPLUS_CLOSE_TIMEOUT, close).await;
+}
+
+/// How long closing a surplus parked connection may take.
+const SURPLUS_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn reject(conn: &mut AcceptedLink, reason: &str) {
     let _ = codec::write_message(conn, &Message::Reject { reason: reason.to_owned() }).await;
 }
@@ -341,8 +353,17 @@ async fn session(
     let silence = server.config.limits.heartbeat_interval * MISSED_HEARTBEATS;
     let mut count = server.replicas.subscribe();
     let mut moving = false;
+    let pool_idle = server.config.limits.idle_pool_timeout;
+    let mut pool_check = tokio::time::interval_at(Instant::now() + pool_idle / 4, pool_idle / 4);
+    pool_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         let msg = tokio::select! {
+            _ = pool_check.tick() => {
+                for parked in agent.surplus(pool_idle) {
+                    tokio::spawn(close_surplus(parked.conn));
+                }
+                continue;
+            }
             () = server.superseded.cancelled(), if !moving => {
                 moving = true;
                 let reason = "a successor took this server's place: open a session to it";
