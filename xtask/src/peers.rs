@@ -214,6 +214,12 @@ pub fn spoke_server(
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
+    // A flag `extra` gives replaces the default above.
+    for flag in extra.iter().filter(|f| f.starts_with("--")) {
+        if let Some(i) = args.iter().position(|a| a == flag) {
+            args.drain(i..i + 2);
+        }
+    }
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let (child, pairs) =
         spoke_proc(env, "spoke-server", &args, &format!("spoke-server-{}.log", fastrand_suffix()))?;
@@ -223,6 +229,11 @@ pub fn spoke_server(
 fn fastrand_suffix() -> u32 {
     // Unique enough for log names within one run.
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+}
+
+/// The value of a server metric (whole sample line prefix); 0 when absent or unreachable.
+pub fn metric_value(admin: SocketAddr, prefix: &str) -> f64 {
+    metric(admin, prefix)
 }
 
 /// Waits until a server metric (whole sample line prefix) reaches `at_least`.
