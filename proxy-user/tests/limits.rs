@@ -2,7 +2,8 @@
 //! together), a full shared pool of parked data connections (`--max-parked-conns`) leaves every agent
 //! its own two and makes agents hold back instead of offering connections again and again, and caps
 //! that cannot fit the memory limit stop the start. An idle agent's pool shrinks to two (the server
-//! closes the rest after `--idle-pool-timeout`) and grows again with use.
+//! closes the rest after `--idle-pool-timeout`) and grows again with use. A connection its agent
+//! abandons mid-handshake (routine in a reconnect storm) is counted apart from TLS failures.
 
 mod common;
 
@@ -101,6 +102,22 @@ async fn an_idle_agents_pool_shrinks_to_two_and_grows_again_with_use() {
     eventually("the pool grew with use", || async { parked(node.admin_addr).await >= 4 }).await;
     drop(held);
     round_trip(&srv, echo).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_abandoned_mid_handshake_is_counted_apart_and_not_warned_about() {
+    let certs = certs();
+    let srv = server(&certs).run().await;
+    // The start of a ClientHello record, then the connection closes.
+    let mut tcp = tokio::net::TcpStream::connect(srv.agent_addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, &[0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0x00]).await.unwrap();
+    drop(tcp);
+    let early = "spoke_server_agent_conn_failures_total{reason=\"closed_early\"}";
+    eventually("the abandoned handshake counted", || async { metric(srv.admin_addr, early).await == 1 })
+        .await;
+    let failed = "spoke_server_agent_conn_failures_total{reason=\"tls_handshake\"}";
+    assert_eq!(metric(srv.admin_addr, failed).await, 0);
+    assert!(!srv.proc.log().contains("agent TLS handshake failed"), "{}", srv.proc.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

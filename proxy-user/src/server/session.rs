@@ -105,6 +105,12 @@ async fn establish(
             {
                 Ok((conn, _)) => Link::Tls(Box::new(conn)),
                 Err(HandshakeError::Timeout) => return Err("timeout"),
+                // An agent that gave up on the connection (its session was replaced, it is stopping):
+                // routine in a reconnect storm, so not worth a warning each.
+                Err(HandshakeError::Failed(e)) if peer_left(&e) => {
+                    debug!(error = %e, "agent closed its connection during the TLS handshake");
+                    return Err("closed_early");
+                }
                 Err(error) => {
                     warn!(%error, "agent TLS handshake failed");
                     return Err("tls_handshake");
@@ -120,6 +126,14 @@ async fn establish(
             CodecError::Io(e) if role::is_tls_violation(e) => {
                 warn!(%error, "agent connection broke TLS's rules and was cut off");
                 "tls_records"
+            }
+            CodecError::Closed => {
+                debug!("agent closed its connection before its first frame");
+                "closed_early"
+            }
+            CodecError::Io(e) if peer_left(e) => {
+                debug!(%error, "agent closed its connection before its first frame");
+                "closed_early"
             }
             _ => {
                 warn!(%error, "agent sent no valid first frame");
@@ -149,6 +163,12 @@ async fn refuse_expired(server: &Server, conn: &mut AcceptedLink) {
     );
     inc(&server.metrics.agent_conn_failures, "reason", "certificate_expired");
     reject(conn, "the client certificate has expired").await;
+}
+
+/// Whether `e` says the peer went away (closed or reset the connection), not that it misbehaved.
+fn peer_left(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe)
 }
 
 /// Closes a parked data connection its agent's pool no longer needs, telling the agent why.
