@@ -333,6 +333,10 @@ fn spoke_with(env: &Env, name: &str, tls: bool, datapath: &str) -> anyhow::Resul
         "off",
         "--pool-size",
         "16",
+        // The hold scenario keeps up to 10,000 tunnels through this one agent (its default cap, with no
+        // memory limit, is 4096).
+        "--max-streams",
+        "20000",
         // Exits well within the stop timeout, so a sockmap agent removes its pinned maps itself.
         "--graceful-shutdown-timeout",
         "1s",
