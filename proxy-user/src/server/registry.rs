@@ -292,8 +292,15 @@ impl AgentHandle {
             return Vec::new();
         }
         let mut idle = self.idle.lock().expect("idle lock poisoned");
-        let keep = idle.len().min(PARKED_PER_AGENT);
-        let surplus: Vec<Parked> = idle.drain(keep..).map(|(parked, _place)| parked).collect();
+        // The agent's own places are kept before places in the shared pool, which others may need.
+        let mut all: Vec<_> = idle.drain(..).collect();
+        all.sort_by_key(|(_, place)| place.is_some());
+        let surplus: Vec<Parked> = all
+            .split_off(all.len().min(PARKED_PER_AGENT))
+            .into_iter()
+            .map(|(parked, _place)| parked)
+            .collect();
+        idle.extend(all);
         drop(idle);
         self.parking.gauge.dec_by(i64::try_from(surplus.len()).unwrap_or(i64::MAX));
         surplus
