@@ -66,6 +66,16 @@ impl Counts {
     /// A dial took a connection: the server has a place again, and the pool may use it.
     fn taken(&self) {
         self.refusals.store(0, Ordering::Release);
+        self.one_more();
+    }
+
+    /// The server wants no more connections than the pool holds now (at least one).
+    fn keep_held(&self) {
+        self.room.store(self.held().max(1), Ordering::Release);
+    }
+
+    /// Room for one more connection than before (none is added where no limit was set).
+    fn one_more(&self) {
         let _ = self.room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_add(1));
     }
 }
@@ -76,7 +86,7 @@ const MAX_POOL_FULL_PAUSE: Duration = Duration::from_secs(80);
 /// The server refused a connection because its pool is full: the pool keeps what it holds, and tries
 /// for one more after [`protocol::POOL_FULL_PAUSE`], doubled for each refusal in a row.
 async fn server_pool_full(counts: &Counts, stop: &CancellationToken) {
-    counts.room.store(counts.held().max(1), Ordering::Release);
+    counts.keep_held();
     let refusals = counts.refusals.fetch_add(1, Ordering::AcqRel).min(8);
     let pause = (protocol::POOL_FULL_PAUSE * (1 << refusals)).min(MAX_POOL_FULL_PAUSE);
     debug!(held = counts.held(), ?pause, "the server's pool is full: keeping what is parked");
@@ -84,7 +94,7 @@ async fn server_pool_full(counts: &Counts, stop: &CancellationToken) {
         () = stop.cancelled() => return,
         () = tokio::time::sleep(pause.mul_f64(0.5 + fastrand::f64())) => {}
     }
-    let _ = counts.room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_add(1));
+    counts.one_more();
     counts.wake.notify_one();
 }
 
@@ -251,7 +261,7 @@ async fn parked(slot: &Slot, mut conn: DialedLink, lineage: Lineage, dialing: Op
     if matches!(&first, Some(Ok(Message::Reject { reason })) if reason == protocol::PARK_SURPLUS) {
         // Kept to what is still parked (set before the pool wakes); each dial that takes one lets it
         // grow by one.
-        counts.room.store(counts.held().max(1), Ordering::Release);
+        counts.keep_held();
     }
     // A taken connection is replaced once its stream has replied (see `Refill`); any other end of an
     // idle one, at once.
