@@ -37,6 +37,20 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
+/// Runs `tc args`, inside `netns` when given.
+fn tc(netns: Option<&str>, args: &[&str]) {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "tc"]);
+            c
+        }
+        None => Command::new("tc"),
+    };
+    let out = c.args(args).output().expect("run tc (package iproute2)");
+    assert!(out.status.success(), "tc {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
 /// The nftables table of a namespace's link faults ([`Netns::silence`], [`Netns::lossy`]).
 const FAULTS: &str = "spoke_faults";
 
@@ -155,19 +169,50 @@ impl Netns {
     /// `/proc/net/snmp`): proof that a fault on the link was felt.
     #[must_use]
     pub fn tcp_retransmits(&self) -> u64 {
+        self.counter("/proc/net/snmp", "Tcp:", "RetransSegs")
+    }
+
+    /// A TCP extension counter of the namespace (`TcpExt` of its `/proc/net/netstat`), such as
+    /// `TCPOFOQueue` (segments that arrived out of order and waited for a gap to fill).
+    #[must_use]
+    pub fn tcp_ext(&self, name: &str) -> u64 {
+        self.counter("/proc/net/netstat", "TcpExt:", name)
+    }
+
+    /// The counter `name` of the `prefix` table in `file` (a header line of names, then a line of
+    /// values), as the namespace sees it.
+    fn counter(&self, file: &str, prefix: &str, name: &str) -> u64 {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "cat", "/proc/net/snmp"])
+            .args(["netns", "exec", &self.name, "cat", file])
             .output()
             .expect("run ip netns exec");
-        assert!(out.status.success(), "read /proc/net/snmp: {}", String::from_utf8_lossy(&out.stderr));
-        let snmp = String::from_utf8_lossy(&out.stdout);
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:")).map(|l| l.split_whitespace());
-        let (names, values) = (tcp.next().expect("Tcp header"), tcp.next().expect("Tcp values"));
+        assert!(out.status.success(), "read {file}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut table = text.lines().filter(|l| l.starts_with(prefix)).map(|l| l.split_whitespace());
+        let (names, values) = (table.next().expect("header line"), table.next().expect("values line"));
         names
             .zip(values)
-            .find(|(name, _)| *name == "RetransSegs")
+            .find(|(n, _)| *n == name)
             .and_then(|(_, v)| v.parse().ok())
-            .expect("RetransSegs in /proc/net/snmp")
+            .unwrap_or_else(|| panic!("{name} in {file}"))
+    }
+
+    /// Puts netem on the link, `spec` as tc-netem(8) takes it (`delay 50ms 20ms loss 5%`), on both
+    /// veth ends, so each direction gets it once. Delay with jitter reorders packets (netem sends each
+    /// at its own drawn time). Needs a kernel with `sch_netem`: this machine's has none, so `cargo
+    /// xtask test` runs the tests that use it in a Debian guest kernel. [`Netns::netem_clear`] ends it.
+    pub fn netem(&self, spec: &str) {
+        let spec: Vec<&str> = spec.split_whitespace().collect();
+        for (netns, dev) in [(None, &self.host_if), (Some(self.name.as_str()), &self.ns_if)] {
+            tc(netns, &[&["qdisc", "replace", "dev", dev, "root", "netem"], &spec[..]].concat());
+        }
+    }
+
+    /// Takes netem off both ends of the link.
+    pub fn netem_clear(&self) {
+        for (netns, dev) in [(None, &self.host_if), (Some(self.name.as_str()), &self.ns_if)] {
+            tc(netns, &["qdisc", "del", "dev", dev, "root"]);
+        }
     }
 
     /// Lets packets through the link again.

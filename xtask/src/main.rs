@@ -263,11 +263,13 @@ fn test_executable(selection: &[&str]) -> anyhow::Result<PathBuf> {
 /// tests (kernel TLS and the user-space TLS it falls back to) and the end-to-end ones
 /// (`proxy-user/tests/ktls.rs`); in 6.12 also the whole tunnel suite, whose TLS streams then take the
 /// kernel TLS tier (all but its 1 GiB transfer, whose bound is for hardware: `ktls.rs` moves 256 MiB);
-/// then the end-to-end ones again in a guest without the tls module, for the fallback.
+/// then the end-to-end ones again in a guest without the tls module, for the fallback. The 6.12 guest
+/// with kernel TLS also runs the fault test that needs netem ([`NETEM_TEST`]).
 fn vm_tests(bins: &std::path::Path) -> anyhow::Result<()> {
     let unit = test_executable(&["--package", "proxy-user", "--lib"])?;
     let e2e = test_executable(&["--package", "proxy-user", "--test", "ktls"])?;
     let tunnel = test_executable(&["--package", "proxy-user", "--test", "tunnel"])?;
+    let faults = test_executable(&["--package", "spoke-tests", "--test", "faults"])?;
     let env = |expect: &str| {
         vec![
             ("SPOKE_EXPECT_KTLS".to_owned(), expect.to_owned()),
@@ -276,7 +278,7 @@ fn vm_tests(bins: &std::path::Path) -> anyhow::Result<()> {
         ]
     };
     let sh = |script: String| vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
-    let (unit, e2e, tunnel) = (unit.display(), e2e.display(), tunnel.display());
+    let (unit, e2e, tunnel, faults) = (unit.display(), e2e.display(), tunnel.display(), faults.display());
     let runs = [
         (vm::KERNELS[0], true, sh(format!("{unit} transport:: && {e2e} --test-threads 1"))),
         (
@@ -284,7 +286,8 @@ fn vm_tests(bins: &std::path::Path) -> anyhow::Result<()> {
             true,
             sh(format!(
                 "{unit} transport:: && {e2e} --test-threads 1 && \
-                 {tunnel} --test-threads 1 --skip one_gib_each_way_arrives_intact"
+                 {tunnel} --test-threads 1 --skip one_gib_each_way_arrives_intact && \
+                 {faults} --ignored --exact {NETEM_TEST} --nocapture"
             )),
         ),
         (vm::KERNELS[1], false, sh(format!("{e2e} --test-threads 1"))),
@@ -301,6 +304,10 @@ fn vm_tests(bins: &std::path::Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The fault test whose link delays, reorders and drops packets with netem (`tests/tests/faults.rs`),
+/// ignored by plain `cargo test` because this machine's kernel has no netem.
+const NETEM_TEST: &str = "a_delaying_reordering_lossy_link_carries_bulk_and_short_streams_intact";
 
 /// The fuzz targets (`proxy-user/fuzz`): what Spoke parses from the network.
 const FUZZ_TARGETS: &[&str] =

@@ -33,8 +33,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("xz-utils", "xz"),
 ];
 
-/// Modules the guest needs, loaded at boot after their dependencies: virtio-9p for the host root.
-const BASE_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
+/// Modules the guest needs, loaded at boot after their dependencies: virtio-9p for the host root, and
+/// veth pairs and netem for the fault tests whose links delay and reorder (this machine's kernel has
+/// no netem).
+const BASE_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth", "sch_netem"];
 /// Kernel TLS with the cipher Spoke hands it (ChaCha20-Poly1305), preloaded because the kernel's own
 /// requests for crypto modules are best effort here. Names a kernel builds in, or lacks, are skipped.
 const TLS_MODULES: &[&str] =
