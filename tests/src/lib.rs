@@ -225,6 +225,22 @@ impl Netns {
     }
 }
 
+/// Removes an agent's pin directory (its pinned eBPF maps) when dropped, however the test ends: the
+/// fixtures kill agents, and a killed agent leaves its pins behind (the next agent of that node name
+/// would reclaim them).
+pub struct RemovePins(pub std::path::PathBuf);
+
+impl Drop for RemovePins {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+}
+
 impl Default for Netns {
     fn default() -> Self {
         Self::new()

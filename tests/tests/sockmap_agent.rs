@@ -11,7 +11,7 @@ use common::{
     Server, agent, certs, check_pattern, counted, echo, eventually, metric, send_pattern, server, tunnel,
 };
 use spoke::datapath::sockmap::{DEFAULT_BPF_ROOT, PinDir, pinned_entries};
-use spoke_tests::privileged;
+use spoke_tests::{RemovePins, privileged};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Longest any one test step may take.
@@ -28,21 +28,6 @@ fn node(name: &str) -> String {
 
 fn pins(node: &str) -> PathBuf {
     PinDir::new(Path::new(DEFAULT_BPF_ROOT), node).path().to_owned()
-}
-
-/// Removes a node's pin directory when the test ends, however it ends: the fixtures kill agents, and a
-/// killed agent leaves its pinned maps behind (the next agent of that name would reclaim them).
-struct RemovePins(PathBuf);
-
-impl Drop for RemovePins {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for entry in entries.flatten() {
-                let _ = std::fs::remove_file(entry.path());
-            }
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
 }
 
 async fn plaintext_server() -> Server {

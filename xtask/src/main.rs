@@ -57,7 +57,7 @@ enum Cmd {
     },
     /// Churn streams of mixed sizes through a server and an agent while the agent's certificate
     /// rotates and both are replaced; fails if memory, descriptors, tasks, parked connections or metric
-    /// series grow after warm-up (proxy-user/tests/soak.rs; `test` runs it for 2 minutes).
+    /// series grow after warm-up (tests/tests/soak.rs; `test` runs it for 2 minutes).
     Soak {
         /// How long to run, in minutes.
         #[arg(long, default_value_t = 30.0)]
@@ -353,9 +353,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Vm(opts) => vm::main(&opts),
         Cmd::Soak { minutes } => {
             bootstrap::for_tests()?;
+            let bins = build_binaries()?;
             let mut c =
-                cmd("cargo", &["test", "--package", "proxy-user", "--test", "soak", "--", "--nocapture"]);
-            c.env("SPOKE_SOAK_MINUTES", minutes.to_string());
+                cmd("cargo", &["test", "--package", "spoke-tests", "--test", "soak", "--", "--nocapture"]);
+            c.env("SPOKE_SOAK_MINUTES", minutes.to_string())
+                .env("SPOKE_SERVER_BIN", bins.join("spoke-server"))
+                .env("SPOKE_AGENT_BIN", bins.join("spoke-agent"));
             run(c)
         }
     }

@@ -1,26 +1,35 @@
 //! The soak: streams of mixed sizes churn through a server and an agent for `SPOKE_SOAK_MINUTES`
 //! (2 by default; `cargo xtask soak --minutes N` for longer), while the agent's certificate rotates,
 //! the agent is replaced (the new one stands by until the old one drains) and the server is replaced
-//! as a surge does it. Every stream's bytes are checked. The run fails if a process's resident memory,
-//! descriptors, runtime tasks, parked data connections or metric series grow after its warm-up by
-//! more than their named slack, or if anything is left open at the end.
+//! as a surge does it. Where the sockmap tier can run (root: CI is root, and must run it), a second
+//! node's agent carries its streams in that tier over plaintext data connections, and the entries of
+//! its pinned eBPF maps are measured too. Every stream's bytes are checked. The run fails if a
+//! process's resident memory, descriptors, runtime tasks, parked data connections, metric series or
+//! map entries grow after its warm-up by more than their named slack, or if anything is left open (or
+//! in a map) at the end.
 
+#[path = "../../proxy-user/tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{
-    Certs, admin_get, agent, certs, check_pattern, connect_on, echo, eventually, metric, send_pattern, server,
+    Certs, admin_get, agent, certs, check_pattern, connect_on, echo, echo_on, eventually, metric,
+    send_pattern, server,
 };
+use spoke::datapath::sockmap::{DEFAULT_BPF_ROOT, PinDir, pinned_entries};
+use spoke_tests::{RemovePins, privileged};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Streams open at once.
+/// Streams open at once through node-a's agent (TLS data connections).
 const WORKERS: u64 = 6;
+/// Streams open at once through node-b's agent (sockmap tier), where it runs.
+const SPLICED_WORKERS: u64 = 2;
 /// Stream sizes, drawn uniformly: a kubelet request, a log tail, a copied file.
 const SIZES: [u64; 5] = [4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
 /// How often each process is measured.
@@ -28,9 +37,10 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// How often the progress line is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
-/// What each measure of a process may grow after its warm-up.
-const SLACK: [(&str, u64); 5] =
-    [("rss_kib", 24 << 10), ("fds", 32), ("tasks", 64), ("parked", 16), ("series", 8)];
+/// What each measure of a process may grow after its warm-up. The map entries (sockets, flows and
+/// credits of the sockmap agent's pinned maps together) are at most 12 with two streams at once.
+const SLACK: [(&str, u64); 6] =
+    [("rss_kib", 24 << 10), ("fds", 32), ("tasks", 64), ("parked", 16), ("series", 8), ("map_entries", 12)];
 
 /// The run's length, from `SPOKE_SOAK_MINUTES`.
 fn run_length() -> Duration {
@@ -43,7 +53,7 @@ fn run_length() -> Duration {
 #[derive(Clone, Debug)]
 struct Sample {
     at: Duration,
-    values: [u64; 5],
+    values: [u64; 6],
 }
 
 /// One process's life: which side, its pid, when it started, its samples.
@@ -54,10 +64,17 @@ struct Life {
     samples: Vec<Sample>,
 }
 
+/// The entries of the maps pinned in `pins`, all three together.
+fn map_entries(pins: &Path) -> u64 {
+    let (socks, flows, credits) = pinned_entries(pins).expect("read the pinned maps");
+    (socks + flows + credits) as u64
+}
+
 async fn sample(
     side: &'static str,
     proc: &common::Proc,
     admin: std::net::SocketAddr,
+    pins: Option<&Path>,
     at: Duration,
 ) -> Sample {
     let (_, text) = admin_get(admin, "/metrics").await;
@@ -69,7 +86,8 @@ async fn sample(
         ),
         _ => (metric(admin, "spoke_agent_runtime_tasks").await, metric(admin, "spoke_agent_pool_idle").await),
     };
-    Sample { at, values: [proc.rss_kib(), proc.fds() as u64, tasks, parked, series] }
+    let entries = pins.map_or(0, map_entries);
+    Sample { at, values: [proc.rss_kib(), proc.fds() as u64, tasks, parked, series, entries] }
 }
 
 /// What the churn saw.
@@ -143,7 +161,35 @@ struct Cluster {
     rotations: usize,
     srv: common::Server,
     node: common::Agent,
+    spliced: Option<Spliced>,
     lives: Vec<Life>,
+}
+
+/// node-b's agent, which carries its streams in the sockmap tier, with its pins and echo backend.
+struct Spliced {
+    agent: common::Agent,
+    pins: PathBuf,
+    echo: std::net::SocketAddr,
+    _cleanup: RemovePins,
+}
+
+impl Spliced {
+    /// Starts node-b's agent, where the sockmap tier can run.
+    async fn start(certs: &Certs, srv: &common::Server) -> Option<Self> {
+        if !privileged("the soak's sockmap-tier agent") {
+            return None;
+        }
+        let pins = PinDir::new(Path::new(DEFAULT_BPF_ROOT), "node-b").path().to_owned();
+        let pair = &certs.files.nodes[1];
+        let agent = agent(srv)
+            .id("node-b")
+            .identifiers("ipv4=127.0.0.2")
+            .cert(&pair.cert, &pair.key)
+            .plaintext("sockmap")
+            .run()
+            .await;
+        Some(Self { agent, _cleanup: RemovePins(pins.clone()), pins, echo: echo_on("127.0.0.2").await })
+    }
 }
 
 impl Cluster {
@@ -154,11 +200,18 @@ impl Cluster {
         let files = (certs.dir.path().join("current.pem"), certs.dir.path().join("current-key.pem"));
         rotate(&certs, 0, &files);
         let node = agent(&srv).id("node-a").cert(&files.0, &files.1).run().await;
-        let lives = vec![
+        let spliced = Spliced::start(&certs, &srv).await;
+        let mut lives = vec![
             Life::of("server", &srv.proc, Duration::ZERO),
             Life::of("agent", &node.proc, Duration::ZERO),
         ];
-        Self { certs, uds_flag, files, rotations: 0, srv, node, lives }
+        lives.extend(spliced.as_ref().map(|s| Life::of("spliced", &s.agent.proc, Duration::ZERO)));
+        Self { certs, uds_flag, files, rotations: 0, srv, node, spliced, lives }
+    }
+
+    /// The agents connected when all are.
+    fn agents(&self) -> u64 {
+        1 + u64::from(self.spliced.is_some())
     }
 
     /// A certificate rotation, an agent replacement or a server replacement, `at` into the run.
@@ -181,6 +234,11 @@ impl Cluster {
             _ => {
                 // A surge: the successor takes the socket and the agent, then the old server stops.
                 let next = start_server(&self.certs, &self.uds_flag, self.srv.agent_addr.port()).await;
+                let agents = self.agents();
+                eventually("every agent at the successor", || async {
+                    metric(next.admin_addr, "spoke_server_agents_connected").await == agents
+                })
+                .await;
                 next.wait_for_agent().await;
                 self.srv.proc.terminate();
                 self.srv.proc.exited().await;
@@ -190,14 +248,17 @@ impl Cluster {
         }
     }
 
-    /// Measures the running server and agent.
+    /// Measures the running server and agents.
     async fn sample(&mut self, at: Duration) {
-        let running = [
-            ("server", &self.srv.proc, self.srv.admin_addr),
-            ("agent", &self.node.proc, self.node.admin_addr),
+        let mut running = vec![
+            ("server", &self.srv.proc, self.srv.admin_addr, None),
+            ("agent", &self.node.proc, self.node.admin_addr, None),
         ];
-        for (side, proc, admin) in running {
-            let measured = sample(side, proc, admin, at).await;
+        if let Some(s) = &self.spliced {
+            running.push(("spliced", &s.agent.proc, s.agent.admin_addr, Some(s.pins.as_path())));
+        }
+        for (side, proc, admin, pins) in running {
+            let measured = sample(side, proc, admin, pins, at).await;
             if let Some(life) = self.lives.iter_mut().find(|l| l.side == side && l.pid == proc.pid()) {
                 life.samples.push(measured);
             }
@@ -210,6 +271,8 @@ async fn start_server(certs: &Arc<Certs>, uds_flag: &str, port: u16) -> common::
         .flag("--uds-name", uds_flag)
         .flag("--agent-auth", "node-cert")
         .flag("--drain-idle-timeout", "500ms")
+        // For node-b's plaintext data connections, which the sockmap tier splices.
+        .allow_plaintext_tunnel()
         .agent_port(port)
         .run()
         .await
@@ -227,7 +290,7 @@ fn judge(lives: &[Life], warm_up: Duration) -> Vec<String> {
     let mut grown = Vec::new();
     eprintln!(
         "{:<8} {:>8} {:>9}  {:<44} peak after",
-        "process", "pid", "life", "when warm (rss KiB, fds, tasks, parked, series)"
+        "process", "pid", "life", "when warm (rss KiB, fds, tasks, parked, series, map entries)"
     );
     for life in lives {
         let end = life.samples.last().map_or(life.started, |s| s.at);
@@ -285,6 +348,11 @@ async fn soak() {
     for seed in 0..WORKERS {
         workers.spawn(worker(uds.clone(), echo, seed, churn.clone(), stop.clone()));
     }
+    if let Some(spliced) = &cluster.spliced {
+        for seed in WORKERS..WORKERS + SPLICED_WORKERS {
+            workers.spawn(worker(uds.clone(), spliced.echo, seed, churn.clone(), stop.clone()));
+        }
+    }
 
     // Events at fractions of the run: rotations, one agent replacement, one server replacement.
     let mut events = vec![
@@ -311,8 +379,15 @@ async fn soak() {
         }
         if now >= next_progress {
             next_progress = now + PROGRESS_EVERY;
+            let spliced = cluster.spliced.as_ref().map_or(String::new(), |s| {
+                format!(
+                    ", sockmap agent {} KiB and {} map entries",
+                    s.agent.proc.rss_kib(),
+                    map_entries(&s.pins)
+                )
+            });
             eprintln!(
-                "[soak {now:>4.0?}/{length:.0?}] {}; server {} KiB, agent {} KiB",
+                "[soak {now:>4.0?}/{length:.0?}] {}; server {} KiB, agent {} KiB{spliced}",
                 churn.line(),
                 cluster.srv.proc.rss_kib(),
                 cluster.node.proc.rss_kib(),
@@ -325,11 +400,21 @@ async fn soak() {
         done.unwrap();
     }
     let (srv, node) = (&cluster.srv, &cluster.node);
-    for (addr, gauge) in [
+    let mut gauges = vec![
         (srv.admin_addr, "spoke_server_streams_open"),
         (srv.admin_addr, "spoke_server_pending_dials"),
         (node.admin_addr, "spoke_agent_streams_open"),
-    ] {
+    ];
+    if let Some(s) = &cluster.spliced {
+        gauges.push((s.agent.admin_addr, "spoke_agent_streams_open"));
+        eventually("no entries left in the sockmap agent's maps", || async { map_entries(&s.pins) == 0 })
+            .await;
+        let spliced =
+            metric(s.agent.admin_addr, "spoke_agent_datapath_streams_total{tier=\"sockmap\"}").await;
+        eprintln!("the sockmap agent spliced {spliced} streams");
+        assert!(spliced > 0, "streams took the sockmap tier");
+    }
+    for (addr, gauge) in gauges {
         eventually(&format!("{gauge} back to 0"), || async { metric(addr, gauge).await == 0 }).await;
     }
     eprintln!("\nsoak over {length:?}: {}", churn.line());
